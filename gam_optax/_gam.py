@@ -1,0 +1,183 @@
+"""GAM: Gradient norm Aware Minimization (Zhang et al., CVPR 2023)."""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gam_optax import _perturb
+from gam_optax._perturb import add_scaled, ascent_step, combine, orthogonal_part
+
+HMinusWeighting = Literal["released", "paper"]
+
+
+class GAMState(NamedTuple):
+    """State of :func:`gam`.
+
+    Attributes:
+      count: the number of updates so far (int32); schedules of ``rho`` and
+        ``rho_prime`` are evaluated at it.
+    """
+
+    count: jax.Array
+
+
+def gam(
+    rho: optax.ScalarOrSchedule = 0.2,
+    rho_prime: optax.ScalarOrSchedule = 0.02,
+    alpha: float | jax.Array = 0.6,
+    beta: float | jax.Array = 0.5,
+    gamma: float | jax.Array = 0.03,
+    *,
+    eps: float | jax.Array = 1e-12,
+    adaptive: bool = False,
+    h_minus_weighting: HMinusWeighting = "released",
+    hessian: bool = False,
+    has_aux: bool = False,
+    axis_name: str | None = None,
+    average: _perturb.Average = "direction",
+) -> optax.GradientTransformationExtraArgs:
+    r"""Gradient norm Aware Minimization, the accelerated form (Algorithm 2).
+
+  Place it first in a chain. The incoming updates are the caller's gradient
+  :math:`g_0 = \nabla L(\theta)`; the transformation evaluates three more
+  gradients of the same mini-batch loss and returns the direction :math:`d`,
+  which the rest of the chain (weight decay, momentum, learning rate) treats as
+  the gradient. With :math:`u(v) = v / (\|v\| + \xi)` and one global norm:
+
+  .. math::
+    \theta_1 &= \theta + \rho'\,u(g_0), & g_1 &= \nabla L(\theta_1) \\
+    h_0 &= g_1 - g_0, \quad \theta_2 = \theta + \rho\,u(h_0), & g_2 &= \nabla L(\theta_2) \\
+    \theta_3 &= \theta_2 + \rho'\,u(g_2), & g_3 &= \nabla L(\theta_3) \\
+    h_+ &= \alpha g_1 + (1 - \alpha) g_3, & h_- &= w_0 g_0 + (1 - \beta) g_2 \\
+    h_\perp &= h_- - \cos(h_-, h_+)\,\|h_-\|\,u(h_+), & d &= h_+ - \gamma h_\perp
+
+  with :math:`w_0 = 1` (the released code, which produced the published
+  results) or :math:`w_0 = \beta` (the paper's Algorithm 2). Here
+  :math:`h_0/\rho'` estimates :math:`\nabla\|\nabla L\| = H u(g_0)`, so
+  :math:`\theta_2` ascends the gradient norm, and :math:`g_3` is a SAM gradient
+  taken there.
+
+  Hyperparameters and the released code's names (``main_cifar.py``):
+
+  ============  =================  ==========================================
+  argument      released name      meaning
+  ============  =================  ==========================================
+  rho           ``grad_norm_rho``  radius of the gradient-norm ascent (large)
+  rho_prime     ``grad_rho``       radius of the two SAM-like steps (small)
+  alpha         ``grad_beta_1``    weight of g1 in h_plus (1 - alpha on g3)
+  beta          ``grad_beta_0``    weight of g2 in h_minus is 1 - beta
+  gamma         ``grad_gamma``     strength of the orthogonal correction
+  eps           ``perturb_eps``    added to every norm denominator
+  ============  =================  ==========================================
+
+  The defaults are the released CIFAR-100 ResNet setting; :func:`gam_preset`
+  gives the others.
+
+  Args:
+    rho: radius of the gradient-norm ascent, a number or an optax schedule of
+      the step count (see :func:`proportional_schedule`).
+    rho_prime: radius of the two SAM-like steps, a number or a schedule.
+    alpha: weight of ``g1`` in ``h_plus``.
+    beta: ``h_minus`` weights ``g2`` by ``1 - beta``.
+    gamma: strength of the orthogonal correction.
+    eps: ``xi``, added to every norm denominator.
+    adaptive: ASAM-style steps: ``e = r v theta_c^2 / (||v |theta_c| || + xi)``
+      for the three perturbations (steps 5-7 keep plain norms).
+    h_minus_weighting: ``'released'`` (``w0 = 1``) or ``'paper'`` (``w0 = beta``).
+    hessian: exact mode: ``g1`` and ``g3`` become first-order Taylor expansions
+      ``g(theta) + H(theta) e`` computed with exact Hessian-vector products
+      (forward-over-reverse), instead of finite differences of gradients. As
+      ``rho_prime -> 0`` both modes agree.
+    has_aux: ``loss_fn`` returns ``(loss, aux)``; ``aux`` (e.g. BatchNorm
+      statistics of the extra passes) is discarded.
+    axis_name: the data-parallel axis inside ``jax.pmap`` / ``jax.shard_map``.
+      Not needed under ``jax.jit`` with a sharded batch, where gradients are
+      already global.
+    average: with ``axis_name``: ``'direction'`` (default, the released code)
+      perturbs each device with its own shard's gradients (m-sharpness) and
+      averages only ``d``; ``'gradients'`` averages every gradient (exact
+      large-batch GAM, three more all-reduces). Pass the per-device ``g0``
+      in both modes.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
+    keyword argument ``loss_fn(params) -> loss`` (or ``grad_fn(params, i) ->
+    grads``, the convention of ``optax.contrib.sam``).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, gam_optax
+    >>> loss = lambda p: jnp.sum((p - 1.0) ** 2) + jnp.sum(p**4)
+    >>> tx = optax.chain(gam_optax.gam(rho=0.1, rho_prime=0.01), optax.sgd(0.1))
+    >>> params = jnp.array([2.0, -1.0])
+    >>> state = tx.init(params)
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   grads = jax.grad(loss)(params)
+    ...   updates, state = tx.update(grads, state, params, loss_fn=loss)
+    ...   return optax.apply_updates(params, updates), state
+    >>> for _ in range(100):
+    ...   params, state = step(params, state)
+    >>> print(f"{loss(params):.2f}")  # the minimum is 0.578
+    0.58
+
+  References:
+    Zhang, Xu, Yu, Zou and Cui, "Gradient Norm Aware Minimization Seeks
+    First-Order Flatness and Improves Generalization", CVPR 2023,
+    https://arxiv.org/abs/2303.03108
+  """
+    name = "gam"
+    for arg, value in (("rho", rho), ("rho_prime", rho_prime), ("eps", eps)):
+        _perturb.check_nonnegative(arg, value, name)
+    for arg, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
+        _perturb.check_finite(arg, value, name)
+    if h_minus_weighting not in ("released", "paper"):
+        raise ValueError(
+            f"gam: h_minus_weighting must be 'released' (w0 = 1, the published runs) or "
+            f"'paper' (w0 = beta, Algorithm 2), got {h_minus_weighting!r}."
+        )
+    _perturb.check_average(average, name)
+
+    def init_fn(params: optax.Params) -> GAMState:
+        del params
+        return GAMState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None, *, loss_fn=None, grad_fn=None, **extra_args):
+        del extra_args
+        oracle = _perturb.make_oracle(
+            name,
+            loss_fn=loss_fn,
+            grad_fn=grad_fn,
+            has_aux=has_aux,
+            axis_name=axis_name,
+            average=average,
+            exact=hessian,
+        )
+        r = _perturb.value_at(rho, state.count)
+        r_prime = _perturb.value_at(rho_prime, state.count)
+        step = lambda v, at, radius: ascent_step(v, at, radius, eps=eps, adaptive=adaptive)
+
+        g0 = oracle.incoming(updates, params)
+        # theta1 = theta + rho' u(g0): a SAM step.
+        g1 = oracle.after_step(params, g0, step(g0, params, r_prime), 1)
+        # h0 = g1 - g0 ~ rho' H u(g0): theta2 ascends the gradient norm.
+        h0 = add_scaled(g1, -1.0, g0)
+        theta2 = jax.tree.map(jnp.add, params, step(h0, params, r))
+        g2 = oracle.at(theta2, 2)
+        # theta3 = theta2 + rho' u(g2): a SAM step from theta2.
+        g3 = oracle.after_step(theta2, g2, step(g2, theta2, r_prime), 3)
+
+        h_plus = combine(alpha, g1, 1.0 - alpha, g3)
+        w0 = 1.0 if h_minus_weighting == "released" else beta
+        h_minus = combine(w0, g0, 1.0 - beta, g2)
+        h_perp = orthogonal_part(h_minus, h_plus, eps)
+        direction = add_scaled(h_plus, -gamma, h_perp)
+
+        direction = oracle.finish(direction)
+        direction = jax.tree.map(lambda d, u: d.astype(u.dtype), direction, updates)
+        return direction, GAMState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,373 @@
+"""The shared pieces of the sharpness-aware family.
+
+Every transformation in this package is a variation on one idea: move the
+parameters a small distance along a normalised direction, evaluate the gradient
+there, and combine the gradients. This module holds those pieces:
+
+* :func:`global_norm`, :func:`unit`: one L2 norm over the whole pytree and
+  ``v / (||v|| + eps)``;
+* :func:`ascent_step`: the perturbation ``r * unit(v)`` or its adaptive
+  (ASAM-style) form ``r * v * theta^2 / (||v * |theta| || + eps)``;
+* :func:`orthogonal_part`: the part of a vector orthogonal to another (GSAM, GAM);
+* :class:`GradientOracle`: the gradient at a perturbed point, from the caller's
+  ``loss_fn`` or ``grad_fn``, finite (a new gradient) or exact (a Hessian-vector
+  product), with the data-parallel reductions over ``axis_name``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Params = Any
+Average = Literal["direction", "gradients"]
+AVERAGE_MODES = ("direction", "gradients")
+
+
+# ----------------------------------------------------------------------------
+# Tree maths. Norms and inner products are accumulated in at least float32, so
+# that bfloat16 parameters do not lose the perturbation's length.
+# ----------------------------------------------------------------------------
+
+
+def _upcast(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def global_norm(tree: Params) -> jax.Array:
+    """``||v||``: one L2 norm over every leaf of the pytree (never per leaf)."""
+    return optax.tree.norm(jax.tree.map(_upcast, tree))
+
+
+def vdot(a: Params, b: Params) -> jax.Array:
+    """``<a, b>`` summed over every leaf, in at least float32."""
+    return optax.tree.vdot(jax.tree.map(_upcast, a), jax.tree.map(_upcast, b))
+
+
+def _safe_inverse(norm: jax.Array, eps: jax.Array | float) -> jax.Array:
+    """``1 / (norm + eps)``, and 0 where ``norm == 0`` (a zero vector stays zero)."""
+    norm_or_one = jnp.where(norm > 0, norm, 1.0)
+    return jnp.where(norm > 0, 1.0 / (norm_or_one + eps), 0.0)
+
+
+def scale(tree: Params, factor: jax.Array | float) -> Params:
+    """``factor * tree``, keeping every leaf's dtype."""
+    return jax.tree.map(lambda x: (factor * _upcast(x)).astype(x.dtype), tree)
+
+
+def add_scaled(a: Params, factor: jax.Array | float, b: Params) -> Params:
+    """``a + factor * b``, in the dtypes of ``a``."""
+    return jax.tree.map(lambda x, y: (_upcast(x) + factor * _upcast(y)).astype(x.dtype), a, b)
+
+
+def combine(wa: jax.Array | float, a: Params, wb: jax.Array | float, b: Params) -> Params:
+    """``wa * a + wb * b``, in the dtypes of ``a``."""
+    return jax.tree.map(lambda x, y: (wa * _upcast(x) + wb * _upcast(y)).astype(x.dtype), a, b)
+
+
+def unit(tree: Params, eps: jax.Array | float) -> Params:
+    """``v / (||v|| + eps)``; a zero vector gives zeros (never NaN, even at eps=0)."""
+    return scale(tree, _safe_inverse(global_norm(tree), eps))
+
+
+def ascent_step(
+    direction: Params,
+    at: Params,
+    radius: jax.Array | float,
+    *,
+    eps: jax.Array | float,
+    adaptive: bool = False,
+) -> Params:
+    r"""The perturbation ``e`` of length ``radius`` along ``direction``, taken at ``at``.
+
+    .. math::
+      e = r \frac{v}{\|v\| + \xi}
+      \qquad\text{or, adaptive:}\qquad
+      e = r \frac{v \odot \theta_c^2}{\|v \odot |\theta_c|\| + \xi}
+
+    Args:
+      direction: ``v``, a pytree like the parameters.
+      at: ``theta_c``, the point the step starts from (used only when adaptive).
+      radius: ``r``.
+      eps: ``xi``.
+      adaptive: the ASAM-style step, scaled element-wise by the parameters.
+
+    Returns:
+      ``e``, in the dtypes of ``at``.
+    """
+    if not adaptive:
+        inverse = _safe_inverse(global_norm(direction), eps)
+        return jax.tree.map(
+            lambda v, p: (radius * inverse * _upcast(v)).astype(p.dtype), direction, at
+        )
+    weighted = jax.tree.map(lambda v, p: _upcast(v) * jnp.abs(_upcast(p)), direction, at)
+    inverse = _safe_inverse(global_norm(weighted), eps)
+    return jax.tree.map(
+        lambda v, p: (radius * inverse * _upcast(v) * jnp.square(_upcast(p))).astype(p.dtype),
+        direction,
+        at,
+    )
+
+
+def orthogonal_part(v: Params, u: Params, eps: jax.Array | float) -> Params:
+    r"""The part of ``v`` orthogonal to ``u`` (GSAM's and GAM's decomposition).
+
+    .. math::
+      \cos = \frac{\langle v, u\rangle}{\|u\|\,\|v\| + \xi},\qquad
+      v_\perp = v - \cos\,\|v\|\,\frac{u}{\|u\| + \xi}
+
+    Zero vectors give a finite result.
+    """
+    norm_u, norm_v = global_norm(u), global_norm(v)
+    denominator = norm_u * norm_v
+    cos = vdot(v, u) * _safe_inverse(denominator, eps)
+    return add_scaled(v, -cos * norm_v * _safe_inverse(norm_u, eps), u)
+
+
+# ----------------------------------------------------------------------------
+# Validation of hyperparameters: concrete values are checked at construction;
+# traced values (inside optax.inject_hyperparams) cannot be, and are not.
+# ----------------------------------------------------------------------------
+
+
+def _concrete_value(value: Any) -> float | None:
+    """A Python float for a concrete number, array or schedule(0); None if traced."""
+    if callable(value):
+        try:
+            value = value(0)
+        except Exception:  # a schedule we cannot probe: checked when it runs
+            return None
+    if isinstance(value, jax.core.Tracer):
+        return None
+    if isinstance(value, numbers.Number):
+        return float(value)
+    try:
+        array = np.asarray(value)
+    except Exception:  # e.g. a tracer hidden in a container
+        return None
+    if array.shape != ():
+        raise ValueError(f"expected a scalar hyperparameter, got an array of shape {array.shape}.")
+    return float(array)
+
+
+def check_finite(name: str, value: Any, transformation: str) -> None:
+    """Raise ValueError if a concrete hyperparameter is NaN or infinite."""
+    number = _concrete_value(value)
+    if number is not None and not math.isfinite(number):
+        raise ValueError(f"{transformation}: {name} must be a finite number, got {number}.")
+
+
+def check_nonnegative(name: str, value: Any, transformation: str) -> None:
+    """Raise ValueError if a concrete hyperparameter is negative, NaN or infinite."""
+    number = _concrete_value(value)
+    if number is not None and not (math.isfinite(number) and number >= 0):
+        hint = " (a schedule is checked at step 0)" if callable(value) else ""
+        raise ValueError(
+            f"{transformation}: {name} must be a finite number >= 0{hint}, got {number}."
+        )
+
+
+def check_average(average: str, transformation: str) -> None:
+    if average not in AVERAGE_MODES:
+        raise ValueError(
+            f"{transformation}: average must be one of {AVERAGE_MODES}, got {average!r}. "
+            "'direction' (default, the released code's behaviour) perturbs each device with "
+            "its own gradients and averages only the final direction; 'gradients' averages "
+            "every gradient over axis_name (exact large-batch training)."
+        )
+
+
+def value_at(hyperparameter: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
+    """A hyperparameter's value at step ``count``: ``v(count) if callable(v) else v``."""
+    return hyperparameter(count) if callable(hyperparameter) else hyperparameter
+
+
+# ----------------------------------------------------------------------------
+# The gradient oracle: where the extra gradients come from.
+# ----------------------------------------------------------------------------
+
+
+def _is_varying(x: Any, axis_name: str) -> bool:
+    manual = getattr(jax.typeof(x), "manual_axis_type", None)
+    return manual is not None and axis_name in manual.varying
+
+
+def _vma_checked(axis_name: str) -> bool:
+    """True inside ``jax.shard_map(..., check_vma=True)`` over ``axis_name``."""
+    probe = jax.lax.pcast(jnp.zeros(()), axis_name, to="varying")
+    return _is_varying(probe, axis_name)
+
+
+def _to_varying(tree: Params, axis_name: str) -> Params:
+    """Mark replicated leaves as per-device, so jax.grad does not sum them over devices."""
+    return jax.tree.map(
+        lambda x: x if _is_varying(x, axis_name) else jax.lax.pcast(x, axis_name, to="varying"),
+        tree,
+    )
+
+
+def _checked_scalar_loss(loss_fn: Callable, has_aux: bool, transformation: str) -> Callable:
+    """``params -> scalar loss``, with a clear error for a wrong return value."""
+
+    def scalar_loss(params):
+        out = loss_fn(params)
+        if has_aux:
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError(
+                    f"{transformation}: has_aux=True, so loss_fn must return a pair "
+                    f"(loss, aux); it returned {type(out).__name__}."
+                )
+            out = out[0]
+        elif isinstance(out, (tuple, list)):
+            raise TypeError(
+                f"{transformation}: loss_fn returned a {type(out).__name__} of length {len(out)}. "
+                f"If it returns (loss, aux), construct the transformation with has_aux=True."
+            )
+        if jnp.ndim(out) != 0:
+            raise ValueError(
+                f"{transformation}: loss_fn must return a scalar loss, got shape {jnp.shape(out)}. "
+                "Reduce it, e.g. with .mean() over the batch."
+            )
+        if not jnp.issubdtype(jnp.result_type(out), jnp.floating):
+            raise TypeError(
+                f"{transformation}: loss_fn must return a floating-point scalar, "
+                f"got {jnp.result_type(out)}."
+            )
+        return out
+
+    return scalar_loss
+
+
+def check_same_structure(tree: Params, params: Params, what: str, transformation: str) -> None:
+    if jax.tree.structure(tree) != jax.tree.structure(params):
+        raise ValueError(
+            f"{transformation}: {what} must have the same tree structure as params.\n"
+            f"  {what}: {jax.tree.structure(tree)}\n  params: {jax.tree.structure(params)}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientOracle:
+    """Gradients at perturbed points, for one call of a transformation's ``update``.
+
+    Attributes:
+      gradient: ``(params, i) -> grads``, the caller's ``grad_fn`` or ``jax.grad`` of
+        its ``loss_fn``; ``i`` numbers the extra evaluation (1, 2, 3...).
+      axis_name: the data-parallel axis, or None.
+      average: 'direction' or 'gradients' (see :func:`make_oracle`).
+      exact: replace ``g(theta + e)`` by its first-order Taylor expansion
+        ``g(theta) + H(theta) e``, computed exactly by forward-over-reverse.
+      transformation: the calling transformation's name, for error messages.
+    """
+
+    gradient: Callable[[Params, int], Params]
+    axis_name: str | None
+    average: Average
+    exact: bool
+    transformation: str
+
+    def _reduce(self, grads: Params) -> Params:
+        if self.axis_name is not None and self.average == "gradients":
+            return jax.lax.pmean(grads, self.axis_name)
+        return grads
+
+    def _local(self, params: Params) -> Params:
+        if self.axis_name is not None and _vma_checked(self.axis_name):
+            return _to_varying(params, self.axis_name)
+        return params
+
+    def at(self, params: Params, i: int) -> Params:
+        """``g(params)``: a new gradient evaluation."""
+        grads = self.gradient(self._local(params), i)
+        check_same_structure(grads, params, "the gradient", self.transformation)
+        return self._reduce(grads)
+
+    def after_step(self, params: Params, grads: Params, step: Params, i: int) -> Params:
+        """``g(params + step)``, given ``grads = g(params)``.
+
+        Finite mode evaluates the gradient at the moved point; exact mode returns
+        ``grads + H(params) step`` with one Hessian-vector product.
+        """
+        if not self.exact:
+            return self.at(jax.tree.map(jnp.add, params, step), i)
+        _, hessian_step = jax.jvp(
+            lambda p: self.gradient(p, i), (self._local(params),), (self._local(step),)
+        )
+        return jax.tree.map(jnp.add, grads, self._reduce(hessian_step))
+
+    def incoming(self, updates: Params, params: Params) -> Params:
+        """The caller's ``g0``, checked, and averaged in 'gradients' mode."""
+        if params is None:
+            raise ValueError(
+                f"{self.transformation}: update needs params, the point g0 was computed at: "
+                "tx.update(grads, state, params, loss_fn=loss_fn)."
+            )
+        check_same_structure(updates, params, "updates (g0)", self.transformation)
+        if self.axis_name is not None and _vma_checked(self.axis_name):
+            leaves = jax.tree.leaves(updates)
+            if leaves and not all(_is_varying(g, self.axis_name) for g in leaves):
+                raise ValueError(
+                    f"{self.transformation}: inside jax.shard_map (check_vma=True) the incoming "
+                    f"gradient does not vary over axis {self.axis_name!r}. jax.grad of a "
+                    "per-device loss with respect to replicated params is ALREADY SUMMED over devices there "
+                    "(N times the mean). Pass the per-device gradient instead: "
+                    f"jax.grad(loss)(jax.lax.pcast(params, {self.axis_name!r}, to='varying')); "
+                    f"{self.transformation} averages it."
+                )
+        return self._reduce(updates)
+
+    def finish(self, direction: Params) -> Params:
+        """Average the final direction over devices in 'direction' mode."""
+        if self.axis_name is not None and self.average == "direction":
+            return jax.lax.pmean(direction, self.axis_name)
+        return direction
+
+
+def make_oracle(
+    transformation: str,
+    *,
+    loss_fn: Callable | None,
+    grad_fn: Callable | None,
+    has_aux: bool,
+    axis_name: str | None,
+    average: Average,
+    exact: bool = False,
+) -> GradientOracle:
+    """Build the oracle from the extra arguments of ``update``.
+
+    Exactly one of ``loss_fn(params) -> loss`` (or ``(loss, aux)`` with
+    ``has_aux``) and ``grad_fn(params, i) -> grads`` (the convention of
+    ``optax.contrib.sam``) must be given.
+    """
+    if (loss_fn is None) == (grad_fn is None):
+        given = "both" if loss_fn is not None else "neither"
+        raise ValueError(
+            f"{transformation} evaluates extra gradients, so update needs exactly one of "
+            f"loss_fn or grad_fn; {given} was given. Pass the loss as a function of the "
+            f"params, closed over the batch:\n"
+            "  updates, state = tx.update(grads, state, params,\n"
+            "                             loss_fn=lambda p: loss(p, batch))\n"
+            f"or a gradient function grad_fn(params, i) -> grads."
+        )
+    if loss_fn is not None:
+        if not callable(loss_fn):
+            raise TypeError(
+                f"{transformation}: loss_fn must be callable, got {type(loss_fn).__name__}."
+            )
+        grad_of_loss = jax.grad(_checked_scalar_loss(loss_fn, has_aux, transformation))
+        gradient = lambda params, i: grad_of_loss(params)
+    else:
+        if not callable(grad_fn):
+            raise TypeError(
+                f"{transformation}: grad_fn must be callable, got {type(grad_fn).__name__}."
+            )
+        gradient = grad_fn
+    return GradientOracle(gradient, axis_name, average, exact, transformation)
