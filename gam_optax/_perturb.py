@@ -317,8 +317,8 @@ class GradientOracle:
                 raise ValueError(
                     f"{self.transformation}: inside jax.shard_map (check_vma=True) the incoming "
                     f"gradient does not vary over axis {self.axis_name!r}. jax.grad of a "
-                    "per-device loss with respect to replicated params is ALREADY SUMMED over devices there "
-                    "(N times the mean). Pass the per-device gradient instead: "
+                    "per-device loss with respect to replicated params is ALREADY SUMMED over "
+                    "devices there (N times the mean). Pass the per-device gradient instead: "
                     f"jax.grad(loss)(jax.lax.pcast(params, {self.axis_name!r}, to='varying')); "
                     f"{self.transformation} averages it."
                 )
