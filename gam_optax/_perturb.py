@@ -11,7 +11,9 @@ there, and combine the gradients. This module holds those pieces:
 * :func:`orthogonal_part`: the part of a vector orthogonal to another (GSAM, GAM);
 * :class:`GradientOracle`: the gradient at a perturbed point, from the caller's
   ``loss_fn`` or ``grad_fn``, finite (a new gradient) or exact (a Hessian-vector
-  product), with the data-parallel reductions over ``axis_name``.
+  product), with the data-parallel reductions over ``axis_name``;
+* :func:`perturbed_gradient`: ``g(theta + e)`` after one ascent step, the
+  gradient SAM descends (and GAM's ``g1``, ``g3``); :func:`cast_like`.
 """
 
 from __future__ import annotations
@@ -130,6 +132,11 @@ def orthogonal_part(v: Params, u: Params, eps: jax.Array | float) -> Params:
     denominator = norm_u * norm_v
     cos = vdot(v, u) * _safe_inverse(denominator, eps)
     return add_scaled(v, -cos * norm_v * _safe_inverse(norm_u, eps), u)
+
+
+def cast_like(tree: Params, like: Params) -> Params:
+    """Each leaf of ``tree`` in the dtype of the matching leaf of ``like``."""
+    return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
 
 
 # ----------------------------------------------------------------------------
@@ -303,6 +310,18 @@ class GradientOracle:
         )
         return jax.tree.map(jnp.add, grads, self._reduce(hessian_step))
 
+    def hessian_product(self, params: Params, vector: Params, i: int) -> Params:
+        """``H(params) vector``: one exact Hessian-vector product (forward-over-reverse).
+
+        Reduced over ``axis_name`` in 'gradients' mode, like every gradient.
+        """
+        _, product = jax.jvp(
+            lambda p: self.gradient(p, i),
+            (self._local(params),),
+            (self._local(cast_like(vector, params)),),
+        )
+        return self._reduce(product)
+
     def incoming(self, updates: Params, params: Params) -> Params:
         """The caller's ``g0``, checked, and averaged in 'gradients' mode."""
         if params is None:
@@ -371,3 +390,34 @@ def make_oracle(
             )
         gradient = grad_fn
     return GradientOracle(gradient, axis_name, average, exact, transformation)
+
+
+def perturbed_gradient(
+    oracle: GradientOracle,
+    params: Params,
+    grads: Params,
+    radius: jax.Array | float,
+    *,
+    eps: jax.Array | float,
+    adaptive: bool,
+    i: int,
+) -> Params:
+    r"""The gradient after one ascent step along ``grads``: SAM's gradient.
+
+    .. math::
+      g(\theta + e), \qquad e = \mathrm{ascent\_step}(g(\theta), \theta, r)
+
+    Args:
+      oracle: where the gradient comes from (finite or exact, reductions).
+      params: ``theta``.
+      grads: ``g(theta)``.
+      radius: ``r``.
+      eps: ``xi``.
+      adaptive: the ASAM-style step (see :func:`ascent_step`).
+      i: the number of this extra evaluation, passed to ``grad_fn``.
+
+    Returns:
+      ``g(theta + e)`` (exact mode: ``g(theta) + H(theta) e``).
+    """
+    step = ascent_step(grads, params, radius, eps=eps, adaptive=adaptive)
+    return oracle.after_step(params, grads, step, i)
