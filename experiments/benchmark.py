@@ -1,0 +1,211 @@
+"""What one training step costs: sgd, sam, gsam, gam and exact-Hessian gam in ONE process.
+
+Every optimizer runs the training program's own step (``experiments.train.train_step``:
+on-device augmentation, g0 with BatchNorm, ``tx.update(..., loss_fn=...)``, apply) on the
+same synthetic batch, jitted with the state donated. For each it prints the compile time,
+the median step time over repetitions, the ratio to sgd's step measured in the same
+process (timings on shared machines are noisy; ratios are not), and the peak memory that
+XLA's memory analysis of the compiled step reports. Accelerated GAM takes 4 gradient
+evaluations, so 4x sgd is its floor; SAM's is 2x.
+
+    python -m experiments.benchmark                       # CIFAR-shaped ResNet-18, batch 128
+    python -m experiments.benchmark --setting cpu         # a 6-conv BatchNorm CNN, batch 64
+    python -m experiments.benchmark --setting cpu --compare-cpu-options
+
+``--compare-cpu-options`` also compiles every step with the CPU options of
+``experiments.xla_options`` (XLA's convolutions instead of YNNPACK's) and reports both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import train, xla_options
+from experiments.configs import default
+
+SETTINGS = {
+    # name: (model, model_kwargs, batch size, image shape, classes)
+    "resnet18": ("resnet18", {}, 128, (32, 32, 3), 10),
+    "cpu": ("small_cnn", {"widths": (32, 32, 64, 64, 128, 128)}, 64, (32, 32, 3), 10),
+    "tiny": ("small_cnn", {"widths": (8, 16)}, 16, (8, 8, 1), 10),
+}
+# name -> (config.optimizer, overrides of that optimizer's section)
+OPTIMIZERS = {
+    "sgd": ("sgd", {}),
+    "sam": ("sam", {}),
+    "gsam": ("gsam", {}),
+    "gam": ("gam", {}),
+    "gam_hessian": ("gam", {"hessian": True}),
+}
+
+
+def make_config(optimizer: str, setting: str) -> Any:
+    name, overrides = OPTIMIZERS[optimizer]
+    model, model_kwargs, batch_size, _, _ = SETTINGS[setting]
+    config = default.get_config()
+    config.optimizer = name
+    config.model = model
+    config.model_kwargs = model_kwargs
+    config.batch_size = batch_size
+    config.augment = dict(crop_padding=4, flip=True, cutout_size=0)
+    if overrides:
+        config[name].update(overrides)
+    return config
+
+
+def build_step(optimizer: str, setting: str, donate: bool = True):
+    """The jitted training step of ``optimizer`` and its arguments (state, batch, rng)."""
+    _, _, batch_size, image_shape, num_classes = SETTINGS[setting]
+    config = make_config(optimizer, setting)
+    model = train.models.create_model(config.model, num_classes, **config.model_kwargs)
+    tx = train.create_optimizer(config, lambda count: 0.1)
+    state = train.create_train_state(jax.random.key(0), model, tx, image_shape)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": jnp.asarray(rng.integers(0, 256, (batch_size, *image_shape), dtype=np.uint8)),
+        "label": jnp.asarray(rng.integers(0, num_classes, batch_size, dtype=np.int32)),
+    }
+    mean, std = (0.5,) * image_shape[-1], (0.25,) * image_shape[-1]
+    step = functools.partial(
+        train.train_step, model=model, tx=tx, config=config, mean=mean, std=std
+    )
+    jitted = jax.jit(step, donate_argnums=(0,) if donate else ())
+    return jitted, (state, batch, jax.random.key(1))
+
+
+def peak_bytes(compiled: Any) -> int | None:
+    """Arguments + outputs + temporaries - donated aliases, from XLA's memory analysis."""
+    try:
+        m = compiled.memory_analysis()
+        return (
+            m.argument_size_in_bytes
+            + m.output_size_in_bytes
+            + m.temp_size_in_bytes
+            - (m.alias_size_in_bytes)
+        )
+    except Exception:  # not every backend reports it
+        return None
+
+
+def measure(jitted, args, compiler_options: dict, warmup: int, repeats: int) -> dict[str, Any]:
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile(compiler_options=compiler_options)
+    compile_s = time.perf_counter() - start
+    state, batch, rng = jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, args)
+    for _ in range(warmup):
+        state, metrics = compiled(state, batch, rng)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch, rng)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - start)
+    return {
+        "compile_s": compile_s,
+        "step_ms": 1e3 * statistics.median(times),
+        "step_ms_min": 1e3 * min(times),
+        "peak_mb": (peak_bytes(compiled) or 0) / 2**20,
+        "loss": float(metrics["loss"]),
+    }
+
+
+def run(
+    setting: str,
+    optimizers: Sequence[str],
+    warmup: int,
+    repeats: int,
+    compare_cpu_options: bool,
+    donate: bool = True,
+) -> list[dict[str, Any]]:
+    variants = {"default": {}}
+    if compare_cpu_options:
+        options = xla_options.fast_compiler_options()
+        if options:
+            variants["xla_convolutions"] = options
+        else:
+            print("(this backend/jaxlib has no CPU convolution option: default only)")
+    rows = []
+    for optimizer in optimizers:
+        jitted, args = build_step(optimizer, setting, donate)
+        for variant, options in variants.items():
+            result = measure(jitted, args, options, warmup, repeats)
+            rows.append({"optimizer": optimizer, "variant": variant, **result})
+            print(
+                f"  measured {optimizer:12s} {variant:17s} {result['step_ms']:9.1f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
+    baselines = {r["variant"]: r["step_ms"] for r in rows if r["optimizer"] == "sgd"}
+    reference = rows[0]["step_ms"] if rows else 1.0
+    for r in rows:
+        r["vs_sgd"] = r["step_ms"] / baselines[r["variant"]] if r["variant"] in baselines else None
+        r["vs_first"] = r["step_ms"] / reference
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    header = (
+        f"{'optimizer':12s} {'variant':17s} {'step ms':>9s} {'x sgd':>7s} "
+        f"{'x first row':>11s} {'compile s':>9s} {'peak MB':>8s}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        vs_sgd = f"{r['vs_sgd']:7.2f}" if r["vs_sgd"] is not None else f"{'-':>7s}"
+        lines.append(
+            f"{r['optimizer']:12s} {r['variant']:17s} {r['step_ms']:9.1f} {vs_sgd} "
+            f"{r['vs_first']:11.2f} {r['compile_s']:9.1f} {r['peak_mb']:8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="resnet18")
+    parser.add_argument(
+        "--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS)
+    )
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--compare-cpu-options", action="store_true")
+    parser.add_argument("--no-donate", action="store_true", help="do not donate the state")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    if args.warmup < 0 or args.repeats < 1:
+        parser.error("--warmup must be >= 0 and --repeats >= 1")
+    optimizers = ["sgd", *[o for o in args.optimizers if o != "sgd"]]  # sgd: the baseline
+    device = jax.devices()[0]
+    print(
+        f"{SETTINGS[args.setting]} on {device.platform}: {device.device_kind}, "
+        f"jax {jax.__version__}"
+    )
+    rows = run(
+        args.setting,
+        optimizers,
+        args.warmup,
+        args.repeats,
+        args.compare_cpu_options,
+        donate=not args.no_donate,
+    )
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"setting": args.setting, "device": device.device_kind, "rows": rows}, f, indent=1
+            )
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""The step benchmark measures the training program's real step for every optimizer."""
+
+import pytest
+
+from experiments import benchmark, xla_options
+
+
+def test_benchmark_times_every_optimizer_on_the_same_step(capsys):
+    rows = benchmark.main(
+        ["--setting", "tiny", "--optimizers", "gam", "--warmup", "0", "--repeats", "1"]
+    )
+    assert [r["optimizer"] for r in rows] == ["sgd", "gam"]  # sgd first: the baseline
+    assert rows[0]["vs_sgd"] == 1.0
+    for r in rows:
+        assert r["step_ms"] > 0 and r["compile_s"] > 0
+        assert r["vs_sgd"] == pytest.approx(r["step_ms"] / rows[0]["step_ms"])
+        # One step from the same initial state and batch: the same g0 pass, the same loss.
+        assert r["loss"] == pytest.approx(rows[0]["loss"], rel=1e-6)
+    peak = {r["optimizer"]: r["peak_mb"] for r in rows}
+    assert peak["gam"] >= peak["sgd"] > 0  # GAM holds more gradients than SGD
+    assert "x sgd" in capsys.readouterr().out
+
+
+def test_cpu_options_are_used_only_where_they_compile():
+    options = xla_options.fast_compiler_options("cpu")
+    assert options in ({}, xla_options.CPU_CONVOLUTIONS_IN_XLA)
+    assert xla_options.fast_compiler_options("gpu") == {}
+    assert not xla_options._compiles_with((("xla_no_such_option_at_all", "1"),))
