@@ -1,17 +1,30 @@
 """gam-optax: GAM and the SAM family as Optax gradient transformations."""
 
+from gam_optax import flatness
 from gam_optax._gam import GAMState, gam
+from gam_optax._gam_hessian import GAMHessianState, gam_hessian
 from gam_optax._presets import GAM_PRESETS, RELEASED_NAMES, from_released_names, gam_preset
+from gam_optax._sam import GSAM_PRESETS, SAM_PRESETS, SAMState, gsam, gsam_preset, sam, sam_preset
 from gam_optax._schedules import proportional_schedule
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GAM_PRESETS",
+    "GSAM_PRESETS",
     "RELEASED_NAMES",
+    "SAM_PRESETS",
+    "GAMHessianState",
     "GAMState",
+    "SAMState",
+    "flatness",
     "from_released_names",
     "gam",
+    "gam_hessian",
     "gam_preset",
+    "gsam",
+    "gsam_preset",
     "proportional_schedule",
+    "sam",
+    "sam_preset",
 ]
