@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, NamedTuple
 
 import jax
@@ -9,7 +10,14 @@ import jax.numpy as jnp
 import optax
 
 from gam_optax import _perturb
-from gam_optax._perturb import add_scaled, ascent_step, combine, orthogonal_part
+from gam_optax._perturb import (
+    add_scaled,
+    ascent_step,
+    cast_like,
+    combine,
+    orthogonal_part,
+    perturbed_gradient,
+)
 
 HMinusWeighting = Literal["released", "paper"]
 
@@ -116,11 +124,11 @@ def gam(
     >>> state = tx.init(params)
     >>> @jax.jit
     ... def step(params, state):
-    ...   grads = jax.grad(loss)(params)
-    ...   updates, state = tx.update(grads, state, params, loss_fn=loss)
-    ...   return optax.apply_updates(params, updates), state
+    ...     grads = jax.grad(loss)(params)
+    ...     updates, state = tx.update(grads, state, params, loss_fn=loss)
+    ...     return optax.apply_updates(params, updates), state
     >>> for _ in range(100):
-    ...   params, state = step(params, state)
+    ...     params, state = step(params, state)
     >>> print(f"{loss(params):.2f}")  # the minimum is 0.578
     0.58
 
@@ -158,26 +166,26 @@ def gam(
         )
         r = _perturb.value_at(rho, state.count)
         r_prime = _perturb.value_at(rho_prime, state.count)
-        step = lambda v, at, radius: ascent_step(v, at, radius, eps=eps, adaptive=adaptive)
+        sam_gradient = functools.partial(perturbed_gradient, oracle, eps=eps, adaptive=adaptive)
 
         g0 = oracle.incoming(updates, params)
         # theta1 = theta + rho' u(g0): a SAM step.
-        g1 = oracle.after_step(params, g0, step(g0, params, r_prime), 1)
+        g1 = sam_gradient(params, g0, r_prime, i=1)
         # h0 = g1 - g0 ~ rho' H u(g0): theta2 ascends the gradient norm.
         h0 = add_scaled(g1, -1.0, g0)
-        theta2 = jax.tree.map(jnp.add, params, step(h0, params, r))
+        theta2 = jax.tree.map(
+            jnp.add, params, ascent_step(h0, params, r, eps=eps, adaptive=adaptive)
+        )
         g2 = oracle.at(theta2, 2)
         # theta3 = theta2 + rho' u(g2): a SAM step from theta2.
-        g3 = oracle.after_step(theta2, g2, step(g2, theta2, r_prime), 3)
+        g3 = sam_gradient(theta2, g2, r_prime, i=3)
 
         h_plus = combine(alpha, g1, 1.0 - alpha, g3)
         w0 = 1.0 if h_minus_weighting == "released" else beta
         h_minus = combine(w0, g0, 1.0 - beta, g2)
         h_perp = orthogonal_part(h_minus, h_plus, eps)
         direction = add_scaled(h_plus, -gamma, h_perp)
-
-        direction = oracle.finish(direction)
-        direction = jax.tree.map(lambda d, u: d.astype(u.dtype), direction, updates)
+        direction = cast_like(oracle.finish(direction), updates)
         return direction, GAMState(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
