@@ -1,0 +1,120 @@
+"""The main job: SGD against GAM on the offline default (digits, small CNN), side by side.
+
+  python -m experiments [--workdir DIR] [--epochs N] [--overwrite]
+
+Both runs use ``configs/default.py`` with the same seed, data order and epoch budget; only
+``config.optimizer`` differs. Prints final and best test accuracy, final training loss, wall
+time and the top Hessian eigenvalue of the final parameters, and draws ``DIR/curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from experiments import ConfigError, plot, train
+from experiments.configs import default
+
+try:
+    from gam_optax import flatness
+except ImportError:  # gam_optax.flatness is optional here
+    flatness = None
+
+
+def hessian_top_eigenvalue(config, workdir: pathlib.Path) -> float | None:
+    """Top Hessian eigenvalue of the training objective at the final parameters (or None)."""
+    if not hasattr(flatness, "hessian_top_eigenvalue"):
+        return None
+    loss_fn, params = train.training_objective(config, workdir)
+    return float(flatness.hessian_top_eigenvalue(loss_fn, params, jax.random.key(0)))
+
+
+def compare(
+    workdir: pathlib.Path,
+    optimizers: Sequence[str] = ("sgd", "gam"),
+    *,
+    num_epochs: int | None = None,
+    overwrite: bool = False,
+) -> list[dict[str, Any]]:
+    """Trains the default config once per optimizer into ``workdir/<optimizer>``."""
+    rows = []
+    for name in optimizers:
+        config = default.get_config()
+        config.optimizer = name
+        if num_epochs is not None:
+            config.num_epochs = num_epochs
+        start = time.perf_counter()
+        summary = train.train_and_evaluate(config, workdir / name, overwrite=overwrite)
+        wall_time = time.perf_counter() - start
+        eigenvalue = hessian_top_eigenvalue(config, workdir / name)
+        rows.append({"optimizer": name, **summary, "wall_time": wall_time, "hessian": eigenvalue})
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The comparison as a plain-text table."""
+    header = (
+        "optimizer",
+        "final test acc",
+        "best test acc",
+        "final train loss",
+        "wall time",
+        "top Hessian eig",
+    )
+    lines = [header]
+    for r in rows:
+        lines.append(
+            (
+                r["optimizer"],
+                f"{r['final_test_accuracy']:.4f}",
+                f"{r['best_test_accuracy']:.4f} (ep {r['best_epoch']})",
+                f"{r['train_loss']:.4f}",
+                f"{r['wall_time']:.1f} s",
+                "n/a" if r["hessian"] is None else f"{r['hessian']:.2f}",
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    fmt = lambda line: "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True))
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(lines[0]), rule, *map(fmt, lines[1:])])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--workdir",
+        type=pathlib.Path,
+        default=None,
+        help="where the runs go (default: runs/compare-<date>-<time>)",
+    )
+    parser.add_argument("--epochs", type=int, default=None, help="override config.num_epochs")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace earlier runs in --workdir"
+    )
+    args = parser.parse_args(argv)
+    workdir = args.workdir or pathlib.Path("runs", time.strftime("compare-%Y%m%d-%H%M%S"))
+    start = time.perf_counter()
+    try:
+        rows = compare(workdir, num_epochs=args.epochs, overwrite=args.overwrite)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    config = default.get_config()
+    epochs = args.epochs or config.num_epochs
+    print(
+        f"\n{config.dataset}, {config.model}, {epochs} epochs of batch {config.batch_size}, "
+        f"seed {config.seed}:\n"
+    )
+    print(format_table(rows))
+    fig = plot.plot_runs([workdir / r["optimizer"] for r in rows])
+    fig.savefig(workdir / "curves.png", dpi=120)
+    print(f"\nruns and curves in {workdir}; total {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""ml_collections configs: ``default`` (offline digits) and the published CIFAR recipes."""

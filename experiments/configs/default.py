@@ -1,0 +1,52 @@
+"""The offline default: a small CNN on scikit-learn's 8x8 digits, minutes on a CPU.
+
+Every field the trainer reads is here; other configs are diffs of this one.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+import gam_optax
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # Data: 'digits' (offline), 'cifar10', 'cifar100' (tfds array_record in data_dir).
+    config.dataset = "digits"
+    config.data_dir = config_dict.placeholder(str)
+    config.num_train_examples = config_dict.placeholder(int)  # use only the first N (quick runs)
+    config.num_test_examples = config_dict.placeholder(int)
+    config.augment = ml_collections.ConfigDict(dict(crop_padding=1, flip=False, cutout_size=0))
+
+    # Model: a key of experiments.models.MODELS; model_kwargs set its fields (e.g. widths).
+    config.model = "small_cnn"
+    config.model_kwargs = ml_collections.ConfigDict()
+    config.half_precision = False  # bfloat16 compute (float32 parameters), for GPUs and TPUs
+
+    # Training: the released recipe's shape (SGD + momentum, coupled weight decay, cosine
+    # learning rate stepped per epoch down to 0, label smoothing on the wrong classes).
+    config.num_epochs = 30
+    config.batch_size = 64
+    config.eval_batch_size = 512
+    config.steps_per_epoch = config_dict.placeholder(int)  # cap (quick runs); default: N // batch
+    config.learning_rate = 0.1
+    config.momentum = 0.9
+    config.weight_decay = 5e-4
+    config.label_smoothing = 0.1
+
+    # Optimizer: 'sgd', 'adamw', or a gam_optax transformation ('gam', 'sam', 'gsam') placed
+    # before the base optimizer; each transformation's section holds its keyword arguments.
+    config.optimizer = "gam"
+    config.base_optimizer = "sgd"
+    config.gam = ml_collections.ConfigDict(gam_optax.gam_preset("cifar100_resnet"))
+    config.gam.adaptive = False
+    config.sam = ml_collections.ConfigDict(dict(rho=0.05, adaptive=False))
+    config.gsam = ml_collections.ConfigDict(dict(rho=0.05, alpha=0.1, adaptive=False))
+
+    # Bookkeeping.
+    config.log_every_steps = 10  # progress-bar refresh
+    config.keep_checkpoints = 3
+    config.progress_bar = True
+    return config

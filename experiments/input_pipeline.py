@@ -1,0 +1,166 @@
+"""Data: whole data sets as uint8 arrays, and augmentation as pure JAX functions.
+
+A data set is small enough to live in device memory (CIFAR: 150 MB of uint8), so the training
+loop puts it there once and gathers, augments and normalises each batch inside its jitted step:
+the input pipeline is never the bottleneck. CIFAR-10/100 come from tensorflow-datasets through
+``tfds.data_source`` (array_record files, no TensorFlow needed); the offline default is
+scikit-learn's 8x8 digits, which ships inside the package.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import ConfigError
+
+# The released code's normalisation (main_cifar.py), per channel.
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+}
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
+DATASETS = tuple(NUM_CLASSES)
+DIGITS_TEST_SIZE = 899  # a fixed, seeded, stratified half of the 1,797 digits (as sklearn's example)
+
+
+class Dataset(NamedTuple):
+    """A whole data set in host memory.
+
+    Attributes:
+      train_images, test_images: uint8 arrays of shape (N, H, W, C).
+      train_labels, test_labels: int32 arrays of shape (N,).
+      num_classes: the number of classes.
+      mean, std: per-channel normalisation on the [0, 1] scale.
+    """
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def load(
+    name: str,
+    data_dir: str | None = None,
+    num_train_examples: int | None = None,
+    num_test_examples: int | None = None,
+) -> Dataset:
+    """Loads ``name`` ('digits', 'cifar10' or 'cifar100'), optionally only its first examples."""
+    if name == "digits":
+        ds = _load_digits()
+    elif name in CIFAR_STATS:
+        ds = _load_cifar(name, data_dir)
+    else:
+        raise ConfigError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}.")
+    return ds._replace(
+        train_images=ds.train_images[:num_train_examples],
+        train_labels=ds.train_labels[:num_train_examples],
+        test_images=ds.test_images[:num_test_examples],
+        test_labels=ds.test_labels[:num_test_examples],
+    )
+
+
+def _load_digits() -> Dataset:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    # Pixel values are 0..16; rescale to uint8 0..255 like every other data set.
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
+    labels = digits.target.astype(np.int32)
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, labels, test_size=DIGITS_TEST_SIZE, random_state=0, stratify=labels
+    )
+    mean = float(x_train.mean() / 255)
+    std = float(x_train.std() / 255)
+    return Dataset(x_train, y_train, x_test, y_test, 10, (mean,), (std,))
+
+
+def _load_cifar(name: str, data_dir: str | None) -> Dataset:
+    import tensorflow_datasets as tfds
+
+    arrays = []
+    for split in ("train", "test"):
+        try:
+            source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except Exception as e:  # tfds raises a different error for each way of being absent
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            where = data_dir or "the default tfds data_dir ($TFDS_DATA_DIR, ~/tensorflow_datasets)"
+            raise ConfigError(
+                f"dataset {name!r} is not prepared in {where} (tfds said: {reason}). Prepare it "
+                f"once on a machine with internet and TensorFlow: `pip install tensorflow "
+                f"tensorflow-datasets && tfds build {name} --file_format=array_record "
+                f"--data_dir=DIR`, copy DIR here, and pass --config.data_dir=DIR (or set "
+                f"TFDS_DATA_DIR)."
+            ) from None
+        examples = [source[i] for i in range(len(source))]
+        arrays.append(np.stack([ex["image"] for ex in examples]).astype(np.uint8))
+        arrays.append(np.array([ex["label"] for ex in examples], np.int32))
+    mean, std = CIFAR_STATS[name]
+    return Dataset(*arrays, NUM_CLASSES[name], mean, std)
+
+
+def normalize(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...]) -> jax.Array:
+    """uint8 images -> float32, ``(x / 255 - mean) / std`` per channel."""
+    x = images.astype(jnp.float32) / 255.0
+    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def random_crop(rng: jax.Array, images: jax.Array, padding: int) -> jax.Array:
+    """Pads each image with ``padding`` zeros per side and crops it back at a random offset."""
+    if padding == 0:
+        return images
+    n, h, w, _ = images.shape
+    padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    offsets = jax.random.randint(rng, (n, 2), 0, 2 * padding + 1)
+    crop = lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0), (h, w, image.shape[-1]))
+    return jax.vmap(crop)(padded, offsets)
+
+
+def random_flip(rng: jax.Array, images: jax.Array) -> jax.Array:
+    """Mirrors each image left-right with probability 1/2."""
+    flip = jax.random.bernoulli(rng, 0.5, (images.shape[0], 1, 1, 1))
+    return jnp.where(flip, images[:, :, ::-1], images)
+
+
+def cutout(rng: jax.Array, images: jax.Array, size: int) -> jax.Array:
+    """Zeroes a ``size`` x ``size`` square (clipped at the border) at a random centre per image."""
+    n, h, w, _ = images.shape
+    centres = jax.random.randint(rng, (n, 2, 1), 0, jnp.array([[h], [w]]))
+    top, left = centres[:, 0] - size // 2, centres[:, 1] - size // 2  # (n, 1) each
+    rows = (jnp.arange(h) >= top) & (jnp.arange(h) < top + size)  # (n, h)
+    cols = (jnp.arange(w) >= left) & (jnp.arange(w) < left + size)  # (n, w)
+    hole = rows[:, :, None, None] & cols[:, None, :, None]
+    return jnp.where(hole, jnp.zeros((), images.dtype), images)
+
+
+def augment(
+    rng: jax.Array,
+    images: jax.Array,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    *,
+    crop_padding: int = 4,
+    flip: bool = True,
+    cutout_size: int = 0,
+) -> jax.Array:
+    """The training transform of the released code, on device: crop, flip, normalise, Cutout.
+
+    The zero padding of the crop is black in pixel space (as torchvision pads before
+    normalising); Cutout zeroes normalised values (as the Cutout paper).
+    """
+    crop_rng, flip_rng, cutout_rng = jax.random.split(rng, 3)
+    images = random_crop(crop_rng, images, crop_padding)
+    if flip:
+        images = random_flip(flip_rng, images)
+    x = normalize(images, mean, std)
+    if cutout_size:
+        x = cutout(cutout_rng, x, cutout_size)
+    return x
