@@ -13,9 +13,12 @@ Everything is computed from Hessian-vector products (``jax.jvp`` of
   every measure is taken on the data-set loss rather than one mini-batch.
 
 ``loss_fn(params) -> scalar`` is the loss to measure (a model in evaluation mode,
-closed over its data). Each measure is compiled with ``jax.jit`` once per
-``loss_fn`` object and parameter shapes; a measure is deterministic for a given
-PRNG key.
+closed over its data). Each measure iterates a step (one Hessian-vector product
+or gradient, and its bookkeeping) that is compiled with ``jax.jit`` once per
+``loss_fn`` object and parameter shapes, whatever the number of iterations; the
+loop over the steps runs in Python, because XLA:CPU runs a loop body
+(``lax.fori_loop``) that contains convolutions several times slower than the same
+body compiled on its own. A measure is deterministic for a given PRNG key.
 
 Examples:
   >>> import jax, jax.numpy as jnp
@@ -44,7 +47,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from collections.abc import Callable
@@ -111,10 +113,15 @@ def _as_pytree(loss_fn: LossFn, params: Params, measure: str) -> Partial:
 # ----------------------------------------------------------------------------
 
 
-def _flat(loss_fn: LossFn, params: Params):
-    """``(x0, loss, grad, hvp)`` on the flattened parameters ``x`` (at least float32)."""
+def _flat_params(params: Params):
+    """``(x0, unravel)``: the parameters as one flat vector (at least float32)."""
     x0, unravel = ravel_pytree(params)
-    x0 = x0.astype(jnp.promote_types(x0.dtype, jnp.float32))
+    return x0.astype(jnp.promote_types(x0.dtype, jnp.float32)), unravel
+
+
+def _flat(loss_fn: LossFn, params: Params):
+    """``(x0, loss, grad, hvp)`` on the flattened parameters ``x``."""
+    x0, unravel = _flat_params(params)
     loss = lambda x: loss_fn(unravel(x))
     grad = jax.grad(loss)
     hvp = lambda x, v: jax.jvp(grad, (x,), (v,))[1]
@@ -131,10 +138,9 @@ def _unit(v: jax.Array) -> jax.Array:
     return jnp.where(norm > 0, v / jnp.where(norm > 0, norm, 1.0), 0.0)
 
 
-def _direction_or_random(v: jax.Array, key: jax.Array) -> jax.Array:
-    """``unit(v)``, or a random unit vector where ``v`` is zero (an exact critical point)."""
-    fallback = _unit(jax.random.normal(key, v.shape, v.dtype))
-    return jnp.where(_norm(v) > 0, _unit(v), fallback)
+def _random_unit(key: jax.Array, like: jax.Array) -> jax.Array:
+    """A random unit vector of the shape and dtype of ``like``."""
+    return _unit(jax.random.normal(key, like.shape, like.dtype))
 
 
 # ----------------------------------------------------------------------------
@@ -142,52 +148,66 @@ def _direction_or_random(v: jax.Array, key: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("num_iterations",))
-def _lanczos(loss_fn, params, key, num_iterations, by_magnitude):
+@jax.jit
+def _hvp(loss_fn, params, v):
+    """``H v`` at ``params``, on flat vectors."""
     x0, _, _, hvp = _flat(loss_fn, params)
-    n = x0.size
-    k = min(num_iterations, n)  # k = n spans the whole space: the result is exact.
-    dtype = x0.dtype
-    tiny = 100 * jnp.finfo(dtype).eps
-    start_key, restart_key = jax.random.split(key)
-    restart = jax.random.normal(restart_key, (n,), dtype)
+    return hvp(x0, v)
 
-    def orthogonalise(w, basis):
-        # Full re-orthogonalisation against every stored vector (unfilled rows are
-        # zero), twice for numerical stability.
-        for _ in range(2):
-            w = w - basis.T @ (basis @ w)
-        return w
 
-    def body(j, carry):
-        basis, alphas, betas = carry
-        v = basis[j]
-        hv = hvp(x0, v)
-        alpha = jnp.vdot(v, hv)
-        w = orthogonalise(hv, basis)
-        beta = _norm(w)
-        # Breakdown: the Krylov space is invariant (e.g. a zero or low-rank Hessian).
-        # Continue, with no coupling, from a random vector orthogonal to the basis (the
-        # j-th rotation of one Gaussian vector: the rotations are independent a.s.).
-        broke = beta <= tiny * _norm(hv)
-        fresh = orthogonalise(jnp.roll(restart, j), basis)
-        next_v = jnp.where(broke, _unit(fresh), w / jnp.where(broke, 1.0, beta))
-        last = j + 1 >= k
-        basis = basis.at[jnp.minimum(j + 1, k - 1)].set(jnp.where(last, basis[k - 1], next_v))
-        alphas = alphas.at[j].set(alpha)
-        betas = betas.at[j].set(jnp.where(broke | last, 0.0, beta))
-        return basis, alphas, betas
+def _orthogonalise(w, basis):
+    # Full re-orthogonalisation against every stored vector (unfilled rows are
+    # zero), twice for numerical stability.
+    for _ in range(2):
+        w = w - basis.T @ (basis @ w)
+    return w
 
-    basis = jnp.zeros((k, n), dtype).at[0].set(_unit(jax.random.normal(start_key, (n,), dtype)))
-    basis, alphas, betas = jax.lax.fori_loop(
-        0, k, body, (basis, jnp.zeros(k, dtype), jnp.zeros(k, dtype))
-    )
+
+@jax.jit
+def _lanczos_step(basis, hv, restart, j):
+    """Step ``j`` from ``hv = H basis[j]``: ``alpha_j``, ``beta_j`` and basis row ``j + 1``."""
+    k = len(basis)
+    tiny = 100 * jnp.finfo(basis.dtype).eps
+    v = basis[j]
+    alpha = jnp.vdot(v, hv)
+    w = _orthogonalise(hv, basis)
+    beta = _norm(w)
+    # Breakdown: the Krylov space is invariant (e.g. a zero or low-rank Hessian).
+    # Continue, with no coupling, from a random vector orthogonal to the basis (the
+    # j-th rotation of one Gaussian vector: the rotations are independent a.s.).
+    broke = beta <= tiny * _norm(hv)
+    fresh = _orthogonalise(jnp.roll(restart, j), basis)
+    next_v = jnp.where(broke, _unit(fresh), w / jnp.where(broke, 1.0, beta))
+    last = j + 1 >= k
+    basis = basis.at[jnp.minimum(j + 1, k - 1)].set(jnp.where(last, basis[k - 1], next_v))
+    return basis, alpha, jnp.where(broke | last, 0.0, beta)
+
+
+@jax.jit
+def _top_ritz_pair(basis, alphas, betas, by_magnitude):
+    alphas, betas = jnp.stack(alphas), jnp.stack(betas)
     tridiagonal = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
     ritz_values, ritz_vectors = jnp.linalg.eigh(tridiagonal)
     index = jnp.argmax(jnp.where(by_magnitude, jnp.abs(ritz_values), ritz_values))
-    eigenvector = _unit(basis.T @ ritz_vectors[:, index])
-    _, unravel = ravel_pytree(params)
-    return ritz_values[index], unravel(eigenvector)
+    return ritz_values[index], _unit(basis.T @ ritz_vectors[:, index])
+
+
+def _lanczos(loss_fn, params, key, num_iterations, by_magnitude):
+    x0, unravel = _flat_params(params)
+    k = min(num_iterations, x0.size)  # k = n spans the whole space: the result is exact.
+    start_key, restart_key = jax.random.split(key)
+    restart = jax.random.normal(restart_key, x0.shape, x0.dtype)
+    basis = jnp.zeros((k, x0.size), x0.dtype).at[0].set(_random_unit(start_key, x0))
+    alphas, betas = [], []
+    for j in range(k):
+        # Two compiled steps: the Hessian-vector product, compiled whatever k is, and
+        # the cheap bookkeeping on the (k, n) basis.
+        hv = _hvp(loss_fn, params, basis[j])
+        basis, alpha, beta = _lanczos_step(basis, hv, restart, j)
+        alphas.append(alpha)
+        betas.append(beta)
+    value, eigenvector = _top_ritz_pair(basis, alphas, betas, by_magnitude)
+    return value, unravel(eigenvector)
 
 
 def hessian_top_eigenvalue(
@@ -244,14 +264,16 @@ def hessian_top_eigenvalue(
 
 
 @jax.jit
-def _hutchinson(loss_fn, params, key, num_samples):
+def _hutchinson_sample(loss_fn, params, key, i):
+    """``z^T H z`` for the ``i``-th Rademacher probe ``z``."""
     x0, _, _, hvp = _flat(loss_fn, params)
+    z = jax.random.rademacher(jax.random.fold_in(key, i), x0.shape, x0.dtype)
+    return jnp.vdot(z, hvp(x0, z))
 
-    def add_sample(i, total):
-        z = jax.random.rademacher(jax.random.fold_in(key, i), x0.shape, x0.dtype)
-        return total + jnp.vdot(z, hvp(x0, z))
 
-    return jax.lax.fori_loop(0, num_samples, add_sample, jnp.zeros((), x0.dtype)) / num_samples
+def _hutchinson(loss_fn, params, key, num_samples):
+    total = sum(_hutchinson_sample(loss_fn, params, key, i) for i in range(num_samples))
+    return total / num_samples
 
 
 def hessian_trace(
@@ -294,20 +316,24 @@ def hessian_trace(
 
 
 @jax.jit
-def _max_loss(loss_fn, params, rho, key, num_steps):
+def _loss_step(loss_fn, params, rho, delta, fallback):
+    """``L(x0 + delta)``, and the boundary point that maximises the linearised loss
+    there, ``rho u(grad)`` (the SAM step from ``x0 + delta``; ``fallback`` where the
+    gradient is zero)."""
     x0, loss, _, _ = _flat(loss_fn, params)
-    loss0, g0 = jax.value_and_grad(loss)(x0)
+    value, g = jax.value_and_grad(loss)(x0 + delta)
+    return value, jnp.where(_norm(g) > 0, rho * _unit(g), fallback)
+
+
+def _max_loss(loss_fn, params, rho, key, num_steps):
+    x0, _ = _flat_params(params)
     rho = jnp.asarray(rho, x0.dtype)
-
-    def body(_, carry):
-        delta, best = carry
-        value, g = jax.value_and_grad(loss)(x0 + delta)
-        # The boundary point that maximises the linearised loss: the SAM step from here.
-        delta = jnp.where(_norm(g) > 0, rho * _unit(g), delta)
-        return delta, jnp.maximum(best, value)
-
-    delta = rho * _direction_or_random(g0, key)
-    _, best = jax.lax.fori_loop(0, num_steps, body, (delta, loss0))
+    zero = jnp.zeros_like(x0)
+    loss0, delta = _loss_step(loss_fn, params, rho, zero, rho * _random_unit(key, x0))
+    best = loss0
+    for _ in range(num_steps):
+        value, delta = _loss_step(loss_fn, params, rho, delta, delta)
+        best = jnp.maximum(best, value)
     return best - loss0
 
 
@@ -361,25 +387,25 @@ def zeroth_order_flatness(
 
 
 @jax.jit
-def _max_gradient_norm(loss_fn, params, rho, key, num_steps):
+def _gradient_norm_step(loss_fn, params, rho, delta, fallback):
+    """``||g||`` at ``x0 + delta``, and ``rho u(f)``, ``f = H u(g)`` the gradient of
+    ``||g||`` there (``fallback`` where ``f`` is zero)."""
     x0, _, grad, hvp = _flat(loss_fn, params)
+    x = x0 + delta
+    g = grad(x)
+    f = hvp(x, _unit(g))
+    return _norm(g), jnp.where(_norm(f) > 0, rho * _unit(f), fallback)
+
+
+def _max_gradient_norm(loss_fn, params, rho, key, num_steps):
+    x0, _ = _flat_params(params)
     rho = jnp.asarray(rho, x0.dtype)
-
-    def gradient_norm_ascent(x):
-        """``||g(x)||`` and ``f = H(x) u(g(x))``, the gradient of ``||g||`` at ``x``."""
-        g = grad(x)
-        return _norm(g), hvp(x, _unit(g))
-
-    def body(_, carry):
-        delta, best = carry
-        norm, f = gradient_norm_ascent(x0 + delta)
-        delta = jnp.where(_norm(f) > 0, rho * _unit(f), delta)
-        return delta, jnp.maximum(best, norm)
-
-    norm0, f0 = gradient_norm_ascent(x0)
-    # theta_adv of GAM's Algorithm 1 (a random direction where f0 = 0).
-    delta = rho * _direction_or_random(f0, key)
-    _, best = jax.lax.fori_loop(0, num_steps, body, (delta, norm0))
+    zero = jnp.zeros_like(x0)
+    # theta_adv of GAM's Algorithm 1 (a random direction where f = 0 at theta).
+    best, delta = _gradient_norm_step(loss_fn, params, rho, zero, rho * _random_unit(key, x0))
+    for _ in range(num_steps):
+        norm, delta = _gradient_norm_step(loss_fn, params, rho, delta, delta)
+        best = jnp.maximum(best, norm)
     return rho * best
 
 
@@ -452,7 +478,7 @@ def dataset_loss(loss_fn: Callable[[Params, Any], jax.Array], batches: Any) -> L
     which is the data-set loss when ``loss_fn`` is the batch mean. The batches
     are visited one at a time with ``jax.lax.map`` (memory of one batch), and
     the returned function is a pytree, so the batches are arguments of the
-    compiled measure, not constants folded into it.
+    compiled steps of a measure, not constants folded into it.
 
     Args:
       loss_fn: ``(params, batch) -> scalar`` mean loss of one batch.
