@@ -9,6 +9,7 @@ scikit-learn's 8x8 digits, which ships inside the package.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import jax
@@ -24,7 +25,7 @@ CIFAR_STATS = {
 }
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
 DATASETS = tuple(NUM_CLASSES)
-DIGITS_TEST_SIZE = 899  # a fixed, seeded, stratified half of the 1,797 digits (as sklearn's example)
+DIGITS_TEST_SIZE = 899  # a fixed, seeded, stratified half of the 1,797 digits
 
 
 class Dataset(NamedTuple):
@@ -86,12 +87,13 @@ def _load_digits() -> Dataset:
 def _load_cifar(name: str, data_dir: str | None) -> Dataset:
     import tensorflow_datasets as tfds
 
+    data_dir = os.path.expanduser(data_dir) if data_dir else None
     arrays = []
     for split in ("train", "test"):
         try:
             source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as e:  # tfds raises a different error for each way of being absent
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = " ".join(str(e).split())[:300] or type(e).__name__
             where = data_dir or "the default tfds data_dir ($TFDS_DATA_DIR, ~/tensorflow_datasets)"
             raise ConfigError(
                 f"dataset {name!r} is not prepared in {where} (tfds said: {reason}). Prepare it "

@@ -4,10 +4,11 @@ Every (optimizer, seed) run trains ``configs/default.py`` (scikit-learn's digits
 BatchNorm CNN) with the same epoch budget, then measures the flatness of the final
 parameters on the training objective (label smoothing included, no augmentation, BatchNorm
 in inference mode): the Hessian's top eigenvalue (Lanczos), its trace (Hutchinson) and the
-paper's first-order flatness R1 = rho * max ||grad L|| over the rho-ball. It prints a
+paper's first-order flatness R1 = rho * max ||grad L|| over the rho-ball (on the first
+``--flatness-examples`` training examples). It prints a
 markdown table of mean +- std over seeds and draws ``WORKDIR/reproduction.png``.
 
-    python -m experiments.reproduce --workdir runs/reproduce --epochs 10 --seeds 5
+    python -m experiments.reproduce --workdir runs/reproduce --epochs 8 --seeds 5
 
 Runs already finished in WORKDIR are reused, so an interrupted reproduction continues.
 """
@@ -42,9 +43,11 @@ COLUMNS = {
 }
 
 
-def measure_flatness(config, workdir: pathlib.Path, rho: float, seed: int) -> dict[str, float]:
+def measure_flatness(
+    config, workdir: pathlib.Path, rho: float, seed: int, num_examples: int | None
+) -> dict[str, float]:
     """Top eigenvalue, trace and first-order flatness of the final training objective."""
-    loss_fn, params = train.training_objective(config, workdir)
+    loss_fn, params = train.training_objective(config, workdir, num_examples)
     key_eig, key_trace, key_r1 = jax.random.split(jax.random.key(seed), 3)
     return {
         "top_eigenvalue": float(flatness.hessian_top_eigenvalue(loss_fn, params, key_eig)),
@@ -62,6 +65,7 @@ def run_one(
     workdir: pathlib.Path,
     rho: float,
     train_examples: int | None = None,
+    flatness_examples: int | None = None,
 ) -> dict:
     """Train (or reuse) one run and measure it; the result is cached in ``result.json``."""
     result_path = workdir / "result.json"
@@ -80,7 +84,7 @@ def run_one(
         "epochs": epochs,
         "wall_time": wall_time,
         **{k: summary[k] for k in ("final_test_accuracy", "best_test_accuracy", "train_loss")},
-        **measure_flatness(config, workdir, rho, seed),
+        **measure_flatness(config, workdir, rho, seed, flatness_examples),
     }
     result_path.write_text(json.dumps(result, indent=1))
     return result
@@ -138,13 +142,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, tuple[float, 
         "--optimizers", nargs="+", default=["sgd", "sam", "gsam", "gam"], choices=train.OPTIMIZERS
     )
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--rho", type=float, default=0.05, help="radius of R1")
     parser.add_argument(
         "--train-examples",
         type=int,
         default=None,
         help="use only the first N training examples (quick runs)",
+    )
+    parser.add_argument(
+        "--flatness-examples",
+        type=int,
+        default=512,
+        help="measure flatness on the first N training examples",
     )
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.epochs < 1:
@@ -155,7 +165,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, tuple[float, 
             for optimizer in args.optimizers:
                 run_dir = args.workdir / f"{optimizer}-seed{seed}"
                 results.append(
-                    run_one(optimizer, seed, args.epochs, run_dir, args.rho, args.train_examples)
+                    run_one(
+                        optimizer,
+                        seed,
+                        args.epochs,
+                        run_dir,
+                        args.rho,
+                        args.train_examples,
+                        args.flatness_examples,
+                    )
                 )
                 print(f"done {run_dir}", file=sys.stderr, flush=True)
     except ConfigError as e:

@@ -13,10 +13,12 @@ Run it with ``python -m experiments.train --config=experiments/configs/... --wor
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import pathlib
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,8 +41,8 @@ from gam_optax import flatness
 BASE_OPTIMIZERS = ("sgd", "adamw")
 PERTURBATIONS = ("gam", "sam", "gsam")  # gam_optax transformations placed before the base
 OPTIMIZERS = BASE_OPTIMIZERS + PERTURBATIONS
-# A checkpoint can only be resumed by a run that agrees on these config fields.
 WHOLE_BATCH_LIMIT = 4096  # training_objective takes up to this many examples in one pass
+# A checkpoint can only be resumed by a run that agrees on these config fields.
 RESUME_KEYS = ("dataset", "model", "model_kwargs", "optimizer", "base_optimizer", "batch_size")
 
 
@@ -143,7 +145,8 @@ def create_train_state(
 
     # JAX's default (partitionable) threefry compiles ~5x slower for the hundreds of independent
     # draws of an initialisation, which needs no partitioning.
-    with jax.threefry_partitionable(False):
+    partitionable = getattr(jax, "threefry_partitionable", None)
+    with partitionable(False) if partitionable is not None else contextlib.nullcontext():
         return init(rng)
 
 
@@ -223,20 +226,15 @@ def _read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _prepare_workdir(workdir: pathlib.Path, resume: bool, overwrite: bool) -> None:
-    """Refuses to write a fresh run over an old one, unless told to resume or overwrite."""
+def _check_workdir(workdir: pathlib.Path, resume: bool, overwrite: bool) -> None:
+    """Refuses to start a fresh run over an old one, unless told to resume or overwrite."""
     if resume and overwrite:
         raise ConfigError(
             "--resume continues the run in the workdir, --overwrite deletes it: "
             "pass only one of them."
         )
-    checkpoint_dir, metrics_path = workdir / "checkpoints", workdir / "metrics.jsonl"
-    steps = _checkpoint_steps(checkpoint_dir)
-    if not (steps or metrics_path.exists()) or resume:
-        return
-    if overwrite:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        metrics_path.unlink(missing_ok=True)
+    steps = _checkpoint_steps(workdir / "checkpoints")
+    if resume or overwrite or not (steps or (workdir / "metrics.jsonl").exists()):
         return
     held = f"checkpoints of epochs {steps}" if steps else "a metrics.jsonl"
     raise ConfigError(
@@ -356,7 +354,7 @@ def train_and_evaluate(
     start = time.perf_counter()
     check_config(config, num_devices=1)
     workdir = pathlib.Path(workdir).absolute()
-    _prepare_workdir(workdir, resume, overwrite)
+    _check_workdir(workdir, resume, overwrite)
     checkpoint_dir = workdir / "checkpoints"
     options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
     start_epoch = 0
@@ -381,13 +379,16 @@ def train_and_evaluate(
     init_rng, shuffle_rng, augment_rng = jax.random.split(jax.random.key(config.seed), 3)
     state = create_train_state(init_rng, model, tx, ds.train_images.shape[1:])
 
+    metrics_path = workdir / "metrics.jsonl"
     if start_epoch:
         state = _restore_state(manager, start_epoch, state)
         logging.info("Resumed %s from epoch %d.", workdir, start_epoch)
     else:
+        if overwrite:  # only now that the config, data and model have passed every check
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            metrics_path.unlink(missing_ok=True)
         workdir.mkdir(parents=True, exist_ok=True)
         manager = ocp.CheckpointManager(checkpoint_dir, options=options)
-    metrics_path = workdir / "metrics.jsonl"
     # Drop records of epochs after the checkpoint (written before a crash, redone now).
     records = [r for r in _read_metrics(metrics_path) if r["epoch"] <= start_epoch]
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -470,7 +471,17 @@ def train_and_evaluate(
         records.append(record)
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        logging.info("epoch %d: %s", epoch + 1, record)
+        with tqdm.external_write_mode(file=sys.stderr):  # a line above the progress bar
+            logging.info(
+                "epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | lr %.4g",
+                epoch + 1,
+                config.num_epochs,
+                record["train_loss"],
+                record["train_accuracy"],
+                record["test_loss"],
+                record["test_accuracy"],
+                record["learning_rate"],
+            )
         meta = {"epoch": epoch + 1, "config": json.loads(config.to_json_best_effort())}
         manager.save(
             epoch + 1,
@@ -483,7 +494,7 @@ def train_and_evaluate(
     bar.close()
 
     if not records:
-        raise ConfigError(f"config.num_epochs={config.num_epochs}: nothing to train.")
+        raise ConfigError(f"{metrics_path} records no epoch: nothing was trained or recorded.")
     best = max(records, key=lambda r: r["test_accuracy"])
     return {
         **records[-1],

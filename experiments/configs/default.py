@@ -18,6 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data_dir = config_dict.placeholder(str)
     config.num_train_examples = config_dict.placeholder(int)  # use only the first N (quick runs)
     config.num_test_examples = config_dict.placeholder(int)
+    # On device, every step: random crop with zero padding, left-right flip, Cutout (0 = off;
+    # 16 is the usual CIFAR size). Digits are 8x8 and not mirror-symmetric.
     config.augment = ml_collections.ConfigDict(dict(crop_padding=1, flip=False, cutout_size=0))
 
     # Model: a key of experiments.models.MODELS; model_kwargs set its fields (e.g. widths).
@@ -30,7 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_epochs = 30
     config.batch_size = 64
     config.eval_batch_size = 512
-    config.steps_per_epoch = config_dict.placeholder(int)  # cap (quick runs); default: N // batch
+    # Each epoch is a fresh shuffle cut into N // batch_size steps (the rest is dropped);
+    # steps_per_epoch caps that for quick runs.
+    config.steps_per_epoch = config_dict.placeholder(int)
     config.learning_rate = 0.1
     config.momentum = 0.9
     config.weight_decay = 5e-4
@@ -38,8 +42,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Optimizer: 'sgd', 'adamw', or a gam_optax transformation ('gam', 'sam', 'gsam') placed
     # before the base optimizer; each transformation's section holds its keyword arguments.
+    # 'sgd' is coupled weight decay + SGD with momentum (PyTorch's SGD); 'adamw' decouples it.
     config.optimizer = "gam"
     config.base_optimizer = "sgd"
+    # The released CIFAR-100 ResNet setting; the CIFAR recipes use their own preset.
     config.gam = ml_collections.ConfigDict(gam_optax.gam_preset("cifar100_resnet"))
     config.gam.adaptive = False
     config.sam = ml_collections.ConfigDict(dict(rho=0.05, adaptive=False))
