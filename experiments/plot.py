@@ -14,8 +14,6 @@ import pathlib
 from collections.abc import Sequence
 
 import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
@@ -54,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="workdirs of runs")
     parser.add_argument("--out", default="curves.png", help="the PNG to write")
     args = parser.parse_args(argv)
+    matplotlib.use("Agg")  # files only; a notebook importing this module keeps its backend
     fig = plot_runs(args.run_dirs)
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")
