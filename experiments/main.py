@@ -4,6 +4,11 @@
   python -m experiments.train --config=experiments/configs/cifar10_resnet18.py \\
       --workdir=runs/c10 --config.optimizer=sgd --config.data_dir=~/tensorflow_datasets
   python -m experiments.train --config=... --workdir=runs/c10 --resume
+
+Several devices: ``--config.parallel=jit`` (or ``pmap``). Several processes (GPU hosts, TPU
+VMs): run the same command on every host with ``--distributed`` (Cloud TPU, SLURM and Open
+MPI are detected), or with ``--coordinator_address=HOST0:PORT --num_processes=N
+--process_id=I``.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import ConfigError, train
+from experiments import ConfigError, parallel, train
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).parent / "configs" / "default.py"
 FLAGS = flags.FLAGS
@@ -29,12 +34,16 @@ def main(argv: Sequence[str]) -> None:
     logging.get_absl_handler().addFilter(
         lambda r: r.levelno >= std_logging.WARNING or "orbax" not in r.pathname
     )
+    if FLAGS.distributed or FLAGS.coordinator_address or FLAGS.num_processes:
+        parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     try:
         summary = train.train_and_evaluate(
             FLAGS.config, FLAGS.workdir, resume=FLAGS.resume, overwrite=FLAGS.overwrite
         )
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    if not parallel.is_main_process():
+        return
     print(
         f"final test accuracy {summary['final_test_accuracy']:.4f}, best "
         f"{summary['best_test_accuracy']:.4f} (epoch {summary['best_epoch']}), final train loss "
@@ -48,6 +57,12 @@ def run() -> None:
     flags.DEFINE_string("workdir", None, "Where checkpoints and metrics.jsonl go.", required=True)
     flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir.")
     flags.DEFINE_bool("overwrite", False, "Delete a previous run in --workdir first.")
+    flags.DEFINE_bool(
+        "distributed", False, "Join a multi-process job (jax.distributed.initialize)."
+    )
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies it).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes of the job.")
+    flags.DEFINE_integer("process_id", None, "Index of this process, 0 to num_processes - 1.")
     try:  # config_flags applies the --config.<field>=... overrides of sys.argv here
         config_flags.DEFINE_config_file(
             "config", str(_DEFAULT_CONFIG), "Training configuration file.", lock_config=True

@@ -4,6 +4,8 @@ Each model maps NHWC images to float32 logits and keeps BatchNorm running statis
 ``batch_stats`` collection: ``model.apply(variables, x, train=True, mutable=['batch_stats'])``.
 BatchNorm uses PyTorch's defaults (momentum 0.1 there, 0.9 here; epsilon 1e-5); convolutions
 use PyTorch's symmetric padding, so stride-2 layers see the same pixels as the released code.
+With ``axis_name`` (inside ``jax.pmap`` / ``jax.shard_map``) BatchNorm averages its batch
+statistics over that device axis (synchronised BatchNorm).
 """
 
 from __future__ import annotations
@@ -28,9 +30,14 @@ def _conv(dtype: Dtype) -> ModuleDef:
     return functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=dtype)
 
 
-def _norm(train: bool, dtype: Dtype) -> ModuleDef:
+def _norm(train: bool, dtype: Dtype, axis_name: str | None) -> ModuleDef:
     return functools.partial(
-        nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype
+        nn.BatchNorm,
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=dtype,
+        axis_name=axis_name,
     )
 
 
@@ -78,10 +85,11 @@ class ResNet(nn.Module):
     num_classes: int
     num_filters: int = 64
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        conv, norm = _conv(self.dtype), _norm(train, self.dtype)
+        conv, norm = _conv(self.dtype), _norm(train, self.dtype, self.axis_name)
         x = nn.relu(norm()(conv(self.num_filters, (3, 3), padding=1)(x.astype(self.dtype))))
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
@@ -98,10 +106,11 @@ class WideResNet(nn.Module):
     depth: int = 28
     width: int = 10
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        conv, norm = _conv(self.dtype), _norm(train, self.dtype)
+        conv, norm = _conv(self.dtype), _norm(train, self.dtype, self.axis_name)
         units = (self.depth - 4) // 6
         x = conv(16, (3, 3), padding=1)(x.astype(self.dtype))
         for i, filters in enumerate(16 * self.width * 2**i for i in range(3)):
@@ -148,10 +157,11 @@ class PyramidNet(nn.Module):
     depth: int = 110
     alpha: float = 270
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        conv, norm = _conv(self.dtype), _norm(train, self.dtype)
+        conv, norm = _conv(self.dtype), _norm(train, self.dtype, self.axis_name)
         n = (self.depth - 2) // 9
         add_rate = self.alpha / (3 * n)
         x = norm()(conv(16, (3, 3), padding=1)(x.astype(self.dtype)))
@@ -171,10 +181,11 @@ class SmallCNN(nn.Module):
     num_classes: int
     widths: Sequence[int] = (32, 64, 128)
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        conv, norm = _conv(self.dtype), _norm(train, self.dtype)
+        conv, norm = _conv(self.dtype), _norm(train, self.dtype, self.axis_name)
         x = x.astype(self.dtype)
         for i, width in enumerate(self.widths):
             if i > 0:

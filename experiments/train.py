@@ -35,7 +35,7 @@ from jax.tree_util import Partial
 from tqdm import tqdm
 
 import gam_optax
-from experiments import ConfigError, input_pipeline, models, xla_options
+from experiments import ConfigError, input_pipeline, models, parallel, xla_options
 from gam_optax import flatness
 
 BASE_OPTIMIZERS = ("sgd", "adamw")
@@ -78,13 +78,16 @@ def epoch_cosine_schedule(
 
 
 def create_optimizer(
-    config: ml_collections.ConfigDict, schedule: optax.Schedule
+    config: ml_collections.ConfigDict, schedule: optax.Schedule, axis_name: str | None = None
 ) -> optax.GradientTransformationExtraArgs:
     """The optax chain named by ``config.optimizer``.
 
     'sgd': coupled weight decay, then SGD with momentum (PyTorch's ``SGD(weight_decay=...)``);
     'adamw': decoupled weight decay. 'gam', 'sam', 'gsam': the ``gam_optax`` transformation
     of that name, with the keyword arguments in ``config.<name>``, before ``base_optimizer``.
+    With ``axis_name`` (a step run per device) the transformations get ``axis_name`` and
+    ``average=config.average``, and average over that axis themselves (``train_step`` averages
+    ``g0`` for sgd and adamw); the optimizer state is the same as on one device.
     """
     wd = config.weight_decay
     base = {
@@ -102,12 +105,16 @@ def create_optimizer(
             f"version of gam_optax ({gam_optax.__version__}) does not provide."
         )
     kwargs = config[config.optimizer].to_dict()
+    if axis_name is not None:
+        kwargs.update(axis_name=axis_name, average=config.average)
     return optax.chain(transformation(**kwargs, has_aux=True), base[config.base_optimizer]())
 
 
 def check_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     """Raises ``ConfigError`` for names and sizes the trainer cannot use."""
     for field, valid in (
+        ("parallel", parallel.MODES),
+        ("average", parallel.AVERAGES),
         ("dataset", input_pipeline.DATASETS),
         ("model", tuple(models.MODELS)),
         ("optimizer", OPTIMIZERS),
@@ -125,14 +132,24 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> Non
             f"batch size {config.batch_size} is not divisible by the {num_devices} devices in "
             f"use; pick a multiple of {num_devices} (e.g. {num_devices * 32})."
         )
+    if config.batch_size % jax.process_count():
+        raise ConfigError(
+            f"batch size {config.batch_size} is not divisible by the {jax.process_count()} "
+            f"processes of this job, which read equal shares of each batch."
+        )
 
 
 def create_train_state(
-    rng: jax.Array, model: flax.linen.Module, tx: optax.GradientTransformation, image_shape
+    rng: jax.Array,
+    model: flax.linen.Module,
+    tx: optax.GradientTransformation,
+    image_shape,
+    sharding: jax.sharding.Sharding | None = None,
 ) -> TrainState:
-    """Initial parameters, BatchNorm statistics and optimizer state (one compiled program)."""
+    """Initial parameters, BatchNorm statistics and optimizer state (one compiled program),
+    placed with ``sharding`` (e.g. replicated over a mesh)."""
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=sharding)
     def init(rng):
         variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
         params = variables["params"]
@@ -160,8 +177,14 @@ def train_step(
     config: ml_collections.ConfigDict,
     mean: tuple[float, ...],
     std: tuple[float, ...],
+    axis_name: str | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on a batch of uint8 images: augment, g0, ``tx.update``, apply."""
+    """One optimizer step on a batch of uint8 images: augment, g0, ``tx.update``, apply.
+
+    With ``axis_name`` it is one device's part of a data-parallel step (inside ``jax.pmap``
+    or ``jax.shard_map``): ``g0`` is this device's gradient, averaged over devices here for
+    sgd and adamw, and by ``tx`` (made with ``axis_name``) for gam, sam and gsam.
+    """
     images = input_pipeline.augment(rng, batch["image"], mean, std, **config.augment)
     labels = batch["label"]
 
@@ -171,7 +194,14 @@ def train_step(
         loss = smoothed_cross_entropy(logits, labels, config.label_smoothing).mean()
         return loss, (new_vars["batch_stats"], logits)
 
-    (loss, (batch_stats, logits)), g0 = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    # Under shard_map, the gradient with respect to replicated parameters would already be
+    # summed over devices; marked per-device, it is this device's own.
+    params = (
+        state.params if axis_name is None else jax.lax.pcast(state.params, axis_name, to="varying")
+    )
+    (loss, (batch_stats, logits)), g0 = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    if axis_name is not None and config.optimizer in BASE_OPTIMIZERS:
+        g0 = jax.lax.pmean(g0, axis_name)  # the gam_optax transformations average it themselves
     # gam/sam/gsam evaluate their extra gradients with loss_fn; sgd/adamw ignore it. Only the
     # g0 pass updates the BatchNorm statistics.
     updates, opt_state = tx.update(g0, state.opt_state, state.params, loss_fn=loss_fn)
@@ -203,10 +233,13 @@ def eval_step(
     return {"loss": jnp.sum(loss * mask), "correct": jnp.sum(correct * mask)}
 
 
-def _eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int) -> dict[str, Any]:
-    """The test set zero-padded to whole batches, shape (num_batches, batch_size, ...)."""
+def _eval_batches(
+    images: np.ndarray, labels: np.ndarray, batch_size: int, num_devices: int = 1
+) -> dict[str, Any]:
+    """The test set zero-padded to whole batches, shape (num_batches, batch_size, ...), with
+    ``batch_size`` rounded up to a multiple of ``num_devices`` (a batch is split over them)."""
     n = len(labels)
-    batch_size = min(batch_size, n)
+    batch_size = -(-min(batch_size, n) // num_devices) * num_devices
     padded = -(-n // batch_size) * batch_size
     pad = lambda x: np.concatenate([x, np.zeros((padded - n, *x.shape[1:]), x.dtype)])
     mask = np.arange(padded) < n
@@ -286,14 +319,20 @@ def _restore_state(manager: ocp.CheckpointManager, epoch: int, state: TrainState
 
 
 def restore_checkpoint(workdir: str | pathlib.Path, step: int | None = None) -> dict[str, Any]:
-    """The raw training state (a dict of arrays) of the checkpoint of epoch ``step`` (latest)."""
-    with ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints") as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise ConfigError(f"no checkpoint in {workdir}.")
-        return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))[
-            "state"
-        ]
+    """The raw training state (a dict of arrays) of the checkpoint of epoch ``step`` (latest),
+    on this process's first device, whatever devices and processes wrote it."""
+    checkpoint_dir = pathlib.Path(workdir).absolute() / "checkpoints"
+    step = max(_checkpoint_steps(checkpoint_dir), default=None) if step is None else step
+    if step is None:
+        raise ConfigError(f"no checkpoint in {workdir}.")
+    with ocp.StandardCheckpointer() as checkpointer:
+        path = checkpoint_dir / str(step) / "state"
+        written = checkpointer.metadata(path).item_metadata
+        here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), written
+        )
+        return checkpointer.restore(path, abstract)
 
 
 def training_objective(
@@ -340,6 +379,10 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Trains and evaluates every epoch; returns the final metrics (best and final accuracy).
 
+    Every process of a multi-process job (:func:`experiments.parallel.initialize`) calls it
+    with the same arguments; process 0 writes the metrics, and checkpoints are written once,
+    as one replicated state that resumes on any number of devices and processes.
+
     Args:
       config: see ``experiments/configs/default.py``.
       workdir: where ``metrics.jsonl`` and ``checkpoints/`` are written.
@@ -352,7 +395,10 @@ def train_and_evaluate(
       and ``train_time`` (seconds spent in training steps, all epochs).
     """
     start = time.perf_counter()
-    check_config(config, num_devices=1)
+    check_config(config)
+    dp = parallel.DataParallel.create(config.parallel, config.average)
+    check_config(config, num_devices=dp.num_devices)
+    main_process = parallel.is_main_process()
     workdir = pathlib.Path(workdir).absolute()
     _check_workdir(workdir, resume, overwrite)
     checkpoint_dir = workdir / "checkpoints"
@@ -373,38 +419,49 @@ def train_and_evaluate(
         )
 
     dtype = jnp.bfloat16 if config.half_precision else jnp.float32
-    model = models.create_model(config.model, ds.num_classes, dtype, **config.model_kwargs)
+    model = models.create_model(
+        config.model, ds.num_classes, dtype, axis_name=dp.batch_norm_axis, **config.model_kwargs
+    )
     schedule = epoch_cosine_schedule(config.learning_rate, config.num_epochs, steps_per_epoch)
-    tx = create_optimizer(config, schedule)
+    tx = create_optimizer(config, schedule, axis_name=dp.axis_name)
     init_rng, shuffle_rng, augment_rng = jax.random.split(jax.random.key(config.seed), 3)
-    state = create_train_state(init_rng, model, tx, ds.train_images.shape[1:])
+    state = create_train_state(init_rng, model, tx, ds.train_images.shape[1:], dp.replicated)
 
     metrics_path = workdir / "metrics.jsonl"
     if start_epoch:
         state = _restore_state(manager, start_epoch, state)
         logging.info("Resumed %s from epoch %d.", workdir, start_epoch)
     else:
-        if overwrite:  # only now that the config, data and model have passed every check
+        parallel.sync("checked workdir")
+        if overwrite and main_process:  # only now that config, data and model passed checks
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
             metrics_path.unlink(missing_ok=True)
         workdir.mkdir(parents=True, exist_ok=True)
+        parallel.sync("cleared workdir")
         manager = ocp.CheckpointManager(checkpoint_dir, options=options)
     # Drop records of epochs after the checkpoint (written before a crash, redone now).
     records = [r for r in _read_metrics(metrics_path) if r["epoch"] <= start_epoch]
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    parallel.sync("read metrics")
+    if main_process:
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
-    train_data = jax.device_put({"image": ds.train_images, "label": ds.train_labels})
-    test_data = jax.device_put(
-        _eval_batches(ds.test_images, ds.test_labels, config.eval_batch_size)
+    test_data = dp.put_global(
+        _eval_batches(ds.test_images, ds.test_labels, config.eval_batch_size, dp.num_devices),
+        jax.sharding.PartitionSpec(None, parallel.AXIS),
     )
     step_fn = functools.partial(
-        train_step, model=model, tx=tx, config=config, mean=ds.mean, std=ds.std
+        train_step,
+        model=model,
+        tx=tx,
+        config=config,
+        mean=ds.mean,
+        std=ds.std,
+        axis_name=dp.axis_name,
     )
-
-    @functools.partial(jax.jit, donate_argnums=0)
-    def train_batch(state, data, indices):
-        batch = jax.tree.map(lambda x: x[indices], data)
-        return step_fn(state, batch, jax.random.fold_in(augment_rng, state.step))
+    # The augmentation key of a step derives from (seed, step): resumed runs repeat it.
+    train_batch = dp.compile_step(
+        lambda state, batch, rng: step_fn(state, batch, jax.random.fold_in(rng, state.step))
+    )
 
     @jax.jit
     def evaluate(state, batches):
@@ -418,19 +475,26 @@ def train_and_evaluate(
         lambda epoch: jax.random.permutation(jax.random.fold_in(shuffle_rng, epoch), num_train)
     )
     learning_rate = jax.jit(schedule)
+    rows = dp.process_rows(batch_size)  # each process reads its own rows of every batch
+    read_batch = lambda indices: dp.put_batch(
+        {"image": ds.train_images[indices[rows]], "label": ds.train_labels[indices[rows]]}
+    )
 
     # Compiled ahead of time, with XLA's faster convolutions on CPUs that support them.
-    train_batch = xla_options.compile_fast(
-        train_batch, state, train_data, np.zeros(batch_size, np.int32)
-    )
-    evaluate = xla_options.compile_fast(evaluate, state, test_data)
+    # (Not a multi-process pmap: its ahead-of-time executable expects the global shapes.)
+    state = dp.from_global(state)
+    if dp.mode != "pmap" or jax.process_count() == 1:
+        train_batch = xla_options.compile_fast(
+            train_batch, state, read_batch(np.arange(batch_size)), augment_rng
+        )
+    evaluate = xla_options.compile_fast(evaluate, dp.to_global(state), test_data)
 
     bar = tqdm(
         total=config.num_epochs * steps_per_epoch,
         initial=start_epoch * steps_per_epoch,
         desc=f"{config.optimizer} {config.model} {config.dataset}",
         unit="step",
-        disable=not config.progress_bar,
+        disable=not (config.progress_bar and main_process),
         dynamic_ncols=True,
     )
     train_time = sum(r["train_time"] for r in records)
@@ -439,10 +503,10 @@ def train_and_evaluate(
         batches = batches.reshape(steps_per_epoch, batch_size)
         epoch_start, step_metrics = time.perf_counter(), []
         for i in range(steps_per_epoch):
-            state, metrics = train_batch(state, train_data, batches[i])
+            state, metrics = train_batch(state, read_batch(batches[i]), augment_rng)
             step_metrics.append(metrics)
             if (i + 1) % config.log_every_steps == 0 or i + 1 == steps_per_epoch:
-                metrics = jax.device_get(metrics)
+                metrics = dp.metrics(metrics)
                 rate = (i + 1) * batch_size / (time.perf_counter() - epoch_start)
                 bar.set_postfix(
                     epoch=epoch + 1,
@@ -453,10 +517,12 @@ def train_and_evaluate(
                     refresh=False,
                 )
             bar.update(1)
-        train_metrics = jax.tree.map(lambda *x: float(np.mean(x)), *jax.device_get(step_metrics))
+        step_metrics = [dp.metrics(m) for m in step_metrics]
+        train_metrics = jax.tree.map(lambda *x: float(np.mean(x)), *step_metrics)
         epoch_time = time.perf_counter() - epoch_start
         train_time += epoch_time
-        test_metrics = jax.device_get(evaluate(state, test_data))
+        global_state = dp.to_global(state)
+        test_metrics = jax.device_get(evaluate(global_state, test_data))
         record = {
             "epoch": epoch + 1,
             "step": (epoch + 1) * steps_per_epoch,
@@ -469,8 +535,9 @@ def train_and_evaluate(
             "images_per_second": steps_per_epoch * batch_size / epoch_time,
         }
         records.append(record)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if main_process:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
         with tqdm.external_write_mode(file=sys.stderr):  # a line above the progress bar
             logging.info(
                 "epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | lr %.4g",
@@ -483,10 +550,10 @@ def train_and_evaluate(
                 record["learning_rate"],
             )
         meta = {"epoch": epoch + 1, "config": json.loads(config.to_json_best_effort())}
-        manager.save(
+        manager.save(  # every process takes part; the replicated state is written once
             epoch + 1,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                state=ocp.args.StandardSave(global_state), meta=ocp.args.JsonSave(meta)
             ),
         )
     manager.wait_until_finished()

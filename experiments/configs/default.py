@@ -51,6 +51,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.sam = ml_collections.ConfigDict(dict(rho=0.05, adaptive=False))
     config.gsam = ml_collections.ConfigDict(dict(rho=0.05, alpha=0.1, adaptive=False))
 
+    # Data parallelism (experiments/parallel.py): 'none' (one device), 'jit' (jax.jit over a
+    # mesh of every device of every process, the batch sharded) or 'pmap'. With several
+    # devices, average='gradients' averages every gradient and BatchNorm statistic (the
+    # one-device step on the global batch); 'direction' perturbs each device with its own
+    # shard and averages only the final direction (per-device "m-sharpness").
+    config.parallel = "none"
+    config.average = "gradients"
+
     # Bookkeeping.
     config.log_every_steps = 10  # progress-bar refresh
     config.keep_checkpoints = 3

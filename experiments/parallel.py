@@ -1,0 +1,202 @@
+"""Data-parallel training over every device of every process, on JAX's own runtime.
+
+One step function (``train.train_step``) runs in one of three ways, ``config.parallel``:
+
+- ``'none'``: one device.
+- ``'jit'``: ``jax.jit`` over a 1-D mesh of all devices (axis ``'batch'``): the batch is
+  sharded by ``NamedSharding(mesh, P('batch'))``, the state replicated, and XLA inserts the
+  all-reduces. The modern path; it scales from one host to a pod unchanged.
+- ``'pmap'``: ``jax.pmap`` over axis ``'batch'``, with Linen BatchNorm's ``axis_name`` and
+  the ``axis_name`` of the ``gam_optax`` transformations.
+
+``config.average`` says what the devices share:
+
+- ``'gradients'``: every gradient (``g0`` and GAM's extra ones) and BatchNorm's batch
+  statistics are averaged over devices, so the step is the one-device step on the global
+  batch (up to float rounding). Under ``'jit'`` this is the one-device program itself.
+- ``'direction'``: each device perturbs with its own shard (its own gradients and BatchNorm
+  statistics) and only the final direction and the running statistics are averaged: the
+  per-device ("m-sharpness") scheme of SAM's distributed code, with m the per-device batch.
+  Under ``'jit'`` the step runs per device inside ``jax.shard_map``.
+
+Several processes (GPU hosts, TPU VMs) join with :func:`initialize` before anything else
+touches JAX; each process then reads its own rows of each global batch and feeds them with
+``jax.make_array_from_process_local_data`` (``'jit'``) or to its local devices (``'pmap'``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+from experiments import ConfigError
+
+AXIS = "batch"
+MODES = ("none", "jit", "pmap")
+AVERAGES = ("gradients", "direction")
+StepFn = Callable[[Any, Any, jax.Array], tuple[Any, Any]]
+
+
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Joins this process to a multi-process job (``jax.distributed.initialize``).
+
+    Call it first, in every process. Without arguments JAX finds them on Cloud TPU VMs,
+    SLURM and Open MPI; elsewhere pass the address of process 0 (``host:port``), the number
+    of processes and this one's index. CPU processes exchange data through gloo.
+    """
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
+def sync(name: str) -> None:
+    """Waits until every process has reached the barrier ``name`` (a no-op in one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def is_main_process() -> bool:
+    """True in the process that writes metrics and logs (process 0)."""
+    return jax.process_index() == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParallel:
+    """Where the state and the batches live, and how a step is compiled: see the module doc."""
+
+    mode: str
+    average: str
+    mesh: jax.sharding.Mesh | None
+
+    @classmethod
+    def create(cls, mode: str = "none", average: str = "gradients") -> DataParallel:
+        if mode not in MODES:
+            raise ConfigError(f"unknown parallel mode {mode!r}; valid: {', '.join(MODES)}.")
+        if average not in AVERAGES:
+            raise ConfigError(
+                f"unknown average {average!r}; valid: 'gradients' (every gradient and "
+                f"BatchNorm statistic averaged: the one-device step on the global batch) or "
+                f"'direction' (per-device perturbations, only the final direction averaged)."
+            )
+        if mode == "none" and jax.process_count() > 1:
+            raise ConfigError(
+                f"parallel='none' trains on one device, but {jax.process_count()} processes "
+                f"joined this job; set config.parallel to 'jit' or 'pmap'."
+            )
+        mesh = None
+        if mode != "none":
+            axis_types = (jax.sharding.AxisType.Auto,)  # GSPMD: XLA places the collectives
+            mesh = jax.make_mesh((jax.device_count(),), (AXIS,), axis_types=axis_types)
+        return cls(mode, average, mesh)
+
+    @property
+    def num_devices(self) -> int:
+        return 1 if self.mesh is None else self.mesh.size
+
+    @property
+    def axis_name(self) -> str | None:
+        """The device axis of the step's own collectives; None where XLA partitions it."""
+        per_device = self.mode == "pmap" or (self.mode == "jit" and self.average == "direction")
+        return AXIS if per_device else None
+
+    @property
+    def batch_norm_axis(self) -> str | None:
+        """The axis BatchNorm averages its batch statistics over (synchronised BatchNorm)."""
+        return self.axis_name if self.average == "gradients" else None
+
+    @property
+    def replicated(self) -> jax.sharding.Sharding:
+        """The sharding of the training state and of checkpoints: a full copy on each device."""
+        if self.mesh is None:
+            return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def process_rows(self, batch_size: int) -> slice:
+        """This process's rows of a global batch of ``batch_size``."""
+        rows = batch_size // jax.process_count()
+        return slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+
+    def put_batch(self, local_batch: dict[str, np.ndarray]) -> Any:
+        """This process's rows of a global batch (host arrays), placed for the step."""
+        if self.mode == "none":
+            return jax.device_put(local_batch)
+        if self.mode == "pmap":  # (local devices, per-device batch, ...); pmap moves it
+            n = jax.local_device_count()
+            return jax.tree.map(lambda x: x.reshape(n, -1, *x.shape[1:]), local_batch)
+        sharding = NamedSharding(self.mesh, PartitionSpec(AXIS))
+        return jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch
+        )
+
+    def put_global(self, tree: Any, spec: PartitionSpec | None = None) -> Any:
+        """Host arrays that every process holds whole, on the mesh with ``spec`` (default:
+        replicated)."""
+        if self.mesh is None:
+            return jax.device_put(tree)
+        sharding = NamedSharding(self.mesh, spec or PartitionSpec())
+        return jax.tree.map(
+            lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda i: x[i]), tree
+        )
+
+    def to_global(self, state: Any) -> Any:
+        """The step's state as replicated arrays (the form of checkpoints and evaluation)."""
+        if self.mode != "pmap":
+            return state
+        first_copy = lambda x: np.asarray(x.addressable_data(0)).reshape(x.shape[1:])
+        return self.put_global(jax.tree.map(first_copy, state))
+
+    def from_global(self, state: Any) -> Any:
+        """Replicated state in the form the step takes (a copy per local device for pmap)."""
+        if self.mode != "pmap":
+            return state
+        n = jax.local_device_count()
+        host = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state)
+        stacked = jax.tree.map(lambda x: np.broadcast_to(x, (n, *x.shape)), host)
+        return jax.pmap(lambda x: x, axis_name=AXIS)(stacked)
+
+    def compile_step(self, step_fn: StepFn) -> StepFn:
+        """``step_fn(state, batch, rng)`` compiled for this mode; it donates the state.
+
+        ``step_fn`` must average its gradients over :attr:`axis_name` where that is set
+        (``train.create_optimizer`` does, given the axis).
+        """
+        if self.mode == "none":
+            return jax.jit(step_fn, donate_argnums=0)
+        if self.axis_name is None:  # jit, average='gradients': XLA partitions the program
+            batch = NamedSharding(self.mesh, PartitionSpec(AXIS))
+            return jax.jit(
+                step_fn,
+                in_shardings=(self.replicated, batch, self.replicated),
+                out_shardings=self.replicated,
+                donate_argnums=0,
+            )
+        device_step = functools.partial(_device_step, step_fn, self.average)
+        if self.mode == "pmap":
+            return jax.pmap(device_step, axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=0)
+        specs = dict(in_specs=(PartitionSpec(), PartitionSpec(AXIS), PartitionSpec()))
+        sharded = jax.shard_map(device_step, mesh=self.mesh, out_specs=PartitionSpec(), **specs)
+        return jax.jit(sharded, donate_argnums=0)
+
+    def metrics(self, metrics: Any) -> Any:
+        """A step's metrics as host numbers (the first device's copy under pmap)."""
+        metrics = jax.device_get(metrics)
+        return jax.tree.map(lambda x: x[0], metrics) if self.mode == "pmap" else metrics
+
+
+def _device_step(step_fn: StepFn, average: str, state: Any, batch: Any, rng: jax.Array):
+    """One device's part of a step: its own augmentation, then the device averages."""
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(AXIS))
+    state, metrics = step_fn(state, batch, rng)
+    if average == "direction":  # BatchNorm ran on each shard alone
+        state = state.replace(batch_stats=jax.lax.pmean(state.batch_stats, AXIS))
+    return state, jax.lax.pmean(metrics, AXIS)

@@ -1,0 +1,221 @@
+"""Data-parallel training: 1 device vs 4 fake CPU devices (jit and pmap), and 2 processes.
+
+The root conftest gives this process 4 CPU devices. Each run is the real program
+(``train.train_and_evaluate``) on a tiny digits setting; runs are cached per module.
+"""
+
+import functools
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import ConfigError, input_pipeline, models, parallel, train
+from experiments.configs import default
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+# 3 steps of a global batch of 32 (8 per device); augmentation off unless a test turns it on
+# (under pmap and shard_map each device draws its own, so only 'jit' keeps the global draw).
+TINY = dict(
+    num_epochs=1,
+    steps_per_epoch=3,
+    batch_size=32,
+    num_train_examples=256,
+    num_test_examples=64,
+    eval_batch_size=64,
+    progress_bar=False,
+)
+
+
+def tiny_config(**overrides):
+    config = default.get_config()
+    config.update({**TINY, **overrides})
+    config.model_kwargs = dict(widths=(8, 16))
+    config.augment.crop_padding = 0
+    return config
+
+
+@functools.cache
+def final_state(tmp_root, parallel_mode, optimizer, average="gradients", crop=0, steps=3):
+    """The checkpointed state after a tiny run (cached: several tests share runs)."""
+    config = tiny_config(
+        parallel=parallel_mode, optimizer=optimizer, average=average, steps_per_epoch=steps
+    )
+    config.augment.crop_padding = crop
+    workdir = pathlib.Path(tmp_root) / f"{parallel_mode}-{optimizer}-{average}-{crop}-{steps}"
+    train.train_and_evaluate(config, workdir)
+    return train.restore_checkpoint(workdir)
+
+
+@pytest.fixture(scope="module")
+def tmp_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("parallel"))
+
+
+def assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
+    assert jax.tree.structure(a) == jax.tree.structure(b) and jax.tree.leaves(a)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def assert_trees_differ(a, b, atol=1e-4):
+    gap = max(
+        float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+    assert gap > atol, f"expected different trees, largest gap {gap}"
+
+
+def test_four_devices_are_in_use():
+    assert jax.device_count() == 4
+    assert parallel.DataParallel.create("jit").num_devices == 4
+
+
+@pytest.mark.parametrize("mode", ["jit", "pmap"])
+@pytest.mark.parametrize("optimizer", ["sgd", "gam"])
+def test_four_devices_equal_one_device_on_the_same_global_batch(tmp_root, mode, optimizer):
+    one = final_state(tmp_root, "none", optimizer)
+    four = final_state(tmp_root, mode, optimizer)
+    assert int(four["step"]) == 3
+    assert_trees_close(four["params"], one["params"])
+    assert_trees_close(four["batch_stats"], one["batch_stats"])
+    assert_trees_close(four["opt_state"], one["opt_state"])
+
+
+def test_jit_keeps_the_one_device_augmentation(tmp_root):
+    """Under 'jit' the random crops are drawn for the global batch, as on one device."""
+    one = final_state(tmp_root, "none", "gam", crop=1)
+    four = final_state(tmp_root, "jit", "gam", crop=1)
+    assert_trees_close(four["params"], one["params"])
+    assert_trees_differ(one["params"], final_state(tmp_root, "none", "gam")["params"])
+
+
+def _one_step_reference(config):
+    """The program's first step, rebuilt from its parts: (state, batch, jitted step)."""
+    ds = input_pipeline.load("digits", None, config.num_train_examples, config.num_test_examples)
+    init_rng, shuffle_rng, augment_rng = jax.random.split(jax.random.key(config.seed), 3)
+    order = jax.random.permutation(jax.random.fold_in(shuffle_rng, 0), config.num_train_examples)
+    rows = np.asarray(order)[: config.batch_size]
+    batch = {"image": ds.train_images[rows], "label": ds.train_labels[rows]}
+    model = models.create_model(config.model, ds.num_classes, **config.model_kwargs)
+    schedule = train.epoch_cosine_schedule(config.learning_rate, config.num_epochs, 1)
+    tx = train.create_optimizer(config, schedule)
+    state = train.create_train_state(init_rng, model, tx, ds.train_images.shape[1:])
+    step = jax.jit(
+        functools.partial(
+            train.train_step, model=model, tx=tx, config=config, mean=ds.mean, std=ds.std
+        )
+    )
+    return state, batch, lambda state, batch: step(state, batch, augment_rng)
+
+
+@pytest.mark.parametrize("mode", ["jit", "pmap"])
+def test_per_device_mode_averages_the_per_shard_steps(tmp_root, mode):
+    """average='direction': each device runs GAM (and BatchNorm) on its own 8 examples; the
+    step applies the mean of the 4 directions. SGD's first step is linear in the direction,
+    so the result is the mean of 4 one-device steps on the 4 shards."""
+    config = tiny_config(optimizer="gam", steps_per_epoch=1)
+    state, batch, step = _one_step_reference(config)
+    # The rebuilt step is the program's: on the whole batch it gives the one-device run.
+    assert_trees_close(
+        step(state, batch)[0].params, final_state(tmp_root, "none", "gam", steps=1)["params"]
+    )
+
+    shards = [jax.tree.map(lambda x, k=k: x[8 * k : 8 * (k + 1)], batch) for k in range(4)]
+    per_shard = [step(state, shard)[0] for shard in shards]
+    mean = jax.tree.map(lambda *x: np.mean(x, axis=0), *per_shard)
+    four = final_state(tmp_root, mode, "gam", average="direction", steps=1)
+    assert_trees_close(four["params"], mean.params)
+    assert_trees_close(four["batch_stats"], mean.batch_stats)
+    # ... which is not the global-batch step.
+    assert_trees_differ(four["params"], final_state(tmp_root, "none", "gam", steps=1)["params"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(parallel="spmd"), "unknown parallel 'spmd'"),
+        (dict(parallel="jit", average="shards"), "unknown average 'shards'"),
+        (dict(parallel="jit", batch_size=30), "not divisible by the 4 devices"),
+        (dict(parallel="pmap", batch_size=6), "not divisible by the 4 devices"),
+    ],
+)
+def test_bad_parallel_settings_fail_before_anything_is_written(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        train.train_and_evaluate(tiny_config(**overrides), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CONFIG_FILE = """
+from experiments.configs import default
+
+def get_config():
+    config = default.get_config()
+    config.update({overrides!r})
+    config.model_kwargs = dict(widths=(8, 16))
+    config.augment.crop_padding = 0
+    return config
+"""
+
+
+def test_two_processes_train_like_one_and_resume_on_one(tmp_path):
+    """2 processes x 2 CPU devices (jax.distributed over 127.0.0.1) train 2 epochs of 2 steps
+    like one process; their checkpoint, written once, resumes in one process on 4 devices."""
+    overrides = {**TINY, "num_epochs": 2, "steps_per_epoch": 2, "optimizer": "gam"}
+    config_file = tmp_path / "tiny.py"
+    config_file.write_text(CONFIG_FILE.format(overrides={**overrides, "parallel": "jit"}))
+    workdir, port = tmp_path / "two", _free_port()
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"}
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        f"--config={config_file}",
+        f"--workdir={workdir}",
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+    ]
+    processes = [
+        subprocess.Popen(
+            [*command, f"--process_id={i}"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    for p, out in zip(processes, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    assert "final test accuracy" in outputs[0] and "final test accuracy" not in outputs[1]
+
+    config = tiny_config(**overrides)
+    one = train.train_and_evaluate(config, tmp_path / "one")
+    two = train.restore_checkpoint(workdir)
+    assert int(two["step"]) == 4
+    assert_trees_close(two, train.restore_checkpoint(tmp_path / "one"))
+    records = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert len(records) == 2  # written by process 0 alone
+
+    # Resume epoch 2 from the 2-process checkpoint of epoch 1, in this process, with pmap.
+    (workdir / "checkpoints" / "2").rename(tmp_path / "epoch2-of-two")
+    config.parallel = "pmap"
+    resumed = train.train_and_evaluate(config, workdir, resume=True)
+    assert_trees_close(
+        train.restore_checkpoint(workdir), train.restore_checkpoint(tmp_path / "one")
+    )
+    assert resumed["test_accuracy"] == pytest.approx(one["test_accuracy"])
