@@ -14,6 +14,11 @@ evaluations, so 4x sgd is its floor; SAM's is 2x.
 
 ``--compare-cpu-options`` also compiles every step with the CPU options of
 ``experiments.xla_options`` (XLA's convolutions instead of YNNPACK's) and reports both.
+``--parallel`` times the data-parallel steps of ``experiments.parallel`` on every device, for
+the same global batch, against the one-device step (column ``x none``):
+
+    python -m experiments.benchmark --parallel none jit pmap --average gradients direction
+    python -m experiments.benchmark --setting cpu --parallel none jit --cpu-devices 2
 """
 
 from __future__ import annotations
@@ -28,10 +33,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from experiments import train, xla_options
+from experiments import parallel, train, xla_options
 from experiments.configs import default
 
 SETTINGS = {
@@ -64,24 +68,40 @@ def make_config(optimizer: str, setting: str) -> Any:
     return config
 
 
-def build_step(optimizer: str, setting: str, donate: bool = True):
-    """The jitted training step of ``optimizer`` and its arguments (state, batch, rng)."""
+def build_step(
+    optimizer: str,
+    setting: str,
+    donate: bool = True,
+    dp: parallel.DataParallel | None = None,
+):
+    """The compiled training step of ``optimizer`` on ``dp``'s devices (default: one), and
+    its arguments (state, batch, rng)."""
+    dp = dp or parallel.DataParallel.create()
     _, _, batch_size, image_shape, num_classes = SETTINGS[setting]
     config = make_config(optimizer, setting)
-    model = train.models.create_model(config.model, num_classes, **config.model_kwargs)
-    tx = train.create_optimizer(config, lambda count: 0.1)
-    state = train.create_train_state(jax.random.key(0), model, tx, image_shape)
+    config.average = dp.average
+    model = train.models.create_model(
+        config.model, num_classes, axis_name=dp.batch_norm_axis, **config.model_kwargs
+    )
+    tx = train.create_optimizer(config, lambda count: 0.1, axis_name=dp.axis_name)
+    state = train.create_train_state(jax.random.key(0), model, tx, image_shape, dp.replicated)
     rng = np.random.default_rng(0)
     batch = {
-        "image": jnp.asarray(rng.integers(0, 256, (batch_size, *image_shape), dtype=np.uint8)),
-        "label": jnp.asarray(rng.integers(0, num_classes, batch_size, dtype=np.int32)),
+        "image": rng.integers(0, 256, (batch_size, *image_shape), dtype=np.uint8),
+        "label": rng.integers(0, num_classes, batch_size, dtype=np.int32),
     }
     mean, std = (0.5,) * image_shape[-1], (0.25,) * image_shape[-1]
     step = functools.partial(
-        train.train_step, model=model, tx=tx, config=config, mean=mean, std=std
+        train.train_step,
+        model=model,
+        tx=tx,
+        config=config,
+        mean=mean,
+        std=std,
+        axis_name=dp.axis_name,
     )
-    jitted = jax.jit(step, donate_argnums=(0,) if donate else ())
-    return jitted, (state, batch, jax.random.key(1))
+    args = (dp.from_global(state), dp.put_batch(batch), jax.random.key(1))
+    return dp.compile_step(step, donate=donate), args
 
 
 def peak_bytes(compiled: Any) -> int | None:
@@ -117,7 +137,7 @@ def measure(jitted, args, compiler_options: dict, warmup: int, repeats: int) -> 
         "step_ms": 1e3 * statistics.median(times),
         "step_ms_min": 1e3 * min(times),
         "peak_mb": (peak_bytes(compiled) or 0) / 2**20,
-        "loss": float(metrics["loss"]),
+        "loss": float(np.ravel(metrics["loss"])[0]),  # pmap: one copy per device
     }
 
 
@@ -128,6 +148,8 @@ def run(
     repeats: int,
     compare_cpu_options: bool,
     donate: bool = True,
+    parallel_modes: Sequence[str] = ("none",),
+    averages: Sequence[str] = ("gradients",),
 ) -> list[dict[str, Any]]:
     variants = {"default": {}}
     if compare_cpu_options:
@@ -136,36 +158,42 @@ def run(
             variants["xla_convolutions"] = options
         else:
             print("(this backend/jaxlib has no CPU convolution option: default only)")
+    layouts = [("none", "gradients")] if "none" in parallel_modes else []
+    layouts += [(m, a) for m in parallel_modes if m != "none" for a in averages]
     rows = []
-    for optimizer in optimizers:
-        jitted, args = build_step(optimizer, setting, donate)
-        for variant, options in variants.items():
-            result = measure(jitted, args, options, warmup, repeats)
-            rows.append({"optimizer": optimizer, "variant": variant, **result})
-            print(
-                f"  measured {optimizer:12s} {variant:17s} {result['step_ms']:9.1f} ms",
-                file=sys.stderr,
-                flush=True,
-            )
-    baselines = {r["variant"]: r["step_ms"] for r in rows if r["optimizer"] == "sgd"}
-    reference = rows[0]["step_ms"] if rows else 1.0
+    for mode, average in layouts:
+        dp = parallel.DataParallel.create(mode, average)
+        name = mode if mode == "none" else f"{mode}/{average}"
+        for optimizer in optimizers:
+            jitted, args = build_step(optimizer, setting, donate, dp)
+            for variant, options in variants.items():
+                result = measure(jitted, args, options, warmup, repeats)
+                row = {"optimizer": optimizer, "parallel": name, "variant": variant, **result}
+                rows.append(row)
+                print(
+                    f"  measured {optimizer:12s} {name:20s} {variant:17s} "
+                    f"{result['step_ms']:9.1f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    sgd = {(r["parallel"], r["variant"]): r["step_ms"] for r in rows if r["optimizer"] == "sgd"}
+    one = {(r["optimizer"], r["variant"]): r["step_ms"] for r in rows if r["parallel"] == "none"}
     for r in rows:
-        r["vs_sgd"] = r["step_ms"] / baselines[r["variant"]] if r["variant"] in baselines else None
-        r["vs_first"] = r["step_ms"] / reference
+        r["vs_sgd"] = r["step_ms"] / sgd.get((r["parallel"], r["variant"]), np.nan)
+        r["vs_none"] = r["step_ms"] / one.get((r["optimizer"], r["variant"]), np.nan)
     return rows
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     header = (
-        f"{'optimizer':12s} {'variant':17s} {'step ms':>9s} {'x sgd':>7s} "
-        f"{'x first row':>11s} {'compile s':>9s} {'peak MB':>8s}"
+        f"{'optimizer':12s} {'parallel':20s} {'variant':17s} {'step ms':>9s} {'x sgd':>7s} "
+        f"{'x none':>7s} {'compile s':>9s} {'peak MB':>8s}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
-        vs_sgd = f"{r['vs_sgd']:7.2f}" if r["vs_sgd"] is not None else f"{'-':>7s}"
         lines.append(
-            f"{r['optimizer']:12s} {r['variant']:17s} {r['step_ms']:9.1f} {vs_sgd} "
-            f"{r['vs_first']:11.2f} {r['compile_s']:9.1f} {r['peak_mb']:8.1f}"
+            f"{r['optimizer']:12s} {r['parallel']:20s} {r['variant']:17s} {r['step_ms']:9.1f} "
+            f"{r['vs_sgd']:7.2f} {r['vs_none']:7.2f} {r['compile_s']:9.1f} {r['peak_mb']:8.1f}"
         )
     return "\n".join(lines)
 
@@ -180,15 +208,30 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--compare-cpu-options", action="store_true")
     parser.add_argument("--no-donate", action="store_true", help="do not donate the state")
+    parser.add_argument(
+        "--parallel", nargs="+", choices=parallel.MODES, default=["none"], help="step layouts"
+    )
+    parser.add_argument(
+        "--average",
+        nargs="+",
+        choices=parallel.AVERAGES,
+        default=["gradients"],
+        help="data-parallel modes of the jit and pmap layouts",
+    )
+    parser.add_argument(
+        "--cpu-devices", type=int, help="split the CPU into this many devices (before JAX starts)"
+    )
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     if args.warmup < 0 or args.repeats < 1:
         parser.error("--warmup must be >= 0 and --repeats >= 1")
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     optimizers = ["sgd", *[o for o in args.optimizers if o != "sgd"]]  # sgd: the baseline
     device = jax.devices()[0]
     print(
-        f"{SETTINGS[args.setting]} on {device.platform}: {device.device_kind}, "
-        f"jax {jax.__version__}"
+        f"{SETTINGS[args.setting]} on {jax.device_count()} x {device.platform}: "
+        f"{device.device_kind}, jax {jax.__version__}"
     )
     rows = run(
         args.setting,
@@ -197,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         args.repeats,
         args.compare_cpu_options,
         donate=not args.no_donate,
+        parallel_modes=args.parallel,
+        averages=args.average,
     )
     print(format_table(rows))
     if args.json:

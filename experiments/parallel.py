@@ -164,28 +164,30 @@ class DataParallel:
         stacked = jax.tree.map(lambda x: np.broadcast_to(x, (n, *x.shape)), host)
         return jax.pmap(lambda x: x, axis_name=AXIS)(stacked)
 
-    def compile_step(self, step_fn: StepFn) -> StepFn:
-        """``step_fn(state, batch, rng)`` compiled for this mode; it donates the state.
+    def compile_step(self, step_fn: StepFn, donate: bool = True) -> StepFn:
+        """``step_fn(state, batch, rng)`` compiled for this mode, donating the state.
 
         ``step_fn`` must average its gradients over :attr:`axis_name` where that is set
         (``train.create_optimizer`` does, given the axis).
         """
+        donate_argnums = (0,) if donate else ()
         if self.mode == "none":
-            return jax.jit(step_fn, donate_argnums=0)
+            return jax.jit(step_fn, donate_argnums=donate_argnums)
         if self.axis_name is None:  # jit, average='gradients': XLA partitions the program
             batch = NamedSharding(self.mesh, PartitionSpec(AXIS))
             return jax.jit(
                 step_fn,
                 in_shardings=(self.replicated, batch, self.replicated),
                 out_shardings=self.replicated,
-                donate_argnums=0,
+                donate_argnums=donate_argnums,
             )
         device_step = functools.partial(_device_step, step_fn, self.average)
         if self.mode == "pmap":
-            return jax.pmap(device_step, axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=0)
+            in_axes = (0, 0, None)
+            return jax.pmap(device_step, AXIS, in_axes=in_axes, donate_argnums=donate_argnums)
         specs = dict(in_specs=(PartitionSpec(), PartitionSpec(AXIS), PartitionSpec()))
         sharded = jax.shard_map(device_step, mesh=self.mesh, out_specs=PartitionSpec(), **specs)
-        return jax.jit(sharded, donate_argnums=0)
+        return jax.jit(sharded, donate_argnums=donate_argnums)
 
     def metrics(self, metrics: Any) -> Any:
         """A step's metrics as host numbers (the first device's copy under pmap)."""

@@ -26,3 +26,19 @@ def test_cpu_options_are_used_only_where_they_compile():
     assert options in ({}, xla_options.CPU_CONVOLUTIONS_IN_XLA)
     assert xla_options.fast_compiler_options("gpu") == {}
     assert not xla_options._compiles_with((("xla_no_such_option_at_all", "1"),))
+
+
+def test_benchmark_times_the_data_parallel_steps_against_one_device():
+    quick = ["--setting", "tiny", "--optimizers", "gam", "--warmup", "0", "--repeats", "1"]
+    rows = benchmark.main([*quick, "--parallel", "none", "jit", "--average", "gradients"])
+    layouts = ["none", "jit/gradients"]
+    assert [(r["parallel"], r["optimizer"]) for r in rows] == [
+        (layout, optimizer) for layout in layouts for optimizer in ("sgd", "gam")
+    ]
+    one = {r["optimizer"]: r for r in rows if r["parallel"] == "none"}
+    for r in rows:
+        assert r["vs_none"] == pytest.approx(r["step_ms"] / one[r["optimizer"]]["step_ms"])
+        # The reported loss is g0's. Under jit, with the global batch's augmentation and
+        # BatchNorm statistics, it is the one-device loss.
+        if r["parallel"] == "jit/gradients":
+            assert r["loss"] == pytest.approx(one[r["optimizer"]]["loss"], rel=1e-5)
