@@ -34,9 +34,9 @@ def main(argv: Sequence[str]) -> None:
     logging.get_absl_handler().addFilter(
         lambda r: r.levelno >= std_logging.WARNING or "orbax" not in r.pathname
     )
-    if FLAGS.distributed or FLAGS.coordinator_address or FLAGS.num_processes:
-        parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     try:
+        if FLAGS.distributed or FLAGS.coordinator_address or FLAGS.num_processes:
+            parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         summary = train.train_and_evaluate(
             FLAGS.config, FLAGS.workdir, resume=FLAGS.resume, overwrite=FLAGS.overwrite
         )

@@ -55,8 +55,20 @@ def initialize(
     SLURM and Open MPI; elsewhere pass the address of process 0 (``host:port``), the number
     of processes and this one's index. CPU processes exchange data through gloo.
     """
+    given = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in given) and any(v is None for v in given):
+        raise ConfigError(
+            "pass all three of --coordinator_address, --num_processes and --process_id, or "
+            "none of them (with --distributed, on Cloud TPU, SLURM or Open MPI)."
+        )
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    try:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(
+            f"could not join the multi-process job ({e}). Outside Cloud TPU, SLURM and Open "
+            f"MPI pass --coordinator_address=HOST0:PORT --num_processes=N --process_id=I."
+        ) from None
 
 
 def sync(name: str) -> None:

@@ -8,6 +8,9 @@ the same augmented batch. Every epoch ends with a test-set evaluation, a line ap
 checkpoint and, since the shuffle and augmentation keys derive from (seed, epoch, step), ends
 with the same parameters, bit for bit, as an uninterrupted run.
 
+The same step runs on one device or data-parallel over every device of every process
+(``config.parallel``: ``jax.jit`` over a mesh or ``jax.pmap``; see ``experiments.parallel``).
+
 Run it with ``python -m experiments.train --config=experiments/configs/... --workdir=DIR``.
 """
 

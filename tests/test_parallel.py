@@ -219,3 +219,22 @@ def test_two_processes_train_like_one_and_resume_on_one(tmp_path):
         train.restore_checkpoint(workdir), train.restore_checkpoint(tmp_path / "one")
     )
     assert resumed["test_accuracy"] == pytest.approx(one["test_accuracy"])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num_processes=2"], "pass all three of --coordinator_address, --num_processes"),
+        (["--distributed"], "could not join the multi-process job"),
+    ],
+)
+def test_a_job_that_cannot_start_says_how_to_launch_it(tmp_path, flags, message):
+    workdir = tmp_path / "run"
+    command = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *flags]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    for name in ("SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "TPU_WORKER_HOSTNAMES"):
+        env.pop(name, None)  # no cluster for --distributed to find
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"error: {message}" in result.stderr
+    assert not workdir.exists()
