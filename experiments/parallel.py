@@ -92,6 +92,7 @@ class DataParallel:
 
     @classmethod
     def create(cls, mode: str = "none", average: str = "gradients") -> DataParallel:
+        """Checks the names; for 'jit' and 'pmap', a mesh of every device of every process."""
         if mode not in MODES:
             raise ConfigError(f"unknown parallel mode {mode!r}; valid: {', '.join(MODES)}.")
         if average not in AVERAGES:
@@ -180,7 +181,7 @@ class DataParallel:
         """``step_fn(state, batch, rng)`` compiled for this mode, donating the state.
 
         ``step_fn`` must average its gradients over :attr:`axis_name` where that is set
-        (``train.create_optimizer`` does, given the axis).
+        (``train.train_step`` does, given that axis and an optimizer made with it).
         """
         donate_argnums = (0,) if donate else ()
         if self.mode == "none":
