@@ -1,8 +1,9 @@
 """Data: whole data sets as uint8 arrays, and augmentation as pure JAX functions.
 
-A data set is small enough to live in device memory (CIFAR: 150 MB of uint8), so the training
-loop puts it there once and gathers, augments and normalises each batch inside its jitted step:
-the input pipeline is never the bottleneck. CIFAR-10/100 come from tensorflow-datasets through
+A data set is small enough to live in host memory (CIFAR: 150 MB of uint8): each step the
+training loop gathers this process's rows of the batch with NumPy, moves them to the devices,
+and augments and normalises them inside its jitted step, so the input pipeline is never the
+bottleneck. CIFAR-10/100 come from tensorflow-datasets through
 ``tfds.data_source`` (array_record files, no TensorFlow needed); the offline default is
 scikit-learn's 8x8 digits, which ships inside the package.
 """
