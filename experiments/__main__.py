@@ -1,6 +1,6 @@
 """The main job: SGD against GAM on the offline default (digits, small CNN), side by side.
 
-  python -m experiments [--workdir DIR] [--epochs N] [--overwrite]
+  python -m experiments [--workdir DIR] [--epochs N] [--resume | --overwrite]
 
 Both runs use ``configs/default.py`` with the same seed, data order and epoch budget; only
 ``config.optimizer`` differs. Prints final and best test accuracy, final training loss, the
@@ -37,9 +37,11 @@ def compare(
     optimizers: Sequence[str] = ("sgd", "gam"),
     *,
     num_epochs: int | None = None,
+    resume: bool = False,
     overwrite: bool = False,
 ) -> list[dict[str, Any]]:
-    """Trains the default config once per optimizer into ``workdir/<optimizer>``."""
+    """Trains the default config once per optimizer into ``workdir/<optimizer>``
+    (``resume``: continue, or reuse, runs already there)."""
     rows = []
     for name in optimizers:
         config = default.get_config()
@@ -47,7 +49,9 @@ def compare(
         if num_epochs is not None:
             config.num_epochs = num_epochs
         start = time.perf_counter()
-        summary = train.train_and_evaluate(config, workdir / name, overwrite=overwrite)
+        summary = train.train_and_evaluate(
+            config, workdir / name, resume=resume, overwrite=overwrite
+        )
         wall_time = time.perf_counter() - start
         eigenvalue = hessian_top_eigenvalue(config, workdir / name)
         rows.append({"optimizer": name, **summary, "wall_time": wall_time, "hessian": eigenvalue})
@@ -92,15 +96,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--epochs", type=int, default=None, help="override config.num_epochs")
     parser.add_argument(
+        "--resume", action="store_true", help="continue the runs in --workdir (e.g. after a kill)"
+    )
+    parser.add_argument(
         "--overwrite", action="store_true", help="replace earlier runs in --workdir"
     )
     args = parser.parse_args(argv)
+    if args.epochs is not None and args.epochs < 1:
+        parser.error(f"--epochs must be a positive integer, got {args.epochs}")
     workdir = args.workdir or pathlib.Path("runs", time.strftime("compare-%Y%m%d-%H%M%S"))
     start = time.perf_counter()
     try:
-        rows = compare(workdir, num_epochs=args.epochs, overwrite=args.overwrite)
+        rows = compare(
+            workdir, num_epochs=args.epochs, resume=args.resume, overwrite=args.overwrite
+        )
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: {e}; check the disk space and permissions of --workdir and retry.")
     config = default.get_config()
     epochs = args.epochs or config.num_epochs
     print(

@@ -110,10 +110,14 @@ def _load_cifar(name: str, data_dir: str | None) -> Dataset:
     return Dataset(*arrays, NUM_CLASSES[name], mean, std)
 
 
-def normalize(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...]) -> jax.Array:
-    """uint8 images -> float32, ``(x / 255 - mean) / std`` per channel."""
-    x = images.astype(jnp.float32) / 255.0
-    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+def normalize(
+    images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...], dtype=jnp.float32
+) -> jax.Array:
+    """uint8 images -> ``dtype`` (float32, or float64 for exact checks),
+    ``(x / 255 - mean) / std`` per channel."""
+    dtype = jnp.promote_types(dtype, jnp.float32)  # bfloat16 models still read float32
+    x = images.astype(dtype) / 255.0
+    return (x - jnp.asarray(mean, dtype)) / jnp.asarray(std, dtype)
 
 
 def random_crop(rng: jax.Array, images: jax.Array, padding: int) -> jax.Array:
@@ -153,6 +157,7 @@ def augment(
     crop_padding: int = 4,
     flip: bool = True,
     cutout_size: int = 0,
+    dtype=jnp.float32,
 ) -> jax.Array:
     """The training transform of the released code, on device: crop, flip, normalise, Cutout.
 
@@ -163,7 +168,7 @@ def augment(
     images = random_crop(crop_rng, images, crop_padding)
     if flip:
         images = random_flip(flip_rng, images)
-    x = normalize(images, mean, std)
+    x = normalize(images, mean, std, dtype)
     if cutout_size:
         x = cutout(cutout_rng, x, cutout_size)
     return x

@@ -34,14 +34,20 @@ def main(argv: Sequence[str]) -> None:
     logging.get_absl_handler().addFilter(
         lambda r: r.levelno >= std_logging.WARNING or "orbax" not in r.pathname
     )
+    config_file = config_flags.get_config_filename(FLAGS["config"]).split(":")[0]
+    if not pathlib.Path(config_file).is_file():
+        sys.exit(f"error: the --config file {config_file} does not exist; check the path.")
+    config = FLAGS.config
     try:
         if FLAGS.distributed or FLAGS.coordinator_address or FLAGS.num_processes:
             parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         summary = train.train_and_evaluate(
-            FLAGS.config, FLAGS.workdir, resume=FLAGS.resume, overwrite=FLAGS.overwrite
+            config, FLAGS.workdir, resume=FLAGS.resume, overwrite=FLAGS.overwrite
         )
-    except ConfigError as e:
+    except ConfigError as e:  # bad input, a damaged checkpoint, a diverged run
         sys.exit(f"error: {e}")
+    except OSError as e:  # the file system: a full disk, permissions
+        sys.exit(f"error: {e}; check the disk space and permissions of --workdir and retry.")
     if not parallel.is_main_process():
         return
     print(
@@ -71,7 +77,14 @@ def run() -> None:
         while isinstance(e, BaseException) and e.args:  # ml_collections nests its KeyError
             e = e.args[0]
         sys.exit(f"error: the config has no field {' '.join(str(e).split())}")
-    app.run(main)
+    try:
+        app.run(main)
+    except Exception as e:
+        if FLAGS.is_parsed():
+            raise  # a bug in the program: keep its traceback
+        # Raised while the flags were parsed: the --config file itself failed to run.
+        reason = " ".join(str(e).split("Traceback")[0].split())
+        sys.exit(f"error: the --config file failed to load ({type(e).__name__}: {reason}).")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Flax Linen models of the GAM experiments: CIFAR ResNets, WideResNet, PyramidNet, a small CNN.
 
-Each model maps NHWC images to float32 logits and keeps BatchNorm running statistics in the
-``batch_stats`` collection: ``model.apply(variables, x, train=True, mutable=['batch_stats'])``.
-BatchNorm uses PyTorch's defaults (momentum 0.1 there, 0.9 here; epsilon 1e-5); convolutions
-use PyTorch's symmetric padding, so stride-2 layers see the same pixels as the released code.
+Each model maps NHWC images to float32 logits (float64 for a float64 model) and keeps BatchNorm
+running statistics in the ``batch_stats`` collection:
+``model.apply(variables, x, train=True, mutable=['batch_stats'])``. BatchNorm uses PyTorch's
+defaults (momentum 0.1 there, 0.9 here; epsilon 1e-5); convolutions use PyTorch's symmetric
+padding, so stride-2 layers see the same pixels as the released code.
 With ``axis_name`` (inside ``jax.pmap`` / ``jax.shard_map``) BatchNorm averages its batch
 statistics over that device axis (synchronised BatchNorm).
 """
@@ -39,6 +40,11 @@ def _norm(train: bool, dtype: Dtype, axis_name: str | None) -> ModuleDef:
         dtype=dtype,
         axis_name=axis_name,
     )
+
+
+def _logits(x: jnp.ndarray, dtype: Dtype) -> jnp.ndarray:
+    """Logits in float32 (bfloat16 and float32 models) or float64 (float64 models)."""
+    return x.astype(jnp.promote_types(dtype, jnp.float32))
 
 
 class BasicBlock(nn.Module):
@@ -96,7 +102,7 @@ class ResNet(nn.Module):
                 strides = 2 if i > 0 and j == 0 else 1
                 x = self.block_cls(self.num_filters * 2**i, conv, norm, strides)(x)
         x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+        return _logits(nn.Dense(self.num_classes, dtype=self.dtype)(x), self.dtype)
 
 
 class WideResNet(nn.Module):
@@ -124,7 +130,7 @@ class WideResNet(nn.Module):
                 y = nn.relu(norm()(conv(filters, (3, 3), padding=1)(y)))
                 x = x + conv(filters, (3, 3), padding=1)(y)
         x = jnp.mean(nn.relu(norm()(x)), axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+        return _logits(nn.Dense(self.num_classes, dtype=self.dtype)(x), self.dtype)
 
 
 class PyramidBottleneck(nn.Module):
@@ -172,7 +178,7 @@ class PyramidNet(nn.Module):
                 strides = 2 if stage > 0 and block == 0 else 1
                 x = PyramidBottleneck(round(width), conv, norm, strides)(x)
         x = jnp.mean(nn.relu(norm()(x)), axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+        return _logits(nn.Dense(self.num_classes, dtype=self.dtype)(x), self.dtype)
 
 
 class SmallCNN(nn.Module):
@@ -192,7 +198,7 @@ class SmallCNN(nn.Module):
                 x = nn.avg_pool(x, (2, 2), strides=(2, 2))
             x = nn.relu(norm()(conv(width, (3, 3), padding=1)(x)))
         x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+        return _logits(nn.Dense(self.num_classes, dtype=self.dtype)(x), self.dtype)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {

@@ -77,6 +77,13 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def main_process_says(value: bool) -> bool:
+    """Process 0's ``value``, in every process (``value`` itself in a single process)."""
+    if jax.process_count() == 1:
+        return value
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(value)))
+
+
 def is_main_process() -> bool:
     """True in the process that writes metrics and logs (process 0)."""
     return jax.process_index() == 0

@@ -19,11 +19,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import pathlib
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax
@@ -38,7 +39,15 @@ from jax.tree_util import Partial
 from tqdm import tqdm
 
 import gam_optax
-from experiments import ConfigError, input_pipeline, models, parallel, xla_options
+from experiments import (
+    ConfigError,
+    TrainingDiverged,
+    checkpoints,
+    input_pipeline,
+    models,
+    parallel,
+    xla_options,
+)
 from gam_optax import flatness
 
 BASE_OPTIMIZERS = ("sgd", "adamw")
@@ -46,7 +55,17 @@ PERTURBATIONS = ("gam", "sam", "gsam")  # gam_optax transformations placed befor
 OPTIMIZERS = BASE_OPTIMIZERS + PERTURBATIONS
 WHOLE_BATCH_LIMIT = 4096  # training_objective takes up to this many examples in one pass
 # A checkpoint can only be resumed by a run that agrees on these config fields.
-RESUME_KEYS = ("dataset", "model", "model_kwargs", "optimizer", "base_optimizer", "batch_size")
+RESUME_KEYS = (
+    "dataset",
+    "model",
+    "model_kwargs",
+    "optimizer",
+    "base_optimizer",
+    "batch_size",
+    "dtype",
+    "skip_nonfinite_steps",
+)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -91,6 +110,9 @@ def create_optimizer(
     With ``axis_name`` (a step run per device) the transformations get ``axis_name`` and
     ``average=config.average``, and average over that axis themselves (``train_step`` averages
     ``g0`` for sgd and adamw); the optimizer state is the same as on one device.
+    With ``config.skip_nonfinite_steps = N > 0`` the base optimizer is wrapped in
+    ``optax.apply_if_finite(..., N)``: a step whose direction holds a NaN or an infinity is
+    skipped (up to N in a row), and its state's ``last_finite`` says so.
     """
     wd = config.weight_decay
     base = {
@@ -99,8 +121,13 @@ def create_optimizer(
         ),
         "adamw": lambda: optax.adamw(schedule, weight_decay=wd),
     }
+    guarded = lambda name: (
+        optax.apply_if_finite(base[name](), config.skip_nonfinite_steps)
+        if config.skip_nonfinite_steps
+        else base[name]()
+    )
     if config.optimizer in base:
-        return optax.with_extra_args_support(base[config.optimizer]())
+        return optax.with_extra_args_support(guarded(config.optimizer))
     transformation = getattr(gam_optax, config.optimizer, None)
     if transformation is None:
         raise ConfigError(
@@ -110,11 +137,30 @@ def create_optimizer(
     kwargs = config[config.optimizer].to_dict()
     if axis_name is not None:
         kwargs.update(axis_name=axis_name, average=config.average)
-    return optax.chain(transformation(**kwargs, has_aux=True), base[config.base_optimizer]())
+    try:
+        perturbation = transformation(**kwargs, has_aux=True)
+    except (TypeError, ValueError) as e:  # the library's message, naming the argument
+        raise ConfigError(f"config.{config.optimizer}: {e}") from None
+    return optax.chain(perturbation, guarded(config.base_optimizer))
+
+
+def _check_number(
+    config, field: str, low: float, high: float = math.inf, *, integer=False, optional=False
+) -> None:
+    """``config.<field>`` is a number in ``[low, high)`` (an integer, or None if optional)."""
+    value = config[field]
+    if value is None and optional:
+        return
+    number = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and low <= value < high):
+        kind = "an integer" if integer else "a number"
+        bounds = f">= {low}" if high == math.inf else f"in [{low}, {high})"
+        unset = " (or unset)" if optional else ""
+        raise ConfigError(f"config.{field} must be {kind} {bounds}{unset}, got {value!r}.")
 
 
 def check_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-    """Raises ``ConfigError`` for names and sizes the trainer cannot use."""
+    """Raises ``ConfigError`` for names, sizes and values the trainer cannot use."""
     for field, valid in (
         ("parallel", parallel.MODES),
         ("average", parallel.AVERAGES),
@@ -122,14 +168,26 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> Non
         ("model", tuple(models.MODELS)),
         ("optimizer", OPTIMIZERS),
         ("base_optimizer", BASE_OPTIMIZERS),
+        ("dtype", tuple(DTYPES)),
     ):
         if config[field] not in valid:
             raise ConfigError(
                 f"unknown {field.replace('_', ' ')} {config[field]!r}; valid: {', '.join(valid)}."
             )
-    for field in ("batch_size", "eval_batch_size", "num_epochs"):
-        if config[field] < 1:
+    for field in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps"):
+        if not isinstance(config[field], int) or config[field] < 1:
             raise ConfigError(f"config.{field} must be a positive integer, got {config[field]}.")
+    for field in ("num_train_examples", "num_test_examples", "steps_per_epoch", "keep_checkpoints"):
+        _check_number(config, field, 1, integer=True, optional=True)
+    _check_number(config, "skip_nonfinite_steps", 0, integer=True)
+    _check_number(config, "learning_rate", 0)
+    _check_number(config, "weight_decay", 0)
+    _check_number(config, "momentum", 0, 1)
+    _check_number(config, "label_smoothing", 0, 1)
+    if config.dtype == "float64" and not jax.config.jax_enable_x64:
+        raise ConfigError(
+            "config.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 in the environment."
+        )
     if config.batch_size % num_devices:
         raise ConfigError(
             f"batch size {config.batch_size} is not divisible by the {num_devices} devices in "
@@ -148,13 +206,15 @@ def create_train_state(
     tx: optax.GradientTransformation,
     image_shape,
     sharding: jax.sharding.Sharding | None = None,
+    param_dtype: Any = jnp.float32,
 ) -> TrainState:
     """Initial parameters, BatchNorm statistics and optimizer state (one compiled program),
-    placed with ``sharding`` (e.g. replicated over a mesh)."""
+    placed with ``sharding`` (e.g. replicated over a mesh); variables in ``param_dtype``."""
 
     @functools.partial(jax.jit, out_shardings=sharding)
     def init(rng):
-        variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+        variables = model.init(rng, jnp.zeros((1, *image_shape), param_dtype), train=False)
+        variables = jax.tree.map(lambda x: x.astype(param_dtype), variables)
         params = variables["params"]
         return TrainState(
             step=jnp.zeros([], jnp.int32),
@@ -188,7 +248,9 @@ def train_step(
     or ``jax.shard_map``): ``g0`` is this device's gradient, averaged over devices here for
     sgd and adamw, and by ``tx`` (made with ``axis_name``) for gam, sam and gsam.
     """
-    images = input_pipeline.augment(rng, batch["image"], mean, std, **config.augment)
+    images = input_pipeline.augment(
+        rng, batch["image"], mean, std, **config.augment, dtype=DTYPES[config.dtype]
+    )
     labels = batch["label"]
 
     def loss_fn(params):
@@ -208,14 +270,27 @@ def train_step(
     # gam/sam/gsam evaluate their extra gradients with loss_fn; sgd/adamw ignore it. Only the
     # g0 pass updates the BatchNorm statistics.
     updates, opt_state = tx.update(g0, state.opt_state, state.params, loss_fn=loss_fn)
-    state = state.replace(
-        step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
-        batch_stats=batch_stats,
-        opt_state=opt_state,
+    params = optax.apply_updates(state.params, updates)
+    # With config.skip_nonfinite_steps, optax.apply_if_finite rejected a non-finite direction:
+    # keep the statistics too, and report the step as skipped rather than diverged.
+    skipped = ~optax.tree_utils.tree_get(opt_state, "last_finite", default=jnp.array(True))
+    batch_stats = jax.tree.map(
+        lambda new, old: jnp.where(skipped, old, new), batch_stats, state.batch_stats
     )
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-    return state, {"loss": loss, "accuracy": accuracy}
+    state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
+    all_finite = lambda tree: jnp.all(
+        jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])
+    )
+    finite_state = all_finite((params, batch_stats))
+    return state, {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        # The divergence guard's signal: 1.0 when the step left a usable state.
+        "finite": (finite_state & (jnp.isfinite(loss) | skipped)).astype(jnp.float32),
+        "skipped": skipped.astype(jnp.float32),
+    }
 
 
 def eval_step(
@@ -227,7 +302,8 @@ def eval_step(
     std: tuple[float, ...],
 ) -> dict[str, jax.Array]:
     """Sums of the plain cross entropy and of the correct predictions over ``batch['mask']``."""
-    images = input_pipeline.normalize(batch["image"], mean, std)
+    dtype = jnp.promote_types(jax.tree.leaves(state.params)[0].dtype, jnp.float32)
+    images = input_pipeline.normalize(batch["image"], mean, std, dtype)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     logits = model.apply(variables, images, train=False)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
@@ -250,50 +326,34 @@ def _eval_batches(
     return jax.tree.map(lambda x: x.reshape(-1, batch_size, *x.shape[1:]), batches)
 
 
-def _checkpoint_steps(checkpoint_dir: pathlib.Path) -> list[int]:
-    if not checkpoint_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in checkpoint_dir.iterdir() if p.name.isdigit())
-
-
-def _read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _check_workdir(workdir: pathlib.Path, resume: bool, overwrite: bool) -> None:
     """Refuses to start a fresh run over an old one, unless told to resume or overwrite."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--workdir {workdir} is a file, not a directory; choose another.")
     if resume and overwrite:
         raise ConfigError(
             "--resume continues the run in the workdir, --overwrite deletes it: "
             "pass only one of them."
         )
-    steps = _checkpoint_steps(workdir / "checkpoints")
-    if resume or overwrite or not (steps or (workdir / "metrics.jsonl").exists()):
+    if resume or overwrite or not checkpoints.holds_a_run(workdir):
         return
-    held = f"checkpoints of epochs {steps}" if steps else "a metrics.jsonl"
+    epochs = checkpoints.checkpoint_epochs(workdir)
+    held = f"checkpoints of epochs {epochs}" if epochs else f"a {checkpoints.METRICS_NAME}"
     raise ConfigError(
         f"workdir {workdir} already holds a run ({held}); nothing was changed. Pass --resume "
         f"to continue it, --overwrite to delete it and start over, or choose another --workdir."
     )
 
 
-def _resumable_epoch(manager: ocp.CheckpointManager, config: ml_collections.ConfigDict) -> int:
-    """The epoch of the latest checkpoint, after checking that ``config`` may continue it."""
-    step = manager.latest_step()
-    where = manager.directory / str(step)
-    try:
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        written, epoch = meta["config"], int(meta["epoch"])
-    except Exception as e:
-        raise ConfigError(
-            f"cannot read the checkpoint {where} ({type(e).__name__}: {e}); it is corrupt or "
-            f"not a checkpoint of this trainer. Nothing was changed: delete it, choose another "
-            f"--workdir, or pass --overwrite instead of --resume to start over."
-        ) from None
-    wanted = json.loads(config.to_json_best_effort())
-    differ = {k: (written.get(k), wanted[k]) for k in RESUME_KEYS if written.get(k) != wanted[k]}
+def _check_resumable(meta: dict[str, Any], config: ml_collections.ConfigDict, where) -> None:
+    """Refuses to continue a checkpoint written with another model, optimizer or data."""
+    written, wanted = meta["config"], json.loads(config.to_json_best_effort())
+    default = {"dtype": "float32", "skip_nonfinite_steps": 0}  # checkpoints from before them
+    differ = {
+        k: (written.get(k, default.get(k)), wanted[k])
+        for k in RESUME_KEYS
+        if written.get(k, default.get(k)) != wanted[k]
+    }
     if differ:
         diffs = ", ".join(
             f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in differ.items()
@@ -303,39 +363,48 @@ def _resumable_epoch(manager: ocp.CheckpointManager, config: ml_collections.Conf
             f"Nothing was changed: resume with the checkpoint's settings, choose another "
             f"--workdir, or pass --overwrite instead of --resume to start over."
         )
-    return epoch
 
 
-def _restore_state(manager: ocp.CheckpointManager, epoch: int, state: TrainState) -> TrainState:
-    """The training state of the checkpoint of ``epoch``, with the structure of ``state``."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    try:
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-        return manager.restore(epoch, args=args)["state"]
-    except Exception as e:
-        raise ConfigError(
-            f"cannot restore the training state from {manager.directory / str(epoch)} "
-            f"({type(e).__name__}: {e}); the checkpoint is corrupt or does not fit this model "
-            f"and optimizer. Nothing was changed: choose another --workdir, or pass --overwrite "
-            f"instead of --resume to start over."
-        ) from None
+@contextlib.contextmanager
+def _workdir_lock(workdir: pathlib.Path) -> Iterator[None]:
+    """The workdir's lock, held by process 0 for the whole job (see ``checkpoints.locked``)."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if parallel.is_main_process():
+            try:
+                stack.enter_context(checkpoints.locked(workdir))
+            except ConfigError as e:
+                error = e
+        if not parallel.main_process_says(error is None):
+            raise error or ConfigError(f"process 0 could not lock {workdir}: see its error.")
+        yield
 
 
 def restore_checkpoint(workdir: str | pathlib.Path, step: int | None = None) -> dict[str, Any]:
     """The raw training state (a dict of arrays) of the checkpoint of epoch ``step`` (latest),
-    on this process's first device, whatever devices and processes wrote it."""
-    checkpoint_dir = pathlib.Path(workdir).absolute() / "checkpoints"
-    step = max(_checkpoint_steps(checkpoint_dir), default=None) if step is None else step
+    on this process's first device, whatever devices and processes wrote it; verified
+    against its checksums."""
+    workdir = pathlib.Path(workdir).absolute()
+    epochs = checkpoints.checkpoint_epochs(workdir)
+    step = max(epochs, default=None) if step is None else step
     if step is None:
         raise ConfigError(f"no checkpoint in {workdir}.")
+    where = workdir / checkpoints.CHECKPOINTS_NAME / str(step)
     with ocp.StandardCheckpointer() as checkpointer:
-        path = checkpoint_dir / str(step) / "state"
-        written = checkpointer.metadata(path).item_metadata
-        here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), written
-        )
-        return checkpointer.restore(path, abstract)
+        try:
+            written = checkpointer.metadata(where / "state").item_metadata
+            here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            abstract = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), written
+            )
+            state = checkpointer.restore(where / "state", abstract)
+            meta = json.loads((where / "meta" / "metadata").read_text())
+        except Exception as e:
+            raise ConfigError(
+                f"checkpoint {where} cannot be read ({type(e).__name__}); it is damaged."
+            ) from None
+    checkpoints.verify(state, meta.get("checksums"), where)
+    return state
 
 
 def training_objective(
@@ -383,8 +452,13 @@ def train_and_evaluate(
     """Trains and evaluates every epoch; returns the final metrics (best and final accuracy).
 
     Every process of a multi-process job (:func:`experiments.parallel.initialize`) calls it
-    with the same arguments; process 0 writes the metrics, and checkpoints are written once,
-    as one replicated state that resumes on any number of devices and processes.
+    with the same arguments; process 0 holds the workdir's lock and writes the metrics, and
+    checkpoints are written once, as one replicated state that resumes on any number of
+    devices and processes (see ``experiments.checkpoints`` for what is verified).
+
+    A step that leaves a NaN or an infinity in the loss, the parameters or the BatchNorm
+    statistics stops the run with ``TrainingDiverged``; the last checkpoint (never a
+    non-finite one) stays. ``config.skip_nonfinite_steps = N`` skips such steps instead.
 
     Args:
       config: see ``experiments/configs/default.py``.
@@ -401,15 +475,15 @@ def train_and_evaluate(
     check_config(config)
     dp = parallel.DataParallel.create(config.parallel, config.average)
     check_config(config, num_devices=dp.num_devices)
-    main_process = parallel.is_main_process()
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = pathlib.Path(workdir).expanduser().absolute()
     _check_workdir(workdir, resume, overwrite)
-    checkpoint_dir = workdir / "checkpoints"
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
-    start_epoch = 0
-    if resume and _checkpoint_steps(checkpoint_dir):
-        manager = ocp.CheckpointManager(checkpoint_dir, options=options)
-        start_epoch = _resumable_epoch(manager, config)
+    with _workdir_lock(workdir):
+        _check_workdir(workdir, resume, overwrite)  # again, now that no other run can start
+        return _train(config, workdir, dp, resume, overwrite, start)
+
+
+def _train(config, workdir, dp, resume, overwrite, start) -> dict[str, Any]:
+    main_process = parallel.is_main_process()
     ds = input_pipeline.load(
         config.dataset, config.data_dir, config.num_train_examples, config.num_test_examples
     )
@@ -421,33 +495,66 @@ def train_and_evaluate(
             f"{config.dataset!r}; lower config.batch_size."
         )
 
-    dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+    dtype = DTYPES[config.dtype]
     model = models.create_model(
         config.model, ds.num_classes, dtype, axis_name=dp.batch_norm_axis, **config.model_kwargs
     )
     schedule = epoch_cosine_schedule(config.learning_rate, config.num_epochs, steps_per_epoch)
     tx = create_optimizer(config, schedule, axis_name=dp.axis_name)
-    init_rng, shuffle_rng, augment_rng = jax.random.split(jax.random.key(config.seed), 3)
-    state = create_train_state(init_rng, model, tx, ds.train_images.shape[1:], dp.replicated)
+    init_rng = jax.random.split(jax.random.key(config.seed), 3)[0]
+    param_dtype = jnp.promote_types(dtype, jnp.float32)  # bfloat16 compute, float32 params
+    state = create_train_state(
+        init_rng, model, tx, ds.train_images.shape[1:], dp.replicated, param_dtype
+    )
 
-    metrics_path = workdir / "metrics.jsonl"
-    if start_epoch:
-        state = _restore_state(manager, start_epoch, state)
-        logging.info("Resumed %s from epoch %d.", workdir, start_epoch)
-    else:
+    # Resume (verified), or clear the workdir for a fresh run: only now that config, data
+    # and model passed their checks.
+    metrics_path = workdir / checkpoints.METRICS_NAME
+    epochs = checkpoints.checkpoint_epochs(workdir) if resume else []
+    if not epochs:
         parallel.sync("checked workdir")
-        if overwrite and main_process:  # only now that config, data and model passed checks
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        if overwrite and main_process:
+            shutil.rmtree(workdir / checkpoints.CHECKPOINTS_NAME, ignore_errors=True)
             metrics_path.unlink(missing_ok=True)
-        workdir.mkdir(parents=True, exist_ok=True)
         parallel.sync("cleared workdir")
-        manager = ocp.CheckpointManager(checkpoint_dir, options=options)
-    # Drop records of epochs after the checkpoint (written before a crash, redone now).
-    records = [r for r in _read_metrics(metrics_path) if r["epoch"] <= start_epoch]
-    parallel.sync("read metrics")
-    if main_process:
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    store = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
+    try:
+        records: list[dict[str, Any]] = []
+        if epochs:
+            meta = store.meta(epochs[-1])
+            _check_resumable(meta, config, store.directory / str(epochs[-1]))
+            state = store.restore(epochs[-1], state, meta)
+            records = meta.get("records") or [  # checkpoints from before records were kept
+                r for r in checkpoints.read_metrics(metrics_path) if r["epoch"] <= epochs[-1]
+            ]
+            logging.info("Resumed %s from epoch %d.", workdir, epochs[-1])
+        parallel.sync("read metrics")
+        if main_process:
+            checkpoints.write_metrics(metrics_path, records)
+        start_epoch = epochs[-1] if epochs else 0
+        records = _epochs(config, dp, ds, model, tx, schedule, state, records, store, start_epoch)
+    finally:
+        store.close()  # waits for the last checkpoint to be written, even after an error
+    if not records:
+        raise ConfigError(f"{metrics_path} records no epoch: nothing was trained or recorded.")
+    best = max(records, key=lambda r: r["test_accuracy"])
+    return {
+        **records[-1],
+        "final_test_accuracy": records[-1]["test_accuracy"],
+        "best_test_accuracy": best["test_accuracy"],
+        "best_epoch": best["epoch"],
+        "train_time": sum(r["train_time"] for r in records),
+        "wall_time": time.perf_counter() - start,
+    }
 
+
+def _epochs(
+    config, dp, ds, model, tx, schedule, state, records, store, start_epoch
+) -> list[dict[str, Any]]:
+    """The epochs after ``start_epoch``: train, evaluate, record, checkpoint."""
+    num_train, batch_size = len(ds.train_labels), config.batch_size
+    steps_per_epoch = min(num_train // batch_size, config.steps_per_epoch or num_train)
+    _, shuffle_rng, augment_rng = jax.random.split(jax.random.key(config.seed), 3)
     test_data = dp.put_global(
         _eval_batches(ds.test_images, ds.test_labels, config.eval_batch_size, dp.num_devices),
         jax.sharding.PartitionSpec(None, parallel.AXIS),
@@ -492,6 +599,7 @@ def train_and_evaluate(
         )
     evaluate = xla_options.compile_fast(evaluate, dp.to_global(state), test_data)
 
+    main_process = parallel.is_main_process()
     bar = tqdm(
         total=config.num_epochs * steps_per_epoch,
         initial=start_epoch * steps_per_epoch,
@@ -500,47 +608,48 @@ def train_and_evaluate(
         disable=not (config.progress_bar and main_process),
         dynamic_ncols=True,
     )
-    train_time = sum(r["train_time"] for r in records)
     for epoch in range(start_epoch, config.num_epochs):
         batches = np.asarray(epoch_order(epoch))[: steps_per_epoch * batch_size]
         batches = batches.reshape(steps_per_epoch, batch_size)
-        epoch_start, step_metrics = time.perf_counter(), []
+        epoch_start, pending, step_metrics = time.perf_counter(), [], []
         for i in range(steps_per_epoch):
             state, metrics = train_batch(state, read_batch(batches[i]), augment_rng)
-            step_metrics.append(metrics)
+            pending.append(metrics)
             if (i + 1) % config.log_every_steps == 0 or i + 1 == steps_per_epoch:
-                metrics = dp.metrics(metrics)
+                # The divergence guard reads every step's flag, once per log interval.
+                step_metrics += [dp.metrics(m) for m in pending]
+                pending = []
+                _stop_if_diverged(step_metrics, epoch, steps_per_epoch, store, bar)
                 rate = (i + 1) * batch_size / (time.perf_counter() - epoch_start)
                 bar.set_postfix(
                     epoch=epoch + 1,
-                    loss=f"{metrics['loss']:.4f}",
-                    acc=f"{metrics['accuracy']:.3f}",
+                    loss=f"{step_metrics[-1]['loss']:.4f}",
+                    acc=f"{step_metrics[-1]['accuracy']:.3f}",
                     img_s=f"{rate:.0f}",
                     test_acc=f"{records[-1]['test_accuracy']:.4f}" if records else "-",
                     refresh=False,
                 )
             bar.update(1)
-        step_metrics = [dp.metrics(m) for m in step_metrics]
-        train_metrics = jax.tree.map(lambda *x: float(np.mean(x)), *step_metrics)
         epoch_time = time.perf_counter() - epoch_start
-        train_time += epoch_time
         global_state = dp.to_global(state)
         test_metrics = jax.device_get(evaluate(global_state, test_data))
+        if not np.isfinite(test_metrics["loss"]):
+            where = f"at epoch {epoch + 1} (finite parameters, but a non-finite test loss)"
+            raise _diverged(where, store, bar)
+        applied = [m for m in step_metrics if not m["skipped"]] or step_metrics
         record = {
             "epoch": epoch + 1,
             "step": (epoch + 1) * steps_per_epoch,
             "learning_rate": float(learning_rate(epoch * steps_per_epoch)),
-            "train_loss": train_metrics["loss"],
-            "train_accuracy": train_metrics["accuracy"],
+            "train_loss": float(np.mean([m["loss"] for m in applied])),
+            "train_accuracy": float(np.mean([m["accuracy"] for m in applied])),
             "test_loss": float(test_metrics["loss"]),
             "test_accuracy": float(test_metrics["accuracy"]),
+            "skipped_steps": int(sum(m["skipped"] for m in step_metrics)),
             "train_time": epoch_time,
             "images_per_second": steps_per_epoch * batch_size / epoch_time,
         }
         records.append(record)
-        if main_process:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
         with tqdm.external_write_mode(file=sys.stderr):  # a line above the progress bar
             logging.info(
                 "epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | lr %.4g",
@@ -552,28 +661,42 @@ def train_and_evaluate(
                 record["test_accuracy"],
                 record["learning_rate"],
             )
-        meta = {"epoch": epoch + 1, "config": json.loads(config.to_json_best_effort())}
-        manager.save(  # every process takes part; the replicated state is written once
-            epoch + 1,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(global_state), meta=ocp.args.JsonSave(meta)
-            ),
-        )
-    manager.wait_until_finished()
-    manager.close()
+        # The checkpoint first (every process takes part; the state is written once), then
+        # the record: a crash in between is repaired on resume from the checkpoint's records.
+        meta = {"config": json.loads(config.to_json_best_effort()), "records": records}
+        store.save(epoch + 1, global_state, meta)
+        if main_process:
+            checkpoints.append_metrics(store.workdir / checkpoints.METRICS_NAME, record)
     bar.close()
+    return records
 
-    if not records:
-        raise ConfigError(f"{metrics_path} records no epoch: nothing was trained or recorded.")
-    best = max(records, key=lambda r: r["test_accuracy"])
-    return {
-        **records[-1],
-        "final_test_accuracy": records[-1]["test_accuracy"],
-        "best_test_accuracy": best["test_accuracy"],
-        "best_epoch": best["epoch"],
-        "train_time": train_time,
-        "wall_time": time.perf_counter() - start,
-    }
+
+def _stop_if_diverged(step_metrics, epoch: int, steps_per_epoch: int, store, bar) -> None:
+    """Raises ``TrainingDiverged`` at the first step of this epoch that left a non-finite
+    loss or state."""
+    bad = next((i for i, m in enumerate(step_metrics) if m["finite"] < 1), None)
+    if bad is not None:
+        what = "loss" if not np.isfinite(step_metrics[bad]["loss"]) else "parameters"
+        step = epoch * steps_per_epoch + bad + 1
+        raise _diverged(f"at epoch {epoch + 1}, step {step} (non-finite {what})", store, bar)
+
+
+def _diverged(where: str, store, bar) -> TrainingDiverged:
+    """The error of a diverged run, naming the last good checkpoint (kept)."""
+    bar.close()
+    store.manager.wait_until_finished()
+    epochs = store.epochs()
+    kept = (
+        f"the last good checkpoint, {store.directory / str(epochs[-1])} (epoch {epochs[-1]}), "
+        f"is kept: lower --config.learning_rate (or the radii) and rerun with --resume"
+        if epochs
+        else "no checkpoint was written yet: lower --config.learning_rate (or the radii) and "
+        "rerun with --overwrite"
+    )
+    return TrainingDiverged(
+        f"training diverged {where}; {kept}, or set --config.skip_nonfinite_steps=N to skip "
+        f"non-finite steps."
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Model: a key of experiments.models.MODELS; model_kwargs set its fields (e.g. widths).
     config.model = "small_cnn"
     config.model_kwargs = ml_collections.ConfigDict()
-    config.half_precision = False  # bfloat16 compute (float32 parameters), for GPUs and TPUs
+    # 'float32'; 'bfloat16' computes in bfloat16 (float32 parameters), for GPUs and TPUs;
+    # 'float64' (with JAX_ENABLE_X64=1) for exact equivalence checks.
+    config.dtype = "float32"
 
     # Training: the released recipe's shape (SGD + momentum, coupled weight decay, cosine
     # learning rate stepped per epoch down to 0, label smoothing on the wrong classes).
@@ -61,6 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Bookkeeping.
     config.log_every_steps = 10  # progress-bar refresh
-    config.keep_checkpoints = 3
+    config.keep_checkpoints = 3  # the latest N
+    # 0: a step that leaves a NaN/inf loss or state stops the run (the last good checkpoint
+    # stays). N > 0: skip such steps, up to N in a row (optax.apply_if_finite).
+    config.skip_nonfinite_steps = 0
     config.progress_bar = True
     return config

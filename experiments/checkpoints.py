@@ -1,0 +1,292 @@
+"""A run's workdir: one run at a time, checkpoints that are verified when read back.
+
+``workdir/`` holds ``metrics.jsonl`` (one JSON record per epoch), ``checkpoints/<epoch>/``
+(Orbax: the training state and a JSON ``meta`` item) and ``.lock``. The guarantees:
+
+- **One run per workdir.** :func:`locked` holds an exclusive ``flock`` on ``.lock`` for the
+  whole run; a second run is refused at once with the holder's pid, host and start time. The
+  operating system releases the lock when the holder dies, even by SIGKILL, so a killed run
+  always resumes.
+- **No damaged state is used.** Each checkpoint's ``meta`` holds a CRC-32 of every array of
+  the state; :meth:`Checkpoints.restore` recomputes them and checks that every value is
+  finite before anything in the workdir changes. A non-finite state is never written.
+- **The metrics follow the checkpoint.** ``meta`` also holds every epoch's record up to that
+  checkpoint; a resume rewrites ``metrics.jsonl`` from it (atomically), so an interrupted or
+  crashed run never leaves duplicated or out-of-order epochs behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import json
+import math
+import os
+import pathlib
+import shutil
+import socket
+import zlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from experiments import ConfigError
+
+LOCK_NAME = ".lock"
+METRICS_NAME = "metrics.jsonl"
+CHECKPOINTS_NAME = "checkpoints"
+
+
+# ---------------------------------------------------------------------------
+# The workdir lock.
+# ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def locked(workdir: pathlib.Path) -> Iterator[None]:
+    """Holds the workdir's lock for the duration of the block.
+
+    Creates ``workdir`` if needed; if the block fails and the workdir was created here and
+    holds nothing but the lock, it is removed again, so a failed start leaves nothing behind.
+    """
+    created = not workdir.exists()
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        handle = open(workdir / LOCK_NAME, "a+")
+    except OSError as e:
+        raise ConfigError(
+            f"cannot use {workdir} as the workdir ({e.strerror or e}); choose a writable "
+            f"directory with --workdir."
+        ) from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ConfigError(
+                f"workdir {workdir} is in use by another run ({holder}); nothing was changed. "
+                f"Wait for it to finish, or choose another --workdir."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
+        handle.flush()
+        yield
+    except BaseException:
+        if created and [p.name for p in workdir.iterdir()] == [LOCK_NAME]:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    finally:
+        handle.close()  # releases the lock
+
+
+# ---------------------------------------------------------------------------
+# Integrity: per-array checksums and finiteness.
+# ---------------------------------------------------------------------------
+
+
+def _name(path) -> str:
+    """``'params/Conv_0/kernel'``: the same for the state and for its raw restored dict."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def checksums(state: Any) -> dict[str, int]:
+    """The CRC-32 of every array of ``state`` (its bytes on the host), by tree path."""
+    leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(state))
+    return {_name(path): zlib.crc32(np.ascontiguousarray(leaf).tobytes()) for path, leaf in leaves}
+
+
+def non_finite_paths(tree: Any) -> list[str]:
+    """Tree paths of the floating-point arrays of ``tree`` that hold a NaN or an infinity."""
+    leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(tree))
+    return [
+        _name(path)
+        for path, leaf in leaves
+        if np.issubdtype(np.asarray(leaf).dtype, np.inexact) and not np.all(np.isfinite(leaf))
+    ]
+
+
+def strict_json(record: dict[str, Any]) -> str:
+    """One JSON line; a non-finite number becomes ``null`` (JSON has no NaN)."""
+    clean = {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()
+    }
+    return json.dumps(clean, allow_nan=False)
+
+
+def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``; a damaged file is a ``ConfigError``."""
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            int(record["epoch"])
+        except (ValueError, TypeError, KeyError):
+            raise ConfigError(
+                f"{path} line {number} is not a metrics record ({line[:60]!r}); the file is "
+                f"damaged. Nothing was changed: repair or delete that line, or pass --overwrite "
+                f"to start over."
+            ) from None
+        records.append(record)
+    return records
+
+
+def write_metrics(path: pathlib.Path, records: Sequence[dict[str, Any]]) -> None:
+    """Replaces ``metrics.jsonl`` atomically (a kill leaves the old file or the new one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(strict_json(r) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+def append_metrics(path: pathlib.Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(strict_json(record) + "\n")
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints.
+# ---------------------------------------------------------------------------
+
+
+def checkpoint_epochs(workdir: pathlib.Path) -> list[int]:
+    """The epochs of the finished checkpoints in ``workdir`` (Orbax's temporary folders of an
+    interrupted save are not numbers and are ignored)."""
+    directory = workdir / CHECKPOINTS_NAME
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def holds_a_run(workdir: pathlib.Path) -> bool:
+    return bool(checkpoint_epochs(workdir)) or (workdir / METRICS_NAME).exists()
+
+
+def _damaged(where: pathlib.Path, what: str, older: Sequence[int]) -> ConfigError:
+    fallback = (
+        f"move it away (e.g. `mv {where} {where}.damaged`) to resume from epoch {older[-1]}"
+        if older
+        else "there is no older checkpoint to resume from"
+    )
+    return ConfigError(
+        f"checkpoint {where} is damaged ({what}). Nothing was changed: {fallback}, or pass "
+        f"--overwrite instead of --resume to start over."
+    )
+
+
+class Checkpoints:
+    """The checkpoints of one workdir: save (with checksums), read the metadata, restore
+    (verified). Every process of a multi-process job takes part in ``save`` and ``restore``;
+    the replicated state is written once."""
+
+    def __init__(self, workdir: pathlib.Path, keep: int):
+        self.workdir = workdir
+        self.directory = workdir / CHECKPOINTS_NAME
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def epochs(self) -> list[int]:
+        return checkpoint_epochs(self.workdir)
+
+    def save(self, epoch: int, state: Any, meta: dict[str, Any]) -> None:
+        """Writes ``state`` (replicated) and ``meta`` plus the state's checksums as ``epoch``."""
+        bad = non_finite_paths(state)
+        if bad:  # the training loop stops before this; a last line of defence
+            raise ValueError(f"refusing to checkpoint a non-finite state (at {bad[0]}).")
+        meta = {**meta, "epoch": epoch, "checksums": checksums(state)}
+        self.manager.save(
+            epoch,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+        )
+
+    def meta(self, epoch: int) -> dict[str, Any]:
+        """The JSON metadata written with ``epoch``."""
+        where = self.directory / str(epoch)
+        try:
+            args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+            meta = self.manager.restore(epoch, args=args)["meta"]
+            int(meta["epoch"]), dict(meta["config"])
+        except Exception as e:
+            raise _damaged(
+                where, f"its metadata cannot be read: {type(e).__name__}", self._older(epoch)
+            ) from None
+        return meta
+
+    def restore(self, epoch: int, like: Any, meta: dict[str, Any]) -> Any:
+        """The state of ``epoch``, with the structure and shardings of ``like``, verified
+        against the checksums of ``meta`` and checked to be finite."""
+        where = self.directory / str(epoch)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        try:
+            with _quiet_tensorstore():
+                args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+                state = self.manager.restore(epoch, args=args)["state"]
+        except Exception as e:
+            reason = (str(e).splitlines() or [type(e).__name__])[0].split(" See full")[0]
+            raise _damaged(
+                where,
+                f"its state cannot be read or does not fit this model and optimizer: {reason}",
+                self._older(epoch),
+            ) from None
+        verify(state, meta.get("checksums"), where, self._older(epoch))
+        return state
+
+    def _older(self, epoch: int) -> list[int]:
+        return [e for e in self.epochs() if e < epoch]
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def verify(
+    state: Any, expected: dict[str, int] | None, where: pathlib.Path, older: Sequence[int] = ()
+) -> None:
+    """Raises ``ConfigError`` if ``state`` does not match its checksums or is not finite.
+
+    Checkpoints written before checksums existed (``expected`` is None) are checked for
+    finiteness only.
+    """
+    if expected is not None:
+        actual = checksums(state)
+        wrong = sorted(
+            k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k)
+        )
+        if wrong:
+            raise _damaged(
+                where,
+                f"{len(wrong)} of {len(expected)} arrays do not match the checksums written "
+                f"with it, first {wrong[0]}",
+                older,
+            )
+    bad = non_finite_paths(state)
+    if bad:
+        raise _damaged(where, f"{len(bad)} arrays hold NaN or infinity, first {bad[0]}", older)
+
+
+@contextlib.contextmanager
+def _quiet_tensorstore() -> Iterator[None]:
+    """Silences absl's ERROR lines of a failing read (TensorStore's multi-line reports); the
+    caller turns the exception into one line."""
+    from absl import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.FATAL)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
