@@ -1,0 +1,365 @@
+"""The training program never loses or corrupts work: divergence, damaged checkpoints, two
+runs on one workdir, crashed resumes, bad config values and file-system problems."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import ConfigError, TrainingDiverged, checkpoints, input_pipeline, models, train
+from experiments import __main__ as main_job
+from experiments.configs import default
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+TINY = dict(
+    optimizer="sgd",
+    num_epochs=2,
+    steps_per_epoch=2,
+    batch_size=32,
+    num_train_examples=128,
+    num_test_examples=64,
+    eval_batch_size=64,
+    progress_bar=False,
+)
+
+
+def tiny_config(**overrides):
+    config = default.get_config()
+    config.update({**TINY, **overrides})
+    config.model_kwargs = dict(widths=(8, 16))
+    return config
+
+
+def files(workdir: pathlib.Path) -> dict[str, bytes]:
+    """Every file under workdir and its content (but the lock, which names its last holder)."""
+    return {
+        str(p.relative_to(workdir)): p.read_bytes()
+        for p in workdir.rglob("*")
+        if p.is_file() and p.name != checkpoints.LOCK_NAME
+    }
+
+
+def strict_records(workdir: pathlib.Path) -> list[dict]:
+    """metrics.jsonl parsed as strict JSON (NaN and Infinity are not JSON)."""
+
+    def refuse(token):
+        raise AssertionError(f"metrics.jsonl holds {token}, which is not JSON")
+
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line, parse_constant=refuse) for line in lines]
+
+
+def run_cli(*args, module="experiments.train"):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-m", module, *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+CONFIG_FILE = """
+from experiments.configs import default
+
+def get_config():
+    config = default.get_config()
+    config.update({overrides!r})
+    config.model_kwargs = dict(widths=(8, 16))
+    return config
+"""
+
+
+def cli_flags(workdir, **overrides):
+    """The command line of ``tiny_config(**overrides)``, through a config file beside it."""
+    config_file = pathlib.Path(tempfile.mkdtemp()) / "tiny.py"
+    config_file.write_text(CONFIG_FILE.format(overrides={**TINY, **overrides}))
+    return [f"--config={config_file}", f"--workdir={workdir}"]
+
+
+def assert_one_line_error(result, message: str):
+    """A non-zero exit whose stderr ends with one ``error:`` line, and no traceback."""
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "TensorStore" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A tiny 3-epoch run keeping all 3 checkpoints: (workdir, files)."""
+    workdir = tmp_path_factory.mktemp("reliability") / "run"
+    train.train_and_evaluate(tiny_config(num_epochs=3, keep_checkpoints=3), workdir)
+    return workdir, files(workdir)
+
+
+def copy_of(run, tmp_path) -> pathlib.Path:
+    import shutil
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(run[0], workdir)
+    return workdir
+
+
+# ----------------------------------------------------------------------------- divergence
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(finished_run, tmp_path):
+    """Resumed from epoch 3 with a learning rate that overflows float32 at once, and only one
+    checkpoint kept: the run stops in epoch 4, and checkpoint 3 is neither replaced by a
+    non-finite state nor rotated out."""
+    workdir = copy_of(finished_run, tmp_path)
+    diverging = tiny_config(num_epochs=6, keep_checkpoints=1, learning_rate=1e30)
+    with pytest.raises(TrainingDiverged) as error:
+        train.train_and_evaluate(diverging, workdir, resume=True)
+    message = str(error.value)
+    assert message.startswith("training diverged at epoch 4")
+    assert f"the last good checkpoint, {workdir / 'checkpoints' / '3'} (epoch 3), is kept" in (
+        message
+    )
+    assert "--config.skip_nonfinite_steps" in message
+    assert checkpoints.checkpoint_epochs(workdir) == [1, 2, 3]  # nothing written or rotated
+    state = train.restore_checkpoint(workdir)  # verified: checksums and finite
+    assert int(state["step"]) == 3 * TINY["steps_per_epoch"]
+    assert [r["epoch"] for r in strict_records(workdir)] == [1, 2, 3]
+
+    # The command line: the same one line, and a non-zero exit.
+    result = run_cli(*cli_flags(workdir, num_epochs=6, learning_rate=1e30), "--resume")
+    assert_one_line_error(result, "error: training diverged at epoch 4")
+    assert [r["epoch"] for r in strict_records(workdir)] == [1, 2, 3]
+
+
+def test_a_fresh_run_that_diverges_at_once_says_so_and_writes_no_checkpoint(tmp_path):
+    workdir = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"at epoch 1, step \d .*no checkpoint was written"):
+        train.train_and_evaluate(tiny_config(learning_rate=1e30), workdir)
+    assert checkpoints.checkpoint_epochs(workdir) == []
+    assert strict_records(workdir) == []
+
+
+def _step_parts(skip: int):
+    """A tiny model's state and a jitted ``train_step`` with ``skip_nonfinite_steps=skip``."""
+    config = tiny_config(skip_nonfinite_steps=skip)
+    config.augment.crop_padding = 0
+    ds = input_pipeline.load("digits", None, 64, 64)
+    model = models.create_model("small_cnn", 10, widths=(8, 16))
+    tx = train.create_optimizer(config, lambda count: 0.1)
+    state = train.create_train_state(jax.random.key(0), model, tx, ds.train_images.shape[1:])
+    batch = {"image": ds.train_images[:32], "label": ds.train_labels[:32]}
+
+    def step(state, mean):
+        kwargs = dict(model=model, tx=tx, config=config, mean=mean, std=ds.std)
+        return jax.jit(lambda s: train.train_step(s, batch, jax.random.key(1), **kwargs))(state)
+
+    return state, step, ds.mean
+
+
+@pytest.mark.parametrize("skip", [0, 3])
+def test_non_finite_steps_stop_the_run_or_are_skipped_whole(skip):
+    """A batch normalised with a NaN mean gives NaN logits and gradients. Without skipping,
+    the step is flagged as diverged; with ``skip_nonfinite_steps`` it is skipped whole:
+    parameters, BatchNorm statistics and momentum are those before the step."""
+    state, step, mean = _step_parts(skip)
+    after, metrics = step(state, (float("nan"),))
+    if skip:
+        assert metrics["skipped"] == 1 and metrics["finite"] == 1
+        for kept, before in zip(
+            jax.tree.leaves((after.params, after.batch_stats, after.opt_state)),
+            jax.tree.leaves((state.params, state.batch_stats, state.opt_state)),
+            strict=False,
+        ):
+            if jnp.issubdtype(kept.dtype, jnp.floating):
+                np.testing.assert_array_equal(kept, before)
+    else:
+        assert metrics["skipped"] == 0 and metrics["finite"] == 0
+    # A normal batch is applied in both modes.
+    after, metrics = step(state, mean)
+    assert metrics["finite"] == 1 and metrics["skipped"] == 0
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), after.params, state.params)
+    assert max(jax.tree.leaves(moved)) > 0
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def _data_files(checkpoint: pathlib.Path) -> list[pathlib.Path]:
+    """The array data files of a checkpoint's state, largest first."""
+    found = [p for p in (checkpoint / "state").rglob("*") if p.is_file() and "/d/" in str(p)]
+    return sorted(found, key=lambda p: -p.stat().st_size)
+
+
+def test_flipped_bytes_in_a_checkpoint_are_detected_and_nothing_changes(finished_run, tmp_path):
+    workdir = copy_of(finished_run, tmp_path)
+    target = _data_files(workdir / "checkpoints" / "3")[0]
+    data = bytearray(target.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    target.write_bytes(bytes(data))
+    before = files(workdir)
+    with pytest.raises(ConfigError, match=r"checkpoint .*/3 is damaged .*resume from epoch 2"):
+        train.train_and_evaluate(tiny_config(num_epochs=4), workdir, resume=True)
+    with pytest.raises(ConfigError, match=r"checkpoint .*/3 is damaged"):
+        train.restore_checkpoint(workdir)
+    assert files(workdir) == before
+
+    # Moved away as the message says, the run resumes from epoch 2.
+    (workdir / "checkpoints" / "3").rename(workdir / "checkpoints" / "3.damaged")
+    train.train_and_evaluate(tiny_config(num_epochs=3), workdir, resume=True)
+    assert [r["epoch"] for r in strict_records(workdir)] == [1, 2, 3]
+
+
+def test_a_truncated_checkpoint_is_one_line_on_the_command_line(finished_run, tmp_path):
+    workdir = copy_of(finished_run, tmp_path)
+    target = _data_files(workdir / "checkpoints" / "3")[0]
+    target.write_bytes(target.read_bytes()[:100])
+    before = files(workdir)
+    result = run_cli(*cli_flags(workdir, num_epochs=4), "--resume")
+    assert_one_line_error(result, f"checkpoint {workdir / 'checkpoints' / '3'} is damaged")
+    assert files(workdir) == before
+
+
+def test_checksums_catch_a_changed_value_and_non_finite_values():
+    state = {"params": {"w": np.arange(6.0, dtype=np.float32)}, "step": np.int32(3)}
+    written = checkpoints.checksums(state)
+    checkpoints.verify(state, written, pathlib.Path("ckpt/3"))
+    changed = {"params": {"w": state["params"]["w"] + np.float32(1e-6)}, "step": np.int32(3)}
+    with pytest.raises(ConfigError, match=r"1 of 2 arrays do not match .*first params/w"):
+        checkpoints.verify(changed, written, pathlib.Path("ckpt/3"), older=[2])
+    nan = {"params": {"w": np.full(6, np.nan, np.float32)}, "step": np.int32(3)}
+    with pytest.raises(ConfigError, match=r"1 arrays hold NaN or infinity, first params/w"):
+        checkpoints.verify(nan, checkpoints.checksums(nan), pathlib.Path("ckpt/3"))
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+HOLD_LOCK = """
+import pathlib, sys, time
+from experiments import checkpoints
+with checkpoints.locked(pathlib.Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_run_on_a_workdir_is_refused_until_the_first_dies(finished_run, tmp_path):
+    workdir = copy_of(finished_run, tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(workdir)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = files(workdir)
+        for flag in ("resume", "overwrite"):
+            with pytest.raises(ConfigError, match=rf"in use by another run \(pid {holder.pid} on"):
+                train.train_and_evaluate(tiny_config(num_epochs=4), workdir, **{flag: True})
+        assert files(workdir) == before
+        holder.send_signal(signal.SIGKILL)  # the OS releases its lock
+        holder.wait()
+        train.train_and_evaluate(tiny_config(num_epochs=4), workdir, resume=True)
+        assert [r["epoch"] for r in strict_records(workdir)] == [1, 2, 3, 4]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_failed_start_leaves_no_workdir_behind(tmp_path):
+    workdir = tmp_path / "new"
+    with pytest.raises(ConfigError, match="batch size 512 exceeds"):  # found after the lock
+        train.train_and_evaluate(tiny_config(batch_size=512), workdir)
+    assert not workdir.exists()
+
+
+def test_resume_rewrites_the_metrics_from_the_checkpoint(finished_run, tmp_path):
+    """A crash or a second writer can leave duplicated, out-of-order or garbled lines; the
+    checkpoint's own records replace them on resume."""
+    workdir = copy_of(finished_run, tmp_path)
+    good = strict_records(workdir)
+    with (workdir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(good[0]) + "\n" + json.dumps(good[2]) + "\n{garbled\n")
+    train.train_and_evaluate(tiny_config(num_epochs=4), workdir, resume=True)
+    records = strict_records(workdir)
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert records[:3] == good
+
+
+def test_a_garbled_metrics_file_without_records_in_the_checkpoint_is_named(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1}\nNaN garbage\n')
+    with pytest.raises(ConfigError, match=r"metrics.jsonl line 2 is not a metrics record"):
+        checkpoints.read_metrics(path)
+    assert checkpoints.strict_json({"loss": float("nan"), "epoch": 1}) == (
+        '{"loss": null, "epoch": 1}'
+    )
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(log_every_steps=0), "config.log_every_steps must be a positive integer"),
+        (dict(num_test_examples=0), "config.num_test_examples must be an integer >= 1"),
+        (dict(num_train_examples=-5), "config.num_train_examples must be an integer >= 1"),
+        (dict(keep_checkpoints=0), "config.keep_checkpoints must be an integer >= 1"),
+        (dict(steps_per_epoch=0), "config.steps_per_epoch must be an integer >= 1"),
+        (dict(label_smoothing=1.0), r"config.label_smoothing must be a number in \[0, 1\)"),
+        (dict(label_smoothing=-0.1), r"config.label_smoothing must be a number in \[0, 1\)"),
+        (dict(learning_rate=-0.1), "config.learning_rate must be a number >= 0"),
+        (dict(learning_rate=float("nan")), "config.learning_rate must be a number >= 0"),
+        (dict(momentum=1.5), r"config.momentum must be a number in \[0, 1\)"),
+        (dict(weight_decay=-1e-4), "config.weight_decay must be a number >= 0"),
+        (dict(skip_nonfinite_steps=-1), "config.skip_nonfinite_steps must be an integer >= 0"),
+        (dict(dtype="float16"), "unknown dtype 'float16'; valid: float32, bfloat16, float64"),
+        (dict(dtype="float64"), "needs 64-bit JAX: set JAX_ENABLE_X64=1"),
+        (dict(optimizer="gam", gam=dict(rho=-1.0)), "config.gam: gam: rho must be"),
+        (dict(optimizer="sam", sam=dict(rho=-0.05)), "config.sam: sam: rho must be"),
+        (dict(optimizer="gsam", gsam=dict(rho=0.05, alpha=float("inf"))), "config.gsam: gsam"),
+    ],
+)
+def test_bad_config_values_fail_with_one_message_and_write_nothing(tmp_path, overrides, message):
+    workdir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=message):
+        train.train_and_evaluate(tiny_config(**overrides), workdir)
+    assert not workdir.exists()
+
+
+def test_file_system_problems_are_one_line_on_the_command_line(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    assert_one_line_error(run_cli(*cli_flags(a_file)), f"--workdir {a_file} is a file")
+    assert_one_line_error(
+        run_cli(*cli_flags(a_file / "run")), f"cannot use {a_file / 'run'} as the workdir"
+    )
+    missing = tmp_path / "missing.py"
+    result = run_cli(f"--config={missing}", f"--workdir={tmp_path / 'w'}")
+    assert_one_line_error(result, f"the --config file {missing} does not exist")
+    broken = tmp_path / "broken.py"
+    broken.write_text(textwrap.dedent("def get_config(:\n    pass\n"))
+    result = run_cli(f"--config={broken}", f"--workdir={tmp_path / 'w'}")
+    assert_one_line_error(result, "the --config file failed to load (SyntaxError")
+    assert a_file.read_text() == "not a directory" and not (tmp_path / "w").exists()
+
+
+def test_the_main_job_names_flags_it_has(tmp_path, capsys):
+    (tmp_path / "sgd").mkdir()
+    (tmp_path / "sgd" / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit) as error:
+        main_job.main(["--workdir", str(tmp_path), "--epochs", "1"])
+    message = str(error.value)
+    assert "already holds a run" in message
+    with pytest.raises(SystemExit):
+        main_job.main(["--help"])
+    usage = capsys.readouterr().out
+    for flag in ("--resume", "--overwrite", "--workdir"):
+        assert flag in message and flag in usage
