@@ -183,9 +183,8 @@ def test_state_is_count_buffer_and_inner_state_in_the_params_dtype(dtype):
     directions, state = run(tx, lambda p: loss(jax.tree.map(jnp.float32, p)), params, steps=3)
     assert state.count.dtype == jnp.int32 and int(state.count) == 3
     assert jax.tree.structure(state.v) == jax.tree.structure(params)
-    for v, d, p in zip(
-        jax.tree.leaves(state.v), jax.tree.leaves(directions[-1]), jax.tree.leaves(params)
-    ):
+    leaves = [jax.tree.leaves(t) for t in (state.v, directions[-1], params)]
+    for v, d, p in zip(*leaves, strict=True):
         assert v.dtype == d.dtype == dtype and v.shape == p.shape
     assert float(gam_optax._perturb.global_norm(state.v)) > 0  # the refresh of step 2 stored it
 
