@@ -6,7 +6,8 @@ same synthetic batch, jitted with the state donated. For each it prints the comp
 the median step time over repetitions, the ratio to sgd's step measured in the same
 process (timings on shared machines are noisy; ratios are not), and the peak memory that
 XLA's memory analysis of the compiled step reports. Accelerated GAM takes 4 gradient
-evaluations, so 4x sgd is its floor; SAM's is 2x.
+evaluations, so 4x sgd is its floor; SAM's is 2x. The amortised ones (``looksam``,
+``reuse_gam_K``: GAM every K steps) are timed over whole cycles of K steps, divided by K.
 
     python -m experiments.benchmark                       # CIFAR-shaped ResNet-18, batch 128
     python -m experiments.benchmark --setting cpu         # a 6-conv BatchNorm CNN, batch 64
@@ -51,6 +52,8 @@ OPTIMIZERS = {
     "gsam": ("gsam", {}),
     "gam": ("gam", {}),
     "gam_hessian": ("gam", {"hessian": True}),
+    "looksam": ("looksam", {"every": 5}),
+    **{f"reuse_gam_{k}": ("reuse", {"inner": "gam", "every": k}) for k in (2, 5, 10)},
 }
 
 
@@ -118,20 +121,30 @@ def peak_bytes(compiled: Any) -> int | None:
         return None
 
 
-def measure(jitted, args, compiler_options: dict, warmup: int, repeats: int) -> dict[str, Any]:
+def period(optimizer: str) -> int:
+    """Steps in one cycle of ``optimizer``: ``every`` for the amortised ones, else 1."""
+    return OPTIMIZERS[optimizer][1].get("every", 1)
+
+
+def measure(
+    jitted, args, compiler_options: dict, warmup: int, repeats: int, cycle: int = 1
+) -> dict[str, Any]:
+    """Compile time, and the median over ``repeats`` of the time of ``cycle`` consecutive
+    steps divided by ``cycle`` (amortised: each cycle holds one refresh step)."""
     start = time.perf_counter()
     compiled = jitted.lower(*args).compile(compiler_options=compiler_options)
     compile_s = time.perf_counter() - start
     state, batch, rng = jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, args)
-    for _ in range(warmup):
+    for _ in range(warmup * cycle):
         state, metrics = compiled(state, batch, rng)
     jax.block_until_ready(state)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        state, metrics = compiled(state, batch, rng)
+        for _ in range(cycle):
+            state, metrics = compiled(state, batch, rng)
         jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / cycle)
     return {
         "compile_s": compile_s,
         "step_ms": 1e3 * statistics.median(times),
@@ -167,7 +180,7 @@ def run(
         for optimizer in optimizers:
             jitted, args = build_step(optimizer, setting, donate, dp)
             for variant, options in variants.items():
-                result = measure(jitted, args, options, warmup, repeats)
+                result = measure(jitted, args, options, warmup, repeats, period(optimizer))
                 row = {"optimizer": optimizer, "parallel": name, "variant": variant, **result}
                 rows.append(row)
                 print(

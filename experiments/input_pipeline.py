@@ -69,6 +69,30 @@ def load(
     )
 
 
+def hold_out(ds: Dataset, num_examples: int | None) -> Dataset:
+    """The last ``num_examples`` training examples as the evaluation set, the rest to train.
+
+    For choosing hyperparameters without looking at the test set: the returned data set's
+    ``test_*`` arrays are the held-out training examples, and the real test set is dropped.
+    ``None`` (or 0) returns ``ds`` unchanged.
+    """
+    if not num_examples:
+        return ds
+    n = len(ds.train_labels)
+    if not 0 < num_examples < n:
+        raise ConfigError(
+            f"config.validation_examples={num_examples} must be between 1 and the {n - 1} "
+            f"training examples less one; lower it."
+        )
+    cut = n - num_examples
+    return ds._replace(
+        train_images=ds.train_images[:cut],
+        train_labels=ds.train_labels[:cut],
+        test_images=ds.train_images[cut:],
+        test_labels=ds.train_labels[cut:],
+    )
+
+
 def _load_digits() -> Dataset:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split

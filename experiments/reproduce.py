@@ -10,12 +10,17 @@ markdown table of mean +- std over seeds and draws ``WORKDIR/reproduction.png``.
 
     python -m experiments.reproduce --workdir runs/reproduce --epochs 8 --seeds 5
 
-Runs already finished in WORKDIR are reused, so an interrupted reproduction continues.
+An optimizer may carry overrides of its config section, ``NAME:KEY=VALUE,...``, e.g.
+``reuse:every=5,alpha=0.2`` (amortised GAM) or ``looksam:every=10``; ``--validation-examples
+N`` trains on all but the last N training examples and reports accuracy on those N instead
+of the test set (for choosing hyperparameters). Runs already finished in WORKDIR are reused,
+so an interrupted reproduction continues.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import pathlib
 import sys
@@ -25,6 +30,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import scipy.stats
 from matplotlib.figure import Figure
 
 from experiments import ConfigError, train
@@ -58,6 +64,28 @@ def measure_flatness(
     }
 
 
+def parse_optimizer(spec: str) -> tuple[str, dict[str, Any]]:
+    """``'reuse:every=5,alpha=0.2'`` -> ``('reuse', {'every': 5, 'alpha': 0.2})``."""
+    name, _, rest = spec.partition(":")
+    if name not in train.OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {name!r}; valid: {', '.join(train.OPTIMIZERS)}.")
+    section = default.get_config().get(name)
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or section is None or key not in section:
+            valid = ", ".join(section or ()) or "none"
+            raise ConfigError(
+                f"bad override {item!r} in {spec!r}: write KEY=VALUE with a key of "
+                f"config.{name} ({valid})."
+            )
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value  # a bare word, e.g. inner=gam
+    return name, overrides
+
+
 def run_one(
     optimizer: str,
     seed: int,
@@ -66,14 +94,19 @@ def run_one(
     rho: float,
     train_examples: int | None = None,
     flatness_examples: int | None = None,
+    validation_examples: int | None = None,
 ) -> dict:
     """Train (or reuse) one run and measure it; the result is cached in ``result.json``."""
     result_path = workdir / "result.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
     config = default.get_config()
-    config.optimizer, config.seed, config.num_epochs = optimizer, seed, epochs
+    name, overrides = parse_optimizer(optimizer)
+    config.optimizer, config.seed, config.num_epochs = name, seed, epochs
+    if overrides:
+        config[name].update(overrides)
     config.num_train_examples = train_examples
+    config.validation_examples = validation_examples
     config.progress_bar = False
     start = time.perf_counter()
     summary = train.train_and_evaluate(config, workdir, overwrite=True)
@@ -82,6 +115,7 @@ def run_one(
         "optimizer": optimizer,
         "seed": seed,
         "epochs": epochs,
+        "validation_examples": validation_examples,
         "wall_time": wall_time,
         **{k: summary[k] for k in ("final_test_accuracy", "best_test_accuracy", "train_loss")},
         **measure_flatness(config, workdir, rho, seed, flatness_examples),
@@ -100,6 +134,32 @@ def summarise(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, tuple[fl
             for key in COLUMNS
         }
     return table
+
+
+def interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """The Student-t confidence interval of the mean of ``values``."""
+    n, mean = len(values), float(np.mean(values))
+    if n < 2:
+        return mean, mean
+    half = scipy.stats.t.ppf(0.5 + level / 2, n - 1) * np.std(values, ddof=1) / np.sqrt(n)
+    return mean - half, mean + half
+
+
+def interval_table(results: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
+    """95% intervals of the mean over seeds, one row per optimizer."""
+    lines = [
+        "| optimizer | " + " | ".join(f"{COLUMNS[k][0]} 95% CI" for k in keys) + " |",
+        "|---" * (len(keys) + 1) + "|",
+    ]
+    for optimizer in dict.fromkeys(r["optimizer"] for r in results):
+        rows = [r for r in results if r["optimizer"] == optimizer]
+        cells = []
+        for key in keys:
+            low, high = interval([r[key] for r in rows])
+            fmt = COLUMNS[key][1]
+            cells.append(f"[{fmt.format(low)}, {fmt.format(high)}]")
+        lines.append(f"| {optimizer} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown_table(table: dict[str, dict[str, tuple[float, float]]], seeds: int) -> str:
@@ -139,7 +199,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, tuple[float, 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("runs/reproduce"))
     parser.add_argument(
-        "--optimizers", nargs="+", default=["sgd", "sam", "gsam", "gam"], choices=train.OPTIMIZERS
+        "--optimizers",
+        nargs="+",
+        default=["sgd", "sam", "gsam", "gam"],
+        help=f"NAME or NAME:KEY=VALUE,... with NAME one of {', '.join(train.OPTIMIZERS)}",
     )
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=8)
@@ -156,14 +219,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, tuple[float, 
         default=512,
         help="measure flatness on the first N training examples",
     )
+    parser.add_argument(
+        "--validation-examples",
+        type=int,
+        default=None,
+        help="hold out the last N training examples; report accuracy on them, not on the test set",
+    )
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.epochs < 1:
         parser.error("--seeds and --epochs must be >= 1")
+    for spec in args.optimizers:
+        try:
+            parse_optimizer(spec)
+        except ConfigError as e:
+            parser.error(str(e))
     results = []
     try:
         for seed in range(args.seeds):
             for optimizer in args.optimizers:
-                run_dir = args.workdir / f"{optimizer}-seed{seed}"
+                label = optimizer.translate(str.maketrans(":,", "--", "="))
+                run_dir = args.workdir / f"{label}-seed{seed}"
                 results.append(
                     run_one(
                         optimizer,
@@ -173,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, tuple[float, 
                         args.rho,
                         args.train_examples,
                         args.flatness_examples,
+                        args.validation_examples,
                     )
                 )
                 print(f"done {run_dir}", file=sys.stderr, flush=True)
@@ -180,6 +256,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, tuple[float, 
         sys.exit(f"error: {e}")
     table = summarise(results)
     print(markdown_table(table, args.seeds))
+    print()
+    print(interval_table(results, ["final_test_accuracy", "top_eigenvalue"]))
+    if args.validation_examples:
+        print(
+            f"\n'test' = validation: the last {args.validation_examples} training examples, "
+            "held out from training; the test set was not used."
+        )
     plot(results, args.workdir / "reproduction.png")
     print(f"\nplot: {args.workdir / 'reproduction.png'}")
     return table

@@ -51,7 +51,8 @@ from experiments import (
 from gam_optax import flatness
 
 BASE_OPTIMIZERS = ("sgd", "adamw")
-PERTURBATIONS = ("gam", "sam", "gsam")  # gam_optax transformations placed before the base
+PERTURBATIONS = ("gam", "sam", "gsam", "looksam", "reuse")  # gam_optax, before the base
+REUSABLE = ("gam", "sam", "gsam")  # what config.reuse.inner may name
 OPTIMIZERS = BASE_OPTIMIZERS + PERTURBATIONS
 WHOLE_BATCH_LIMIT = 4096  # training_objective takes up to this many examples in one pass
 # A checkpoint can only be resumed by a run that agrees on these config fields.
@@ -105,8 +106,10 @@ def create_optimizer(
     """The optax chain named by ``config.optimizer``.
 
     'sgd': coupled weight decay, then SGD with momentum (PyTorch's ``SGD(weight_decay=...)``);
-    'adamw': decoupled weight decay. 'gam', 'sam', 'gsam': the ``gam_optax`` transformation
-    of that name, with the keyword arguments in ``config.<name>``, before ``base_optimizer``.
+    'adamw': decoupled weight decay. 'gam', 'sam', 'gsam', 'looksam': the ``gam_optax``
+    transformation of that name, with the keyword arguments in ``config.<name>``, before
+    ``base_optimizer``; 'reuse': ``gam_optax.reuse`` of ``config.reuse.inner`` (built from
+    its own section) with the other keyword arguments of ``config.reuse``.
     With ``axis_name`` (a step run per device) the transformations get ``axis_name`` and
     ``average=config.average``, and average over that axis themselves (``train_step`` averages
     ``g0`` for sgd and adamw); the optimizer state is the same as on one device.
@@ -128,20 +131,30 @@ def create_optimizer(
     )
     if config.optimizer in base:
         return optax.with_extra_args_support(guarded(config.optimizer))
-    transformation = getattr(gam_optax, config.optimizer, None)
-    if transformation is None:
-        raise ConfigError(
-            f"optimizer {config.optimizer!r} needs gam_optax.{config.optimizer}, which this "
-            f"version of gam_optax ({gam_optax.__version__}) does not provide."
-        )
-    kwargs = config[config.optimizer].to_dict()
-    if axis_name is not None:
-        kwargs.update(axis_name=axis_name, average=config.average)
-    try:
-        perturbation = transformation(**kwargs, has_aux=True)
-    except (TypeError, ValueError) as e:  # the library's message, naming the argument
-        raise ConfigError(f"config.{config.optimizer}: {e}") from None
-    return optax.chain(perturbation, guarded(config.base_optimizer))
+    parallel_kwargs = {} if axis_name is None else dict(axis_name=axis_name, average=config.average)
+
+    def perturbation(name, **kwargs):
+        transformation = getattr(gam_optax, name, None)
+        if transformation is None:
+            raise ConfigError(
+                f"optimizer {name!r} needs gam_optax.{name}, which this "
+                f"version of gam_optax ({gam_optax.__version__}) does not provide."
+            )
+        try:
+            return transformation(**config[name].to_dict(), **kwargs, **parallel_kwargs)
+        except (TypeError, ValueError) as e:  # the library's message, naming the argument
+            raise ConfigError(f"config.{name}: {e}") from None
+
+    if config.optimizer == "reuse":
+        kwargs = config.reuse.to_dict()
+        inner = perturbation(kwargs.pop("inner"), has_aux=True)
+        try:
+            first = gam_optax.reuse(inner, **kwargs, **parallel_kwargs)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config.reuse: {e}") from None
+    else:
+        first = perturbation(config.optimizer, has_aux=True)
+    return optax.chain(first, guarded(config.base_optimizer))
 
 
 def _check_number(
@@ -174,6 +187,10 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> Non
             raise ConfigError(
                 f"unknown {field.replace('_', ' ')} {config[field]!r}; valid: {', '.join(valid)}."
             )
+    if config.optimizer == "reuse" and config.reuse.inner not in REUSABLE:
+        raise ConfigError(
+            f"unknown config.reuse.inner {config.reuse.inner!r}; valid: {', '.join(REUSABLE)}."
+        )
     for field in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps"):
         if not isinstance(config[field], int) or config[field] < 1:
             raise ConfigError(f"config.{field} must be a positive integer, got {config[field]}.")
@@ -487,6 +504,7 @@ def _train(config, workdir, dp, resume, overwrite, start) -> dict[str, Any]:
     ds = input_pipeline.load(
         config.dataset, config.data_dir, config.num_train_examples, config.num_test_examples
     )
+    ds = input_pipeline.hold_out(ds, config.get("validation_examples"))  # "test" = validation
     num_train, batch_size = len(ds.train_labels), config.batch_size
     steps_per_epoch = min(num_train // batch_size, config.steps_per_epoch or num_train)
     if steps_per_epoch < 1:

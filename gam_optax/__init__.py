@@ -4,6 +4,7 @@ from gam_optax import flatness
 from gam_optax._gam import GAMState, gam
 from gam_optax._gam_hessian import GAMHessianState, gam_hessian
 from gam_optax._presets import GAM_PRESETS, RELEASED_NAMES, from_released_names, gam_preset
+from gam_optax._reuse import ReuseState, looksam, reuse
 from gam_optax._sam import GSAM_PRESETS, SAM_PRESETS, SAMState, gsam, gsam_preset, sam, sam_preset
 from gam_optax._schedules import proportional_schedule
 
@@ -16,6 +17,7 @@ __all__ = [
     "SAM_PRESETS",
     "GAMHessianState",
     "GAMState",
+    "ReuseState",
     "SAMState",
     "flatness",
     "from_released_names",
@@ -24,7 +26,9 @@ __all__ = [
     "gam_preset",
     "gsam",
     "gsam_preset",
+    "looksam",
     "proportional_schedule",
+    "reuse",
     "sam",
     "sam_preset",
 ]

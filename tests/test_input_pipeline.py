@@ -124,3 +124,20 @@ def test_augment_is_normalize_when_everything_is_off():
     out = jax.jit(functools.partial(augment, crop_padding=3))(jax.random.key(0), IMAGES)
     black = -np.asarray(mean, np.float32) / np.asarray(std, np.float32)
     assert np.any(np.all(np.isclose(out, black), axis=-1))
+
+
+def test_validation_split_is_held_out_from_training_and_is_not_the_test_set(digits):
+    held = input_pipeline.hold_out(digits, 200)
+    n = len(digits.train_labels)
+    np.testing.assert_array_equal(held.train_images, digits.train_images[: n - 200])
+    np.testing.assert_array_equal(held.test_images, digits.train_images[n - 200 :])
+    np.testing.assert_array_equal(held.test_labels, digits.train_labels[n - 200 :])
+    assert len(held.train_labels) + len(held.test_labels) == n  # disjoint parts of train
+    # No image found only in the test set reaches training or validation.
+    rows = lambda images: {image.tobytes() for image in images}
+    test_only = rows(digits.test_images) - rows(digits.train_images)
+    assert len(test_only) > 800
+    assert not (rows(held.train_images) | rows(held.test_images)) & test_only
+    assert input_pipeline.hold_out(digits, None) is digits
+    with pytest.raises(ConfigError, match="validation_examples=898 must be between 1"):
+        input_pipeline.hold_out(digits, n)

@@ -4,8 +4,9 @@ import json
 import math
 
 import numpy as np
+import pytest
 
-from experiments import reproduce
+from experiments import ConfigError, reproduce
 
 
 def test_reproduction_summarises_runs_and_reuses_them(tmp_path, capsys):
@@ -46,3 +47,17 @@ def test_reproduction_summarises_runs_and_reuses_them(tmp_path, capsys):
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/result.json")}
     assert reproduce.main(argv) == table
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/result.json")} == stamps
+
+
+def test_optimizer_overrides_are_parsed_and_checked():
+    assert reproduce.parse_optimizer("gam") == ("gam", {})
+    assert reproduce.parse_optimizer("reuse:inner=sam,every=5,alpha=0.2,rescale=False") == (
+        "reuse",
+        {"inner": "sam", "every": 5, "alpha": 0.2, "rescale": False},
+    )
+    with pytest.raises(ConfigError, match=r"'evry=5'.*config\.reuse \(alpha, every, inner"):
+        reproduce.parse_optimizer("reuse:evry=5")
+    with pytest.raises(ConfigError, match="unknown optimizer 'lookSAM'"):
+        reproduce.parse_optimizer("lookSAM")
+    with pytest.raises(ConfigError, match=r"bad override .rho=1.*config\.sgd \(none\)"):
+        reproduce.parse_optimizer("sgd:rho=1")

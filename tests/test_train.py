@@ -127,7 +127,7 @@ def _chain(name, config, schedule):
     return optax.chain(getattr(gam_optax, name)(**config[name], has_aux=True), base)
 
 
-@pytest.mark.parametrize("name", ["sgd", "gam", "sam", "gsam"])
+@pytest.mark.parametrize("name", ["sgd", "gam", "sam", "gsam", "looksam"])
 def test_optimizer_factory_builds_the_documented_chain(name):
     config = default.get_config()
     config.optimizer, config.weight_decay = name, 0.01
@@ -143,6 +143,29 @@ def test_optimizer_factory_builds_the_documented_chain(name):
         np.testing.assert_allclose(updates["w"], -0.1 * (g0["w"] + 0.01 * params["w"]), rtol=1e-6)
     else:  # the perturbation changed the direction
         assert not np.allclose(updates["w"], -0.1 * (g0["w"] + 0.01 * params["w"]))
+
+
+def test_reuse_optimizer_wraps_the_named_inner_section():
+    config = default.get_config()
+    config.optimizer = "reuse"
+    config.reuse.update(inner="sam", every=2, alpha=0.3, rescale=False)
+    schedule = lambda count: 0.1
+    inner = gam_optax.sam(**config.sam, has_aux=True)
+    want = optax.chain(
+        gam_optax.reuse(inner, 2, 0.3, rescale=False), _chain("sgd", config, schedule)
+    )
+    got = train.create_optimizer(config, schedule)
+    params = {"w": jnp.array([1.0, -2.0, 0.5])}
+    loss_fn = lambda p: (jnp.sum(p["w"] ** 4 + p["w"]), {"aux": 0.0})
+    g0 = jax.grad(lambda p: loss_fn(p)[0])(params)
+    got_state, want_state = got.init(params), want.init(params)
+    for _ in range(3):  # a refresh, a reuse, a refresh
+        updates, got_state = got.update(g0, got_state, params, loss_fn=loss_fn)
+        expected, want_state = want.update(g0, want_state, params, loss_fn=loss_fn)
+        np.testing.assert_array_equal(updates["w"], expected["w"])
+    config.reuse.inner = "adamw"
+    with pytest.raises(ConfigError, match=r"unknown config\.reuse\.inner 'adamw'; valid: gam, sam"):
+        train.check_config(config)
 
 
 def test_adamw_decouples_weight_decay():
@@ -283,7 +306,11 @@ def test_resume_after_sigkill_ends_bitwise_equal_to_an_uninterrupted_run(digits_
     [
         ("model", "resnet19", "unknown model 'resnet19'; valid: small_cnn, resnet18"),
         ("dataset", "mnist", "unknown dataset 'mnist'; valid: digits, cifar10, cifar100"),
-        ("optimizer", "lion", "unknown optimizer 'lion'; valid: sgd, adamw, gam, sam, gsam"),
+        (
+            "optimizer",
+            "lion",
+            "unknown optimizer 'lion'; valid: sgd, adamw, gam, sam, gsam, looksam",
+        ),
         ("base_optimizer", "gam", "unknown base optimizer 'gam'; valid: sgd, adamw"),
         ("num_epochs", 0, "config.num_epochs must be a positive integer"),
     ],

@@ -18,6 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data_dir = config_dict.placeholder(str)
     config.num_train_examples = config_dict.placeholder(int)  # use only the first N (quick runs)
     config.num_test_examples = config_dict.placeholder(int)
+    # Hold out the last N training examples and evaluate on them instead of the test set
+    # (the "test_*" metrics are then validation metrics): for choosing hyperparameters.
+    config.validation_examples = config_dict.placeholder(int)
     # On device, every step: random crop with zero padding, left-right flip, Cutout (0 = off;
     # 16 is the usual CIFAR size). Digits are 8x8 and not mirror-symmetric.
     config.augment = ml_collections.ConfigDict(dict(crop_padding=1, flip=False, cutout_size=0))
@@ -42,8 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.weight_decay = 5e-4
     config.label_smoothing = 0.1
 
-    # Optimizer: 'sgd', 'adamw', or a gam_optax transformation ('gam', 'sam', 'gsam') placed
-    # before the base optimizer; each transformation's section holds its keyword arguments.
+    # Optimizer: 'sgd', 'adamw', or a gam_optax transformation ('gam', 'sam', 'gsam', 'looksam',
+    # 'reuse') placed before the base optimizer; each transformation's section holds its
+    # keyword arguments.
     # 'sgd' is coupled weight decay + SGD with momentum (PyTorch's SGD); 'adamw' decouples it.
     config.optimizer = "gam"
     config.base_optimizer = "sgd"
@@ -52,6 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.gam.adaptive = False
     config.sam = ml_collections.ConfigDict(dict(rho=0.05, adaptive=False))
     config.gsam = ml_collections.ConfigDict(dict(rho=0.05, alpha=0.1, adaptive=False))
+    # LookSAM: SAM every `every` steps, its orthogonal component reused in between.
+    config.looksam = ml_collections.ConfigDict(dict(rho=0.05, every=5, alpha=0.7, rescale=True))
+    # 'reuse': gam_optax.reuse of config.reuse.inner (built from its own section above).
+    config.reuse = ml_collections.ConfigDict(dict(inner="gam", every=5, alpha=0.7, rescale=True))
 
     # Data parallelism (experiments/parallel.py): 'none' (one device), 'jit' (jax.jit over a
     # mesh of every device of every process, the batch sharded) or 'pmap'. With several
