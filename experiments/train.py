@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import tensorboardX
 from absl import logging
 from jax.tree_util import Partial
 from tqdm import tqdm
@@ -66,6 +67,15 @@ RESUME_KEYS = (
     "dtype",
     "skip_nonfinite_steps",
 )
+SUMMARIES_NAME = "tensorboard"  # WORKDIR/tensorboard: TensorBoard event files
+SUMMARY_TAGS = {  # record field -> TensorBoard tag
+    "train_loss": "train/loss",
+    "train_accuracy": "train/accuracy",
+    "test_loss": "test/loss",
+    "test_accuracy": "test/accuracy",
+    "learning_rate": "learning_rate",
+    "images_per_second": "images_per_second",
+}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
@@ -626,6 +636,11 @@ def _epochs(
         disable=not (config.progress_bar and main_process),
         dynamic_ncols=True,
     )
+    # TensorBoard: one scalar per record field and epoch (process 0). purge_step makes
+    # TensorBoard drop what an interrupted run wrote after the checkpoint it resumes from.
+    summaries = tensorboardX.SummaryWriter(
+        str(store.workdir / SUMMARIES_NAME), purge_step=start_epoch + 1, write_to_disk=main_process
+    )
     for epoch in range(start_epoch, config.num_epochs):
         batches = np.asarray(epoch_order(epoch))[: steps_per_epoch * batch_size]
         batches = batches.reshape(steps_per_epoch, batch_size)
@@ -685,6 +700,10 @@ def _epochs(
         store.save(epoch + 1, global_state, meta)
         if main_process:
             checkpoints.append_metrics(store.workdir / checkpoints.METRICS_NAME, record)
+        for key, tag in SUMMARY_TAGS.items():
+            summaries.add_scalar(tag, record[key], epoch + 1)
+        summaries.flush()
+    summaries.close()
     bar.close()
     return records
 

@@ -7,6 +7,7 @@ import os
 import pathlib
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -440,3 +441,32 @@ def test_main_job_compares_sgd_and_gam_side_by_side(tmp_path, capsys, monkeypatc
     # The same budget: one epoch of 898 // 64 = 14 steps each.
     steps = [int(train.restore_checkpoint(tmp_path / name)["step"]) for name in ("sgd", "gam")]
     assert steps == [14, 14]
+
+
+def read_summaries(directory: pathlib.Path) -> dict[str, dict[int, float]]:
+    """Every scalar of the TensorBoard event files in ``directory``: tag -> {step: value}.
+
+    Event files are TFRecords (length, its CRC, an ``Event`` protobuf, its CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
+def test_tensorboard_summaries_hold_every_epoch_of_the_metrics(digits_run):
+    workdir, _ = digits_run
+    scalars = read_summaries(workdir / train.SUMMARIES_NAME)
+    records = read_metrics(workdir)
+    assert set(scalars) == set(train.SUMMARY_TAGS.values())
+    for key, tag in train.SUMMARY_TAGS.items():
+        assert sorted(scalars[tag]) == [r["epoch"] for r in records]
+        for record in records:  # TensorBoard stores float32
+            assert scalars[tag][record["epoch"]] == pytest.approx(record[key], rel=1e-6)
