@@ -24,7 +24,7 @@ from experiments.configs import default
 from gam_optax import flatness
 
 
-def hessian_top_eigenvalue(config, workdir: pathlib.Path) -> float:
+def top_eigenvalue_of_run(config, workdir: pathlib.Path) -> float:
     """Top Hessian eigenvalue of the training objective at the run's final parameters."""
     loss_fn, params = train.training_objective(config, workdir)
     # 12 Lanczos steps agree with 20 to 5 digits here, at 60% of the cost.
@@ -53,7 +53,7 @@ def compare(
             config, workdir / name, resume=resume, overwrite=overwrite
         )
         wall_time = time.perf_counter() - start
-        eigenvalue = hessian_top_eigenvalue(config, workdir / name)
+        eigenvalue = top_eigenvalue_of_run(config, workdir / name)
         rows.append({"optimizer": name, **summary, "wall_time": wall_time, "hessian": eigenvalue})
     return rows
 

@@ -9,20 +9,24 @@ Solid lines are the test set, dashed lines the training set.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 from collections.abc import Sequence
 
 import matplotlib
 import matplotlib.pyplot as plt
 
+from experiments import ConfigError, checkpoints
+
 
 def read_metrics(run_dir: str | pathlib.Path) -> list[dict]:
     """The records of ``run_dir/metrics.jsonl``, one per epoch."""
-    path = pathlib.Path(run_dir) / "metrics.jsonl"
+    path = pathlib.Path(run_dir) / checkpoints.METRICS_NAME
     if not path.exists():
         raise SystemExit(f"error: {path} does not exist; is {run_dir} a --workdir of a run?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        return checkpoints.read_metrics(path)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def plot_runs(run_dirs: Sequence[str | pathlib.Path]) -> matplotlib.figure.Figure:
