@@ -33,7 +33,7 @@ import numpy as np
 import scipy.stats
 from matplotlib.figure import Figure
 
-from experiments import ConfigError, train
+from experiments import ConfigError, optimizers, train
 from experiments.configs import default
 from gam_optax import flatness
 
@@ -67,8 +67,8 @@ def measure_flatness(
 def parse_optimizer(spec: str) -> tuple[str, dict[str, Any]]:
     """``'reuse:every=5,alpha=0.2'`` -> ``('reuse', {'every': 5, 'alpha': 0.2})``."""
     name, _, rest = spec.partition(":")
-    if name not in train.OPTIMIZERS:
-        raise ConfigError(f"unknown optimizer {name!r}; valid: {', '.join(train.OPTIMIZERS)}.")
+    if name not in optimizers.NAMES:
+        raise ConfigError(f"unknown optimizer {name!r}; valid: {', '.join(optimizers.NAMES)}.")
     section = default.get_config().get(name)
     overrides = {}
     for item in filter(None, rest.split(",")):
@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, tuple[float, 
         "--optimizers",
         nargs="+",
         default=["sgd", "sam", "gsam", "gam"],
-        help=f"NAME or NAME:KEY=VALUE,... with NAME one of {', '.join(train.OPTIMIZERS)}",
+        help=f"NAME or NAME:KEY=VALUE,... with NAME one of {', '.join(optimizers.NAMES)}",
     )
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=8)

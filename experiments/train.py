@@ -39,22 +39,18 @@ from absl import logging
 from jax.tree_util import Partial
 from tqdm import tqdm
 
-import gam_optax
 from experiments import (
     ConfigError,
     TrainingDiverged,
     checkpoints,
     input_pipeline,
     models,
+    optimizers,
     parallel,
     xla_options,
 )
 from gam_optax import flatness
 
-BASE_OPTIMIZERS = ("sgd", "adamw")
-PERTURBATIONS = ("gam", "sam", "gsam", "looksam", "reuse")  # gam_optax, before the base
-REUSABLE = ("gam", "sam", "gsam")  # what config.reuse.inner may name
-OPTIMIZERS = BASE_OPTIMIZERS + PERTURBATIONS
 WHOLE_BATCH_LIMIT = 4096  # training_objective takes up to this many examples in one pass
 # A checkpoint can only be resumed by a run that agrees on these config fields.
 RESUME_KEYS = (
@@ -110,61 +106,7 @@ def epoch_cosine_schedule(
     return lambda count: cosine(count // steps_per_epoch)
 
 
-def create_optimizer(
-    config: ml_collections.ConfigDict, schedule: optax.Schedule, axis_name: str | None = None
-) -> optax.GradientTransformationExtraArgs:
-    """The optax chain named by ``config.optimizer``.
-
-    'sgd': coupled weight decay, then SGD with momentum (PyTorch's ``SGD(weight_decay=...)``);
-    'adamw': decoupled weight decay. 'gam', 'sam', 'gsam', 'looksam': the ``gam_optax``
-    transformation of that name, with the keyword arguments in ``config.<name>``, before
-    ``base_optimizer``; 'reuse': ``gam_optax.reuse`` of ``config.reuse.inner`` (built from
-    its own section) with the other keyword arguments of ``config.reuse``.
-    With ``axis_name`` (a step run per device) the transformations get ``axis_name`` and
-    ``average=config.average``, and average over that axis themselves (``train_step`` averages
-    ``g0`` for sgd and adamw); the optimizer state is the same as on one device.
-    With ``config.skip_nonfinite_steps = N > 0`` the base optimizer is wrapped in
-    ``optax.apply_if_finite(..., N)``: a step whose direction holds a NaN or an infinity is
-    skipped (up to N in a row), and its state's ``last_finite`` says so.
-    """
-    wd = config.weight_decay
-    base = {
-        "sgd": lambda: optax.chain(
-            optax.add_decayed_weights(wd), optax.sgd(schedule, momentum=config.momentum)
-        ),
-        "adamw": lambda: optax.adamw(schedule, weight_decay=wd),
-    }
-    guarded = lambda name: (
-        optax.apply_if_finite(base[name](), config.skip_nonfinite_steps)
-        if config.skip_nonfinite_steps
-        else base[name]()
-    )
-    if config.optimizer in base:
-        return optax.with_extra_args_support(guarded(config.optimizer))
-    parallel_kwargs = {} if axis_name is None else dict(axis_name=axis_name, average=config.average)
-
-    def perturbation(name, **kwargs):
-        transformation = getattr(gam_optax, name, None)
-        if transformation is None:
-            raise ConfigError(
-                f"optimizer {name!r} needs gam_optax.{name}, which this "
-                f"version of gam_optax ({gam_optax.__version__}) does not provide."
-            )
-        try:
-            return transformation(**config[name].to_dict(), **kwargs, **parallel_kwargs)
-        except (TypeError, ValueError) as e:  # the library's message, naming the argument
-            raise ConfigError(f"config.{name}: {e}") from None
-
-    if config.optimizer == "reuse":
-        kwargs = config.reuse.to_dict()
-        inner = perturbation(kwargs.pop("inner"), has_aux=True)
-        try:
-            first = gam_optax.reuse(inner, **kwargs, **parallel_kwargs)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"config.reuse: {e}") from None
-    else:
-        first = perturbation(config.optimizer, has_aux=True)
-    return optax.chain(first, guarded(config.base_optimizer))
+create_optimizer = optimizers.create  # the optax chain of config.optimizer
 
 
 def _check_number(
@@ -189,18 +131,17 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> Non
         ("average", parallel.AVERAGES),
         ("dataset", input_pipeline.DATASETS),
         ("model", tuple(models.MODELS)),
-        ("optimizer", OPTIMIZERS),
-        ("base_optimizer", BASE_OPTIMIZERS),
+        ("optimizer", optimizers.NAMES),
+        ("base_optimizer", tuple(optimizers.BASE)),
         ("dtype", tuple(DTYPES)),
     ):
         if config[field] not in valid:
             raise ConfigError(
                 f"unknown {field.replace('_', ' ')} {config[field]!r}; valid: {', '.join(valid)}."
             )
-    if config.optimizer == "reuse" and config.reuse.inner not in REUSABLE:
-        raise ConfigError(
-            f"unknown config.reuse.inner {config.reuse.inner!r}; valid: {', '.join(REUSABLE)}."
-        )
+    if config.optimizer == "reuse" and config.reuse.inner not in optimizers.REUSABLE:
+        valid = ", ".join(optimizers.REUSABLE)
+        raise ConfigError(f"unknown config.reuse.inner {config.reuse.inner!r}; valid: {valid}.")
     for field in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps"):
         if not isinstance(config[field], int) or config[field] < 1:
             raise ConfigError(f"config.{field} must be a positive integer, got {config[field]}.")
@@ -292,7 +233,7 @@ def train_step(
         state.params if axis_name is None else jax.lax.pcast(state.params, axis_name, to="varying")
     )
     (loss, (batch_stats, logits)), g0 = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    if axis_name is not None and config.optimizer in BASE_OPTIMIZERS:
+    if axis_name is not None and config.optimizer in optimizers.BASE:
         g0 = jax.lax.pmean(g0, axis_name)  # the gam_optax transformations average it themselves
     # gam/sam/gsam evaluate their extra gradients with loss_fn; sgd/adamw ignore it. Only the
     # g0 pass updates the BatchNorm statistics.

@@ -6,7 +6,7 @@ Every field the trainer reads is here; other configs are diffs of this one.
 import ml_collections
 from ml_collections import config_dict
 
-import gam_optax
+from experiments import optimizers
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -45,21 +45,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.weight_decay = 5e-4
     config.label_smoothing = 0.1
 
-    # Optimizer: 'sgd', 'adamw', or a gam_optax transformation ('gam', 'sam', 'gsam', 'looksam',
-    # 'reuse') placed before the base optimizer; each transformation's section holds its
-    # keyword arguments.
+    # Optimizer: a name of experiments/optimizers.py: 'sgd', 'adamw', or a gam_optax
+    # transformation ('gam', 'sam', 'gsam', 'looksam', 'reuse') placed before the base
+    # optimizer, whose keyword arguments are the section of its name (config.gam, ...).
     # 'sgd' is coupled weight decay + SGD with momentum (PyTorch's SGD); 'adamw' decouples it.
     config.optimizer = "gam"
     config.base_optimizer = "sgd"
-    # The released CIFAR-100 ResNet setting; the CIFAR recipes use their own preset.
-    config.gam = ml_collections.ConfigDict(gam_optax.gam_preset("cifar100_resnet"))
-    config.gam.adaptive = False
-    config.sam = ml_collections.ConfigDict(dict(rho=0.05, adaptive=False))
-    config.gsam = ml_collections.ConfigDict(dict(rho=0.05, alpha=0.1, adaptive=False))
-    # LookSAM: SAM every `every` steps, its orthogonal component reused in between.
-    config.looksam = ml_collections.ConfigDict(dict(rho=0.05, every=5, alpha=0.7, rescale=True))
-    # 'reuse': gam_optax.reuse of config.reuse.inner (built from its own section above).
-    config.reuse = ml_collections.ConfigDict(dict(inner="gam", every=5, alpha=0.7, rescale=True))
+    optimizers.add_sections(config)  # config.gam: the released CIFAR-100 ResNet setting
 
     # Data parallelism (experiments/parallel.py): 'none' (one device), 'jit' (jax.jit over a
     # mesh of every device of every process, the batch sharded) or 'pmap'. With several
