@@ -25,7 +25,6 @@ the same global batch, against the one-device step (column ``x none``):
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import sys
@@ -36,7 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from experiments import parallel, train, xla_options
+from experiments import input_pipeline, parallel, train, xla_options
 from experiments.configs import default
 
 SETTINGS = {
@@ -83,28 +82,18 @@ def build_step(
     _, _, batch_size, image_shape, num_classes = SETTINGS[setting]
     config = make_config(optimizer, setting)
     config.average = dp.average
-    model = train.models.create_model(
-        config.model, num_classes, axis_name=dp.batch_norm_axis, **config.model_kwargs
-    )
-    tx = train.create_optimizer(config, lambda count: 0.1, axis_name=dp.axis_name)
-    state = train.create_train_state(jax.random.key(0), model, tx, image_shape, dp.replicated)
     rng = np.random.default_rng(0)
     batch = {
         "image": rng.integers(0, 256, (batch_size, *image_shape), dtype=np.uint8),
         "label": rng.integers(0, num_classes, batch_size, dtype=np.int32),
     }
     mean, std = (0.5,) * image_shape[-1], (0.25,) * image_shape[-1]
-    step = functools.partial(
-        train.train_step,
-        model=model,
-        tx=tx,
-        config=config,
-        mean=mean,
-        std=std,
-        axis_name=dp.axis_name,
+    data = input_pipeline.Dataset(
+        batch["image"], batch["label"], batch["image"], batch["label"], num_classes, mean, std
     )
-    args = (dp.from_global(state), dp.put_batch(batch), jax.random.key(1))
-    return dp.compile_step(step, donate=donate), args
+    program = train.build(config, data, dp, steps_per_epoch=1)
+    args = (dp.from_global(program.state), dp.put_batch(batch), jax.random.key(1))
+    return dp.compile_step(program.step, donate=donate), args
 
 
 def peak_bytes(compiled: Any) -> int | None:

@@ -17,6 +17,7 @@ Run it with ``python -m experiments.train --config=experiments/configs/... --wor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -205,26 +206,29 @@ def train_step(
     *,
     model: flax.linen.Module,
     tx: optax.GradientTransformationExtraArgs,
-    config: ml_collections.ConfigDict,
     mean: tuple[float, ...],
     std: tuple[float, ...],
+    augment: dict[str, Any],
+    label_smoothing: float,
+    dtype: Any = jnp.float32,
+    average_g0: bool = False,
     axis_name: str | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a batch of uint8 images: augment, g0, ``tx.update``, apply.
 
-    With ``axis_name`` it is one device's part of a data-parallel step (inside ``jax.pmap``
-    or ``jax.shard_map``): ``g0`` is this device's gradient, averaged over devices here for
-    sgd and adamw, and by ``tx`` (made with ``axis_name``) for gam, sam and gsam.
+    ``augment`` holds the keyword arguments of ``input_pipeline.augment``; :func:`build`
+    binds everything after ``rng`` from a config. With ``axis_name`` it is one device's part
+    of a data-parallel step (inside ``jax.pmap`` or ``jax.shard_map``): ``g0`` is this
+    device's gradient, averaged over devices here if ``average_g0`` (sgd, adamw), else by
+    ``tx`` (a gam_optax transformation made with ``axis_name``).
     """
-    images = input_pipeline.augment(
-        rng, batch["image"], mean, std, **config.augment, dtype=DTYPES[config.dtype]
-    )
+    images = input_pipeline.augment(rng, batch["image"], mean, std, **augment, dtype=dtype)
     labels = batch["label"]
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
         logits, new_vars = model.apply(variables, images, train=True, mutable=["batch_stats"])
-        loss = smoothed_cross_entropy(logits, labels, config.label_smoothing).mean()
+        loss = smoothed_cross_entropy(logits, labels, label_smoothing).mean()
         return loss, (new_vars["batch_stats"], logits)
 
     # Under shard_map, the gradient with respect to replicated parameters would already be
@@ -233,7 +237,7 @@ def train_step(
         state.params if axis_name is None else jax.lax.pcast(state.params, axis_name, to="varying")
     )
     (loss, (batch_stats, logits)), g0 = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    if axis_name is not None and config.optimizer in optimizers.BASE:
+    if axis_name is not None and average_g0:
         g0 = jax.lax.pmean(g0, axis_name)  # the gam_optax transformations average it themselves
     # gam/sam/gsam evaluate their extra gradients with loss_fn; sgd/adamw ignore it. Only the
     # g0 pass updates the BatchNorm statistics.
@@ -259,6 +263,51 @@ def train_step(
         "finite": (finite_state & (jnp.isfinite(loss) | skipped)).astype(jnp.float32),
         "skipped": skipped.astype(jnp.float32),
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """What a config builds: the model, the optax chain and its schedule, the initial state,
+    and ``step(state, batch, rng)``, :func:`train_step` with everything else bound."""
+
+    model: flax.linen.Module
+    tx: optax.GradientTransformationExtraArgs
+    schedule: optax.Schedule
+    state: TrainState
+    step: Callable[[TrainState, dict[str, jax.Array], jax.Array], Any]
+
+
+def build(
+    config: ml_collections.ConfigDict,
+    data: input_pipeline.Dataset,
+    dp: parallel.DataParallel,
+    steps_per_epoch: int,
+) -> Program:
+    """The training program of ``config`` for ``data`` on ``dp``'s devices (the trainer, the
+    benchmark and the tests all start here)."""
+    dtype = DTYPES[config.dtype]
+    model = models.create_model(
+        config.model, data.num_classes, dtype, axis_name=dp.batch_norm_axis, **config.model_kwargs
+    )
+    schedule = epoch_cosine_schedule(config.learning_rate, config.num_epochs, steps_per_epoch)
+    tx = optimizers.create(config, schedule, axis_name=dp.axis_name)
+    init_rng = jax.random.split(jax.random.key(config.seed), 3)[0]
+    param_dtype = jnp.promote_types(dtype, jnp.float32)  # bfloat16 compute, float32 params
+    shape = data.train_images.shape[1:]
+    state = create_train_state(init_rng, model, tx, shape, dp.replicated, param_dtype)
+    step = functools.partial(
+        train_step,
+        model=model,
+        tx=tx,
+        mean=data.mean,
+        std=data.std,
+        augment=config.augment.to_dict(),
+        label_smoothing=config.label_smoothing,
+        dtype=dtype,
+        average_g0=config.optimizer in optimizers.BASE,
+        axis_name=dp.axis_name,
+    )
+    return Program(model, tx, schedule, state, step)
 
 
 def eval_step(
@@ -464,17 +513,7 @@ def _train(config, workdir, dp, resume, overwrite, start) -> dict[str, Any]:
             f"{config.dataset!r}; lower config.batch_size."
         )
 
-    dtype = DTYPES[config.dtype]
-    model = models.create_model(
-        config.model, ds.num_classes, dtype, axis_name=dp.batch_norm_axis, **config.model_kwargs
-    )
-    schedule = epoch_cosine_schedule(config.learning_rate, config.num_epochs, steps_per_epoch)
-    tx = create_optimizer(config, schedule, axis_name=dp.axis_name)
-    init_rng = jax.random.split(jax.random.key(config.seed), 3)[0]
-    param_dtype = jnp.promote_types(dtype, jnp.float32)  # bfloat16 compute, float32 params
-    state = create_train_state(
-        init_rng, model, tx, ds.train_images.shape[1:], dp.replicated, param_dtype
-    )
+    program = build(config, ds, dp, steps_per_epoch)
 
     # Resume (verified), or clear the workdir for a fresh run: only now that config, data
     # and model passed their checks.
@@ -489,10 +528,11 @@ def _train(config, workdir, dp, resume, overwrite, start) -> dict[str, Any]:
     store = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
     try:
         records: list[dict[str, Any]] = []
+        state = program.state
         if epochs:
             meta = store.meta(epochs[-1])
             _check_resumable(meta, config, store.directory / str(epochs[-1]))
-            state = store.restore(epochs[-1], state, meta)
+            state = store.restore(epochs[-1], program.state, meta)
             records = meta.get("records") or [  # checkpoints from before records were kept
                 r for r in checkpoints.read_metrics(metrics_path) if r["epoch"] <= epochs[-1]
             ]
@@ -501,7 +541,7 @@ def _train(config, workdir, dp, resume, overwrite, start) -> dict[str, Any]:
         if main_process:
             checkpoints.write_metrics(metrics_path, records)
         start_epoch = epochs[-1] if epochs else 0
-        records = _epochs(config, dp, ds, model, tx, schedule, state, records, store, start_epoch)
+        records = _epochs(config, dp, ds, program, state, records, store, start_epoch)
     finally:
         store.close()  # waits for the last checkpoint to be written, even after an error
     if not records:
@@ -517,9 +557,7 @@ def _train(config, workdir, dp, resume, overwrite, start) -> dict[str, Any]:
     }
 
 
-def _epochs(
-    config, dp, ds, model, tx, schedule, state, records, store, start_epoch
-) -> list[dict[str, Any]]:
+def _epochs(config, dp, ds, program, state, records, store, start_epoch) -> list[dict[str, Any]]:
     """The epochs after ``start_epoch``: train, evaluate, record, checkpoint."""
     num_train, batch_size = len(ds.train_labels), config.batch_size
     steps_per_epoch = min(num_train // batch_size, config.steps_per_epoch or num_train)
@@ -528,24 +566,15 @@ def _epochs(
         _eval_batches(ds.test_images, ds.test_labels, config.eval_batch_size, dp.num_devices),
         jax.sharding.PartitionSpec(None, parallel.AXIS),
     )
-    step_fn = functools.partial(
-        train_step,
-        model=model,
-        tx=tx,
-        config=config,
-        mean=ds.mean,
-        std=ds.std,
-        axis_name=dp.axis_name,
-    )
     # The augmentation key of a step derives from (seed, step): resumed runs repeat it.
     train_batch = dp.compile_step(
-        lambda state, batch, rng: step_fn(state, batch, jax.random.fold_in(rng, state.step))
+        lambda state, batch, rng: program.step(state, batch, jax.random.fold_in(rng, state.step))
     )
 
     @jax.jit
     def evaluate(state, batches):
         sums = jax.lax.map(
-            lambda b: eval_step(state, b, model=model, mean=ds.mean, std=ds.std), batches
+            lambda b: eval_step(state, b, model=program.model, mean=ds.mean, std=ds.std), batches
         )
         count = jnp.sum(batches["mask"])
         return {"loss": jnp.sum(sums["loss"]) / count, "accuracy": jnp.sum(sums["correct"]) / count}
@@ -553,7 +582,7 @@ def _epochs(
     epoch_order = jax.jit(
         lambda epoch: jax.random.permutation(jax.random.fold_in(shuffle_rng, epoch), num_train)
     )
-    learning_rate = jax.jit(schedule)
+    learning_rate = jax.jit(program.schedule)
     rows = dp.process_rows(batch_size)  # each process reads its own rows of every batch
     read_batch = lambda indices: dp.put_batch(
         {"image": ds.train_images[indices[rows]], "label": ds.train_labels[indices[rows]]}

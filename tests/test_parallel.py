@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import ConfigError, input_pipeline, models, parallel, train
+from experiments import ConfigError, input_pipeline, parallel, train
 from experiments.configs import default
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -113,24 +113,15 @@ def test_jit_keeps_the_one_device_augmentation(tmp_root):
 
 
 def _one_step_reference(config):
-    """The program's first step, rebuilt from its parts: (state, batch, jitted step)."""
+    """The program's first step, rebuilt with ``train.build``: (state, batch, jitted step)."""
     ds = input_pipeline.load("digits", None, config.num_train_examples, config.num_test_examples)
-    init_rng, shuffle_rng, augment_rng = jax.random.split(jax.random.key(config.seed), 3)
+    _, shuffle_rng, augment_rng = jax.random.split(jax.random.key(config.seed), 3)
     order = jax.random.permutation(jax.random.fold_in(shuffle_rng, 0), config.num_train_examples)
     rows = np.asarray(order)[: config.batch_size]
     batch = {"image": ds.train_images[rows], "label": ds.train_labels[rows]}
-    dtype = train.DTYPES[config.dtype]
-    model = models.create_model(config.model, ds.num_classes, dtype, **config.model_kwargs)
-    schedule = train.epoch_cosine_schedule(config.learning_rate, config.num_epochs, 1)
-    tx = train.create_optimizer(config, schedule)
-    shape = ds.train_images.shape[1:]
-    state = train.create_train_state(init_rng, model, tx, shape, param_dtype=dtype)
-    step = jax.jit(
-        functools.partial(
-            train.train_step, model=model, tx=tx, config=config, mean=ds.mean, std=ds.std
-        )
-    )
-    return state, batch, lambda state, batch: step(state, batch, augment_rng)
+    program = train.build(config, ds, parallel.DataParallel.create(), steps_per_epoch=1)
+    step = jax.jit(program.step)
+    return program.state, batch, lambda state, batch: step(state, batch, augment_rng)
 
 
 @pytest.mark.parametrize("mode", ["jit", "pmap"])

@@ -154,7 +154,8 @@ def _step_parts(skip: int):
     batch = {"image": ds.train_images[:32], "label": ds.train_labels[:32]}
 
     def step(state, mean):
-        kwargs = dict(model=model, tx=tx, config=config, mean=mean, std=ds.std)
+        kwargs = dict(model=model, tx=tx, mean=mean, std=ds.std, augment=config.augment.to_dict())
+        kwargs.update(label_smoothing=config.label_smoothing)
         return jax.jit(lambda s: train.train_step(s, batch, jax.random.key(1), **kwargs))(state)
 
     return state, step, ds.mean

@@ -200,7 +200,13 @@ def test_only_the_g0_pass_updates_batchnorm_statistics():
         tx = train.create_optimizer(config, lambda count: 0.1)
         state = state.replace(opt_state=tx.init(state.params))
         step = functools.partial(
-            train.train_step, model=model, tx=tx, config=config, mean=(0.3,), std=(0.3,)
+            train.train_step,
+            model=model,
+            tx=tx,
+            mean=(0.3,),
+            std=(0.3,),
+            augment=config.augment.to_dict(),
+            label_smoothing=config.label_smoothing,
         )
         results[name] = jax.jit(step)(state, batch, jax.random.key(1))
     (sgd, sgd_metrics), (gam, gam_metrics) = results["sgd"], results["gam"]
