@@ -19,7 +19,7 @@ from typing import Any
 
 import jax
 
-from experiments import ConfigError, plot, train
+from experiments import ConfigError, plot, tables, train
 from experiments.configs import default
 from gam_optax import flatness
 
@@ -68,22 +68,18 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         "training time",
         "top Hessian eig",
     )
-    lines = [header]
-    for r in rows:
-        lines.append(
-            (
-                r["optimizer"],
-                f"{r['final_test_accuracy']:.4f}",
-                f"{r['best_test_accuracy']:.4f} (ep {r['best_epoch']})",
-                f"{r['train_loss']:.4f}",
-                f"{r['wall_time']:.1f} s",
-                f"{r['hessian']:.2f}",
-            )
+    cells = [
+        (
+            r["optimizer"],
+            f"{r['final_test_accuracy']:.4f}",
+            f"{r['best_test_accuracy']:.4f} (ep {r['best_epoch']})",
+            f"{r['train_loss']:.4f}",
+            f"{r['wall_time']:.1f} s",
+            f"{r['hessian']:.2f}",
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    fmt = lambda line: "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True))
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([fmt(lines[0]), rule, *map(fmt, lines[1:])])
+        for r in rows
+    ]
+    return tables.table(header, cells)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

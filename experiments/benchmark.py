@@ -35,7 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from experiments import input_pipeline, parallel, train, xla_options
+from experiments import input_pipeline, parallel, tables, train, xla_options
 from experiments.configs import default
 
 SETTINGS = {
@@ -187,17 +187,21 @@ def run(
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    header = (
-        f"{'optimizer':12s} {'parallel':20s} {'variant':17s} {'step ms':>9s} {'x sgd':>7s} "
-        f"{'x none':>7s} {'compile s':>9s} {'peak MB':>8s}"
-    )
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(
-            f"{r['optimizer']:12s} {r['parallel']:20s} {r['variant']:17s} {r['step_ms']:9.1f} "
-            f"{r['vs_sgd']:7.2f} {r['vs_none']:7.2f} {r['compile_s']:9.1f} {r['peak_mb']:8.1f}"
+    header = ("optimizer", "parallel", "variant", "step ms", "x sgd", "x none", "compile s")
+    cells = [
+        (
+            r["optimizer"],
+            r["parallel"],
+            r["variant"],
+            f"{r['step_ms']:.1f}",
+            f"{r['vs_sgd']:.2f}",
+            f"{r['vs_none']:.2f}",
+            f"{r['compile_s']:.1f}",
+            f"{r['peak_mb']:.1f}",
         )
-    return "\n".join(lines)
+        for r in rows
+    ]
+    return tables.table((*header, "peak MB"), cells)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:

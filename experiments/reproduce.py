@@ -33,7 +33,7 @@ import numpy as np
 import scipy.stats
 from matplotlib.figure import Figure
 
-from experiments import ConfigError, optimizers, train
+from experiments import ConfigError, optimizers, tables, train
 from experiments.configs import default
 from gam_optax import flatness
 
@@ -147,34 +147,30 @@ def interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float
 
 def interval_table(results: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
     """95% intervals of the mean over seeds, one row per optimizer."""
-    lines = [
-        "| optimizer | " + " | ".join(f"{COLUMNS[k][0]} 95% CI" for k in keys) + " |",
-        "|---" * (len(keys) + 1) + "|",
-    ]
+    rows = []
     for optimizer in dict.fromkeys(r["optimizer"] for r in results):
-        rows = [r for r in results if r["optimizer"] == optimizer]
-        cells = []
+        runs = [r for r in results if r["optimizer"] == optimizer]
+        cells = [optimizer]
         for key in keys:
-            low, high = interval([r[key] for r in rows])
+            low, high = interval([r[key] for r in runs])
             fmt = COLUMNS[key][1]
             cells.append(f"[{fmt.format(low)}, {fmt.format(high)}]")
-        lines.append(f"| {optimizer} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    header = ["optimizer", *(f"{COLUMNS[k][0]} 95% CI" for k in keys)]
+    return tables.table(header, rows, markdown=True)
 
 
 def markdown_table(table: dict[str, dict[str, tuple[float, float]]], seeds: int) -> str:
-    lines = [
-        "| optimizer | " + " | ".join(heading for heading, _ in COLUMNS.values()) + " |",
-        "|---" * (len(COLUMNS) + 1) + "|",
-    ]
-    for optimizer, values in table.items():
-        cells = [
+    rows = [
+        [optimizer]
+        + [
             f"{fmt.format(values[key][0])} ± {fmt.format(values[key][1])}"
             for key, (_, fmt) in COLUMNS.items()
         ]
-        lines.append(f"| {optimizer} | " + " | ".join(cells) + " |")
-    lines.append(f"\nmean ± std over {seeds} seeds")
-    return "\n".join(lines)
+        for optimizer, values in table.items()
+    ]
+    header = ["optimizer", *(heading for heading, _ in COLUMNS.values())]
+    return tables.table(header, rows, markdown=True) + f"\n\nmean ± std over {seeds} seeds"
 
 
 def plot(results: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
