@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from experiments import ConfigError, TrainingDiverged, checkpoints, input_pipeline, models, train
-from experiments import __main__ as main_job
+from experiments import compare as main_job
 from experiments.configs import default
 
 ROOT = pathlib.Path(__file__).parents[1]

@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 
 import gam_optax
 from experiments import ConfigError, input_pipeline, models, plot, train
-from experiments import __main__ as main_job
+from experiments import compare as main_job
 from experiments.configs import cifar10_resnet18, default
 
 ROOT = pathlib.Path(__file__).parents[1]

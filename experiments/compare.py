@@ -1,0 +1,129 @@
+"""The main job: SGD against GAM on the offline default (digits, small CNN), side by side.
+
+  python -m experiments [--workdir DIR] [--epochs N] [--resume | --overwrite]
+  python -m experiments.compare ...   # the same
+
+Both runs use ``configs/default.py`` with the same seed, data order and epoch budget; only
+``config.optimizer`` differs. Prints final and best test accuracy, final training loss, the
+wall time of training (compilation included) and the top Hessian eigenvalue of the training
+objective at the final parameters, and draws ``DIR/curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from experiments import ConfigError, plot, tables, train
+from experiments.configs import default
+from gam_optax import flatness
+
+
+def top_eigenvalue_of_run(config, workdir: pathlib.Path) -> float:
+    """Top Hessian eigenvalue of the training objective at the run's final parameters."""
+    loss_fn, params = train.training_objective(config, workdir)
+    # 12 Lanczos steps agree with 20 to 5 digits here, at 60% of the cost.
+    key = jax.random.key(0)
+    return float(flatness.hessian_top_eigenvalue(loss_fn, params, key, num_iterations=12))
+
+
+def compare(
+    workdir: pathlib.Path,
+    optimizers: Sequence[str] = ("sgd", "gam"),
+    *,
+    num_epochs: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> list[dict[str, Any]]:
+    """Trains the default config once per optimizer into ``workdir/<optimizer>``
+    (``resume``: continue, or reuse, runs already there)."""
+    rows = []
+    for name in optimizers:
+        config = default.get_config()
+        config.optimizer = name
+        if num_epochs is not None:
+            config.num_epochs = num_epochs
+        start = time.perf_counter()
+        summary = train.train_and_evaluate(
+            config, workdir / name, resume=resume, overwrite=overwrite
+        )
+        wall_time = time.perf_counter() - start
+        eigenvalue = top_eigenvalue_of_run(config, workdir / name)
+        rows.append({"optimizer": name, **summary, "wall_time": wall_time, "hessian": eigenvalue})
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The comparison as a plain-text table."""
+    header = (
+        "optimizer",
+        "final test acc",
+        "best test acc",
+        "final train loss",
+        "training time",
+        "top Hessian eig",
+    )
+    cells = [
+        (
+            r["optimizer"],
+            f"{r['final_test_accuracy']:.4f}",
+            f"{r['best_test_accuracy']:.4f} (ep {r['best_epoch']})",
+            f"{r['train_loss']:.4f}",
+            f"{r['wall_time']:.1f} s",
+            f"{r['hessian']:.2f}",
+        )
+        for r in rows
+    ]
+    return tables.table(header, cells)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--workdir",
+        type=pathlib.Path,
+        default=None,
+        help="where the runs go (default: runs/compare-<date>-<time>)",
+    )
+    parser.add_argument("--epochs", type=int, default=None, help="override config.num_epochs")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the runs in --workdir (e.g. after a kill)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace earlier runs in --workdir"
+    )
+    args = parser.parse_args(argv)
+    if args.epochs is not None and args.epochs < 1:
+        parser.error(f"--epochs must be a positive integer, got {args.epochs}")
+    workdir = args.workdir or pathlib.Path("runs", time.strftime("compare-%Y%m%d-%H%M%S"))
+    start = time.perf_counter()
+    try:
+        rows = compare(
+            workdir, num_epochs=args.epochs, resume=args.resume, overwrite=args.overwrite
+        )
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: {e}; check the disk space and permissions of --workdir and retry.")
+    config = default.get_config()
+    epochs = args.epochs or config.num_epochs
+    print(
+        f"\n{config.dataset}, {config.model}, {epochs} epochs of batch {config.batch_size}, "
+        f"seed {config.seed}:\n"
+    )
+    print(format_table(rows))
+    fig = plot.plot_runs([workdir / r["optimizer"] for r in rows])
+    fig.savefig(workdir / "curves.png", dpi=120)
+    print(f"\nruns and curves in {workdir}; total {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
