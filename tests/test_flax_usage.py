@@ -1,5 +1,9 @@
 """The README's Flax recipes work: Linen with BatchNorm, and NNX's nnx.Optimizer."""
 
+import pathlib
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,7 +12,9 @@ import optax
 from flax import nnx
 
 import gam_optax
+import gam_optax.flax
 
+ROOT = pathlib.Path(__file__).parents[1]
 HYPER = dict(rho=0.1, rho_prime=0.02, alpha=0.6, beta=0.5, gamma=0.1)
 
 
@@ -119,3 +125,143 @@ def test_nnx_optimizer_forwards_loss_fn():
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), after, expected
     )
+
+
+# ----------------------------------------------------------------------------- gam_optax.flax
+
+
+def test_import_gam_optax_does_not_import_flax():
+    code = "import sys, gam_optax; assert 'flax' not in sys.modules, 'flax was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def assert_close(a, b):
+    """float64: the same computation, in another program (a bias before BatchNorm has a zero
+    gradient, whose round-off is ~1e-19)."""
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
+
+
+class LinenNet64(nn.Module):
+    """LinenNet in float64 (params and compute): the checks below are exact equalities."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Dense(8, dtype=jnp.float64, param_dtype=jnp.float64)(x)
+        x = nn.BatchNorm(
+            use_running_average=not train, momentum=0.5, dtype=jnp.float64, param_dtype=jnp.float64
+        )(x)
+        return nn.Dense(3, dtype=jnp.float64, param_dtype=jnp.float64)(nn.relu(x))
+
+
+def test_linen_train_state_forwards_loss_fn_counts_steps_and_keeps_g0_statistics(x64):
+    x, y = _data()
+    x = x.astype(jnp.float64)
+    model = LinenNet64()
+    variables = model.init(jax.random.key(1), x, train=False)
+    tx = optax.chain(gam_optax.gam(**HYPER, has_aux=True), optax.sgd(0.1))
+    state = gam_optax.flax.TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=tx,
+        batch_stats=variables["batch_stats"],
+    )
+
+    def make_loss_fn(params_stats):
+        def loss_fn(params):
+            logits, updated = model.apply(
+                {"params": params, "batch_stats": params_stats},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updated[
+                "batch_stats"
+            ]
+
+        return loss_fn
+
+    @jax.jit
+    def train_step(state):
+        loss_fn = make_loss_fn(state.batch_stats)
+        (_, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return state.apply_gradients(grads=grads, loss_fn=loss_fn, batch_stats=batch_stats)
+
+    # By hand: g0 and its statistics, GAM's direction, then SGD.
+    params, stats, gam = (
+        variables["params"],
+        variables["batch_stats"],
+        gam_optax.gam(**HYPER, has_aux=True),
+    )
+    for _ in range(3):
+        loss_fn = make_loss_fn(stats)
+        (_, new_stats), g0 = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        d, _ = gam.update(g0, gam.init(params), params, loss_fn=loss_fn)
+        params, stats = jax.tree.map(lambda p, d: p - 0.1 * d, params, d), new_stats
+        state = train_step(state)
+    assert int(state.step) == 3
+    for got, want in ((state.params, params), (state.batch_stats, stats)):
+        jax.tree.map(assert_close, got, want)
+    moved = jax.tree.map(
+        lambda a, b: float(jnp.max(jnp.abs(a - b))), stats, variables["batch_stats"]
+    )
+    assert min(jax.tree.leaves(moved)) > 1e-3  # the running statistics did move
+
+
+class NNXNetBN(nnx.Module):
+    """BatchNorm and dropout, in float64."""
+
+    def __init__(self, rngs):
+        kwargs = dict(dtype=jnp.float64, param_dtype=jnp.float64, rngs=rngs)
+        self.hidden = nnx.Linear(6, 8, **kwargs)
+        self.bn = nnx.BatchNorm(8, momentum=0.5, **kwargs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.out = nnx.Linear(8, 3, **kwargs)
+
+    def __call__(self, x):
+        return self.out(self.drop(jax.nn.relu(self.bn(self.hidden(x)))))
+
+
+def _rng_counts(model):
+    return [int(c) for c in jax.tree.leaves(nnx.state(model, nnx.RngCount))]
+
+
+def test_nnx_loss_fn_keeps_batchnorm_statistics_dropout_masks_and_rng_right(x64):
+    x, y = _data()
+    x = x.astype(jnp.float64)
+    loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+    tx = optax.chain(gam_optax.gam(**HYPER), optax.sgd(0.1))
+    model, plain = NNXNetBN(nnx.Rngs(0)), NNXNetBN(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer):
+        loss_fn = gam_optax.flax.nnx_loss_fn(model, loss)  # before the g0 pass
+        grads = nnx.grad(loss)(model)
+        optimizer.update(model, grads, loss_fn=loss_fn)
+
+    @nnx.jit
+    def plain_pass(model):  # what a step without GAM does to statistics and random state
+        return nnx.grad(loss)(model)
+
+    # By hand, from a copy of the model before the step: g0, and GAM's extra passes on
+    # copies that start from the same random state (so the same dropout masks as g0).
+    before = nnx.clone(model)
+    graphdef, params, rest = nnx.split(before, nnx.Param, ...)
+    at = lambda p: loss(nnx.merge(graphdef, p, rest, copy=True))
+    gam = gam_optax.gam(**HYPER)
+    d, _ = gam.update(jax.grad(at)(params), gam.init(params), params, loss_fn=at)
+    expected = jax.tree.map(lambda p, d: np.asarray(p) - 0.1 * np.asarray(d), params, d)
+
+    train_step(model, optimizer)
+    plain_pass(plain)
+    _, after, _ = nnx.split(model, nnx.Param, ...)
+    jax.tree.map(assert_close, after, expected)
+    # Statistics and random state: exactly those of one plain pass.
+    for collection in (nnx.BatchStat, nnx.RngCount):
+        jax.tree.map(
+            np.testing.assert_array_equal,
+            nnx.state(model, collection),
+            nnx.state(plain, collection),
+        )
+    assert _rng_counts(model) == [1]
+    assert float(jnp.max(jnp.abs(model.bn.mean[...]))) > 1e-3  # the statistics moved
