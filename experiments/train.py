@@ -11,7 +11,17 @@ with the same parameters, bit for bit, as an uninterrupted run.
 The same step runs on one device or data-parallel over every device of every process
 (``config.parallel``: ``jax.jit`` over a mesh or ``jax.pmap``; see ``experiments.parallel``).
 
-Run it with ``python -m experiments.train --config=experiments/configs/... --workdir=DIR``.
+The command line (flags: ``--helpshort``; ``--config.<field>=...`` overrides any field)::
+
+  python -m experiments.train --workdir=runs/digits                 # the offline default
+  python -m experiments.train --config=experiments/configs/cifar10_resnet18.py \\
+      --workdir=runs/c10 --config.optimizer=sgd --config.data_dir=~/tensorflow_datasets
+  python -m experiments.train --config=... --workdir=runs/c10 --resume
+
+Several devices: ``--config.parallel=jit`` (or ``pmap``). Several processes (GPU hosts, TPU
+VMs): run the same command on every host with ``--distributed`` (Cloud TPU, SLURM and Open
+MPI are detected), or with ``--coordinator_address=HOST0:PORT --num_processes=N
+--process_id=I``.
 """
 
 from __future__ import annotations
@@ -20,12 +30,13 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging as std_logging
 import math
 import pathlib
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax
@@ -36,8 +47,9 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import tensorboardX
-from absl import logging
+from absl import app, flags, logging
 from jax.tree_util import Partial
+from ml_collections import config_flags
 from tqdm import tqdm
 
 from experiments import (
@@ -706,7 +718,72 @@ def _diverged(where: str, store, bar) -> TrainingDiverged:
     )
 
 
-if __name__ == "__main__":
-    from experiments import main
+# ----------------------------------------------------------------------------- the command line
 
-    main.run()
+_DEFAULT_CONFIG = pathlib.Path(__file__).parent / "configs" / "default.py"
+FLAGS = flags.FLAGS
+
+
+def main(argv: Sequence[str]) -> None:
+    """The command line: ``python -m experiments.train --workdir=DIR [--config=FILE] ...``."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    # Orbax reports every checkpoint step at INFO level; keep its warnings only.
+    logging.get_absl_handler().addFilter(
+        lambda r: r.levelno >= std_logging.WARNING or "orbax" not in r.pathname
+    )
+    config_file = config_flags.get_config_filename(FLAGS["config"]).split(":")[0]
+    if not pathlib.Path(config_file).is_file():
+        sys.exit(f"error: the --config file {config_file} does not exist; check the path.")
+    config = FLAGS.config
+    try:
+        if FLAGS.distributed or FLAGS.coordinator_address or FLAGS.num_processes:
+            parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        summary = train_and_evaluate(
+            config, FLAGS.workdir, resume=FLAGS.resume, overwrite=FLAGS.overwrite
+        )
+    except ConfigError as e:  # bad input, a damaged checkpoint, a diverged run
+        sys.exit(f"error: {e}")
+    except OSError as e:  # the file system: a full disk, permissions
+        sys.exit(f"error: {e}; check the disk space and permissions of --workdir and retry.")
+    if not parallel.is_main_process():
+        return
+    print(
+        f"final test accuracy {summary['final_test_accuracy']:.4f}, best "
+        f"{summary['best_test_accuracy']:.4f} (epoch {summary['best_epoch']}), final train loss "
+        f"{summary['train_loss']:.4f}; {summary['train_time']:.1f} s of training. "
+        f"Metrics: {pathlib.Path(FLAGS.workdir) / 'metrics.jsonl'}"
+    )
+
+
+def run() -> None:
+    """Defines the flags and runs ``main``."""
+    flags.DEFINE_string("workdir", None, "Where checkpoints and metrics.jsonl go.", required=True)
+    flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir.")
+    flags.DEFINE_bool("overwrite", False, "Delete a previous run in --workdir first.")
+    flags.DEFINE_bool(
+        "distributed", False, "Join a multi-process job (jax.distributed.initialize)."
+    )
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies it).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes of the job.")
+    flags.DEFINE_integer("process_id", None, "Index of this process, 0 to num_processes - 1.")
+    try:  # config_flags applies the --config.<field>=... overrides of sys.argv here
+        config_flags.DEFINE_config_file(
+            "config", str(_DEFAULT_CONFIG), "Training configuration file.", lock_config=True
+        )
+    except (AttributeError, KeyError) as e:
+        while isinstance(e, BaseException) and e.args:  # ml_collections nests its KeyError
+            e = e.args[0]
+        sys.exit(f"error: the config has no field {' '.join(str(e).split())}")
+    try:
+        app.run(main)
+    except Exception as e:
+        if FLAGS.is_parsed():
+            raise  # a bug in the program: keep its traceback
+        # Raised while the flags were parsed: the --config file itself failed to run.
+        reason = " ".join(str(e).split("Traceback")[0].split())
+        sys.exit(f"error: the --config file failed to load ({type(e).__name__}: {reason}).")
+
+
+if __name__ == "__main__":
+    run()

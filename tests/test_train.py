@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import signal
 import struct
@@ -476,3 +477,15 @@ def test_tensorboard_summaries_hold_every_epoch_of_the_metrics(digits_run):
         assert sorted(scalars[tag]) == [r["epoch"] for r in records]
         for record in records:  # TensorBoard stores float32
             assert scalars[tag][record["epoch"]] == pytest.approx(record[key], rel=1e-6)
+
+
+def test_help_lists_the_flags():
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.train", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert "Traceback" not in result.stderr  # (absl's --help exits with status 1)
+    for flag in ("workdir", "config", "resume", "overwrite", "distributed", "process_id"):
+        assert re.search(rf"--(\[no\])?{flag}:", result.stdout), flag  # --[no]resume: booleans
