@@ -198,7 +198,7 @@ def gam(
 
         h_plus = combine(alpha, g1, 1.0 - alpha, g3)
         if h_minus_weighting == "released":  # g0 + |1 - beta| g2, as in the released code
-            w0, w2 = 1.0, jnp.abs(1.0 - beta)
+            w0, w2 = 1.0, abs(1.0 - beta)
         else:  # beta g0 + (1 - beta) g2, Algorithm 2
             w0, w2 = beta, 1.0 - beta
         h_minus = combine(w0, g0, w2, g2)

@@ -13,7 +13,11 @@ there, and combine the gradients. This module holds those pieces:
   ``loss_fn`` or ``grad_fn``, finite (a new gradient) or exact (a Hessian-vector
   product), with the data-parallel reductions over ``axis_name``;
 * :func:`perturbed_gradient`: ``g(theta + e)`` after one ascent step, the
-  gradient SAM descends (and GAM's ``g1``, ``g3``); :func:`cast_like`.
+  gradient SAM descends (and GAM's ``g1``, ``g3``); :func:`cast_like`;
+* the input checks every entry point shares (:func:`check_number`,
+  :func:`check_bool`, :func:`check_axis_bound`, :func:`check_state`,
+  :func:`check_like_params`...): one error that names the function and the
+  argument, says what was given and what to pass instead.
 """
 
 from __future__ import annotations
@@ -140,8 +144,10 @@ def cast_like(tree: Params, like: Params) -> Params:
 
 
 # ----------------------------------------------------------------------------
-# Validation of hyperparameters: concrete values are checked at construction;
-# traced values (inside optax.inject_hyperparams) cannot be, and are not.
+# Validation. Hyperparameters are checked at construction where they are
+# concrete; traced values (inside optax.inject_hyperparams under jax.jit) cannot
+# be, and are not. Gradients, params, states and axis names are checked when
+# update is traced (their shapes and dtypes are static then).
 # ----------------------------------------------------------------------------
 
 
