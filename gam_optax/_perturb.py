@@ -183,7 +183,9 @@ def _scalar(name: str, value: Any, transformation: str, remedy: str) -> float | 
         )
     try:
         array = np.asarray(value)
-    except Exception:  # e.g. a jax array that cannot be read on the host
+    except Exception:
+        if isinstance(value, jax.Array):  # e.g. not addressable from this process
+            return None
         raise TypeError(
             f"{transformation}: {name} must be a real number, got {_describe(value)}. {remedy}"
         ) from None
