@@ -60,11 +60,12 @@ def gam(
     \theta_1 &= \theta + \rho'\,u(g_0), & g_1 &= \nabla L(\theta_1) \\
     h_0 &= g_1 - g_0, \quad \theta_2 = \theta + \rho\,u(h_0), & g_2 &= \nabla L(\theta_2) \\
     \theta_3 &= \theta_2 + \rho'\,u(g_2), & g_3 &= \nabla L(\theta_3) \\
-    h_+ &= \alpha g_1 + (1 - \alpha) g_3, & h_- &= w_0 g_0 + (1 - \beta) g_2 \\
+    h_+ &= \alpha g_1 + (1 - \alpha) g_3, & h_- &= w_0 g_0 + w_2 g_2 \\
     h_\perp &= h_- - \cos(h_-, h_+)\,\|h_-\|\,u(h_+), & d &= h_+ - \gamma h_\perp
 
-  with :math:`w_0 = 1` (the released code, which produced the published
-  results) or :math:`w_0 = \beta` (the paper's Algorithm 2). Here
+  with :math:`w_0 = 1, w_2 = |1 - \beta|` (the released code, which produced
+  the published results) or :math:`w_0 = \beta, w_2 = 1 - \beta` (the paper's
+  Algorithm 2). The two ``w_2`` differ only for ``beta > 1``. Here
   :math:`h_0/\rho'` estimates :math:`\nabla\|\nabla L\| = H u(g_0)`, so
   :math:`\theta_2` ascends the gradient norm, and :math:`g_3` is a SAM gradient
   taken there.
@@ -77,7 +78,7 @@ def gam(
   rho           ``grad_norm_rho``  radius of the gradient-norm ascent (large)
   rho_prime     ``grad_rho``       radius of the two SAM-like steps (small)
   alpha         ``grad_beta_1``    weight of g1 in h_plus (1 - alpha on g3)
-  beta          ``grad_beta_0``    weight of g2 in h_minus is 1 - beta
+  beta          ``grad_beta_0``    weight of g2 in h_minus is |1 - beta|
   gamma         ``grad_gamma``     strength of the orthogonal correction
   eps           ``perturb_eps``    added to every norm denominator
   ============  =================  ==========================================
@@ -90,12 +91,15 @@ def gam(
       the step count (see :func:`proportional_schedule`).
     rho_prime: radius of the two SAM-like steps, a number or a schedule.
     alpha: weight of ``g1`` in ``h_plus``.
-    beta: ``h_minus`` weights ``g2`` by ``1 - beta``.
+    beta: ``h_minus`` weights ``g2`` by ``|1 - beta|`` (released) or
+      ``1 - beta`` (paper); any finite value is accepted.
     gamma: strength of the orthogonal correction.
     eps: ``xi``, added to every norm denominator.
     adaptive: ASAM-style steps: ``e = r v theta_c^2 / (||v |theta_c| || + xi)``
       for the three perturbations (steps 5-7 keep plain norms).
-    h_minus_weighting: ``'released'`` (``w0 = 1``) or ``'paper'`` (``w0 = beta``).
+    h_minus_weighting: ``'released'`` (``w0 = 1``, ``w2 = |1 - beta|``: the
+      released ``gam.py`` weights g2 by ``abs(grad_beta_2)``, ``grad_beta_2 =
+      1 - grad_beta_0``) or ``'paper'`` (``w0 = beta``, ``w2 = 1 - beta``).
     hessian: exact mode: ``g1`` and ``g3`` become first-order Taylor expansions
       ``g(theta) + H(theta) e`` computed with exact Hessian-vector products
       (forward-over-reverse), instead of finite differences of gradients. As
@@ -138,16 +142,27 @@ def gam(
     https://arxiv.org/abs/2303.03108
   """
     name = "gam"
-    for arg, value in (("rho", rho), ("rho_prime", rho_prime), ("eps", eps)):
-        _perturb.check_nonnegative(arg, value, name)
+    for arg, value in (("rho", rho), ("rho_prime", rho_prime)):
+        _perturb.check_nonnegative(arg, value, name, schedule=True)
     for arg, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
         _perturb.check_finite(arg, value, name)
-    if h_minus_weighting not in ("released", "paper"):
-        raise ValueError(
-            f"gam: h_minus_weighting must be 'released' (w0 = 1, the published runs) or "
-            f"'paper' (w0 = beta, Algorithm 2), got {h_minus_weighting!r}."
-        )
-    _perturb.check_average(average, name)
+    _perturb.check_choice(
+        "h_minus_weighting",
+        h_minus_weighting,
+        ("released", "paper"),
+        name,
+        " 'released': h_minus = g0 + |1 - beta| g2 (the published runs); 'paper': "
+        "h_minus = beta g0 + (1 - beta) g2 (Algorithm 2).",
+    )
+    _perturb.check_common(
+        name,
+        eps=eps,
+        has_aux=has_aux,
+        axis_name=axis_name,
+        average=average,
+        adaptive=adaptive,
+        hessian=hessian,
+    )
 
     def init_fn(params: optax.Params) -> GAMState:
         del params
@@ -155,6 +170,7 @@ def gam(
 
     def update_fn(updates, state, params=None, *, loss_fn=None, grad_fn=None, **extra_args):
         del extra_args
+        _perturb.check_state(state, GAMState, name)
         oracle = _perturb.make_oracle(
             name,
             loss_fn=loss_fn,
@@ -181,8 +197,11 @@ def gam(
         g3 = sam_gradient(theta2, g2, r_prime, i=3)
 
         h_plus = combine(alpha, g1, 1.0 - alpha, g3)
-        w0 = 1.0 if h_minus_weighting == "released" else beta
-        h_minus = combine(w0, g0, 1.0 - beta, g2)
+        if h_minus_weighting == "released":  # g0 + |1 - beta| g2, as in the released code
+            w0, w2 = 1.0, abs(1.0 - beta)
+        else:  # beta g0 + (1 - beta) g2, Algorithm 2
+            w0, w2 = beta, 1.0 - beta
+        h_minus = combine(w0, g0, w2, g2)
         h_perp = orthogonal_part(h_minus, h_plus, eps)
         direction = add_scaled(h_plus, -gamma, h_perp)
         direction = cast_like(oracle.finish(direction), updates)

@@ -90,10 +90,9 @@ def gam_hessian(
       https://arxiv.org/abs/2303.03108
     """
     name = "gam_hessian"
-    _perturb.check_nonnegative("rho", rho, name)
+    _perturb.check_nonnegative("rho", rho, name, schedule=True)
     _perturb.check_nonnegative("penalty", penalty, name)
-    _perturb.check_nonnegative("eps", eps, name)
-    _perturb.check_average(average, name)
+    _perturb.check_common(name, eps=eps, has_aux=has_aux, axis_name=axis_name, average=average)
 
     def init_fn(params: optax.Params) -> GAMHessianState:
         del params
@@ -101,6 +100,7 @@ def gam_hessian(
 
     def update_fn(updates, state, params=None, *, loss_fn=None, grad_fn=None, **extra_args):
         del extra_args
+        _perturb.check_state(state, GAMHessianState, name)
         oracle = _perturb.make_oracle(
             name,
             loss_fn=loss_fn,

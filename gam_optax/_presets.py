@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from gam_optax import _perturb
+
 # main_cifar.py of the authors' release: (dataset, network) -> hyperparameters.
 GAM_PRESETS: Mapping[str, Mapping[str, float]] = {
     "cifar10_resnet": dict(rho=0.2, rho_prime=0.03, alpha=0.1, beta=0.1, gamma=0.05),
@@ -34,8 +36,10 @@ def gam_preset(name: str) -> dict[str, float]:
       {'rho': 0.2, 'rho_prime': 0.02, 'alpha': 0.6, 'beta': 0.5, 'gamma': 0.03}
       >>> tx = gam_optax.gam(**gam_optax.gam_preset("cifar10_pyramidnet"))
     """
-    if name not in GAM_PRESETS:
-        raise ValueError(f"unknown GAM preset {name!r}; valid presets: {sorted(GAM_PRESETS)}.")
+    if not (isinstance(name, str) and name in GAM_PRESETS):
+        raise ValueError(
+            f"gam_preset: unknown GAM preset {name!r}; pass one of {sorted(GAM_PRESETS)} as name."
+        )
     return dict(GAM_PRESETS[name])
 
 
@@ -52,4 +56,12 @@ def from_released_names(**released: Any) -> dict[str, Any]:
         raise ValueError(
             f"unknown released-code argument(s) {unknown}; known: {sorted(RELEASED_NAMES)}."
         )
+    for key, value in released.items():
+        ours = RELEASED_NAMES[key]
+        check = (
+            _perturb.check_nonnegative
+            if ours in ("rho", "rho_prime", "eps")
+            else (_perturb.check_finite)
+        )
+        check(key, value, "from_released_names", schedule=ours in ("rho", "rho_prime"))
     return {RELEASED_NAMES[key]: value for key, value in released.items()}

@@ -110,12 +110,14 @@ def sam(
       https://arxiv.org/abs/2102.11600
     """
     name = "sam"
-    _perturb.check_nonnegative("rho", rho, name)
-    _perturb.check_nonnegative("eps", eps, name)
-    _perturb.check_average(average, name)
+    _perturb.check_nonnegative("rho", rho, name, schedule=True)
+    _perturb.check_common(
+        name, eps=eps, has_aux=has_aux, axis_name=axis_name, average=average, adaptive=adaptive
+    )
 
     def update_fn(updates, state, params=None, *, loss_fn=None, grad_fn=None, **extra_args):
         del extra_args
+        _perturb.check_state(state, SAMState, name)
         oracle = _perturb.make_oracle(
             name,
             loss_fn=loss_fn,
@@ -202,13 +204,15 @@ def gsam(
       https://arxiv.org/abs/2203.08065
     """
     name = "gsam"
-    _perturb.check_nonnegative("rho", rho, name)
-    _perturb.check_nonnegative("eps", eps, name)
+    _perturb.check_nonnegative("rho", rho, name, schedule=True)
     _perturb.check_finite("alpha", alpha, name)
-    _perturb.check_average(average, name)
+    _perturb.check_common(
+        name, eps=eps, has_aux=has_aux, axis_name=axis_name, average=average, adaptive=adaptive
+    )
 
     def update_fn(updates, state, params=None, *, loss_fn=None, grad_fn=None, **extra_args):
         del extra_args
+        _perturb.check_state(state, SAMState, name)
         oracle = _perturb.make_oracle(
             name,
             loss_fn=loss_fn,
@@ -249,8 +253,10 @@ GSAM_PRESETS: Mapping[str, Mapping[str, Any]] = {
     # big_vision configs/proj/gsam/vit_i1k_gsam_no_aug.py: ViT-B/32, Adam,
     # lr 0.003 linearly decayed to 0.01 * lr.
     "gsam_imagenet_vit": dict(rho_max=0.6, rho_min=0.1, alpha=0.6, adaptive=False),
-    # The authors' PyTorch example (WRN-16-8, CIFAR-10, ASAM-style step).
-    "gsam_cifar10": dict(rho_max=2.0, rho_min=2.0, alpha=0.2, adaptive=True),
+    # The authors' PyTorch example (WRN-16-8, CIFAR-10, ASAM-style step),
+    # juntang-zhuang/GSAM example/train.py: its --alpha default was 0.2 until commit
+    # 704942d (2022-03-30) changed it to 0.4, the current default followed here.
+    "gsam_cifar10": dict(rho_max=2.0, rho_min=2.0, alpha=0.4, adaptive=True),
 }
 
 
@@ -263,8 +269,10 @@ def sam_preset(name: str) -> dict[str, Any]:
       {'rho': 2.0, 'adaptive': True}
       >>> tx = gam_optax.sam(**gam_optax.sam_preset("sam_cifar100"))
     """
-    if name not in SAM_PRESETS:
-        raise ValueError(f"unknown SAM preset {name!r}; valid presets: {sorted(SAM_PRESETS)}.")
+    if not (isinstance(name, str) and name in SAM_PRESETS):
+        raise ValueError(
+            f"sam_preset: unknown SAM preset {name!r}; pass one of {sorted(SAM_PRESETS)} as name."
+        )
     return dict(SAM_PRESETS[name])
 
 
@@ -283,15 +291,18 @@ def gsam_preset(
     Examples:
       >>> import optax, gam_optax
       >>> gam_optax.gsam_preset("gsam_cifar10")
-      {'rho': 2.0, 'alpha': 0.2, 'adaptive': True}
+      {'rho': 2.0, 'alpha': 0.4, 'adaptive': True}
       >>> lr = optax.linear_schedule(3e-3, 3e-5, transition_steps=1000)
       >>> kwargs = gam_optax.gsam_preset("gsam_imagenet_vit", lr, lr_max=3e-3, lr_min=3e-5)
       >>> print(f"{kwargs['rho'](0):.2f} {kwargs['rho'](1000):.2f}")
       0.60 0.10
       >>> tx = gam_optax.gsam(**kwargs)
     """
-    if name not in GSAM_PRESETS:
-        raise ValueError(f"unknown GSAM preset {name!r}; valid presets: {sorted(GSAM_PRESETS)}.")
+    if not (isinstance(name, str) and name in GSAM_PRESETS):
+        raise ValueError(
+            f"gsam_preset: unknown GSAM preset {name!r}; "
+            f"pass one of {sorted(GSAM_PRESETS)} as name."
+        )
     preset = dict(GSAM_PRESETS[name])
     rho_max, rho_min = preset.pop("rho_max"), preset.pop("rho_min")
     if rho_max == rho_min:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import optax
+
+from gam_optax import _perturb
 
 
 def proportional_schedule(
@@ -32,6 +32,11 @@ def proportional_schedule(
       max_value: ``v_max``.
       min_value: ``v_min``.
 
+    Every value must be a finite number >= 0 (``v`` is a radius). Where
+    ``lr(t)`` leaves ``[lr_min, lr_max]`` the value is extrapolated; the
+    transformation that receives the schedule probes it (step 0 and a geometric
+    grid of later steps) and rejects it if it turns negative there.
+
     Returns:
       An optax schedule, e.g. for the ``rho`` of :func:`gam_optax.gam`.
 
@@ -42,18 +47,26 @@ def proportional_schedule(
       >>> print(f"{rho(0):.3f} {rho(50):.3f} {rho(100):.3f}")
       0.200 0.110 0.020
     """
+    name = "proportional_schedule"
     if not callable(lr_schedule):
-        raise TypeError(f"lr_schedule must be a schedule (a callable), got {lr_schedule!r}.")
-    for name, value in (
+        raise TypeError(
+            f"{name}: lr_schedule must be a schedule (a callable of the step count, e.g. "
+            f"optax.cosine_decay_schedule(0.1, 1000)), got {_perturb._describe(lr_schedule)}."
+        )
+    for arg, value in (
         ("lr_max", lr_max),
         ("lr_min", lr_min),
         ("max_value", max_value),
         ("min_value", min_value),
     ):
-        if not math.isfinite(value):
-            raise ValueError(f"proportional_schedule: {name} must be finite, got {value}.")
+        _perturb.check_nonnegative(arg, value, name)
+    lr_max, lr_min = float(lr_max), float(lr_min)
+    max_value, min_value = float(max_value), float(min_value)
     if lr_max < lr_min:
-        raise ValueError(f"proportional_schedule: lr_max ({lr_max}) must be >= lr_min ({lr_min}).")
+        raise ValueError(
+            f"{name}: lr_max ({lr_max}) must be >= lr_min ({lr_min}); pass the largest and "
+            "the smallest learning rate of lr_schedule."
+        )
     span = lr_max - lr_min
 
     def schedule(count: jax.Array) -> jax.Array:

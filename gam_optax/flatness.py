@@ -47,7 +47,6 @@ References:
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable
 from typing import Any, Literal
@@ -56,6 +55,8 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jax.tree_util import Partial
+
+from gam_optax import _perturb
 
 Params = Any
 LossFn = Callable[[Params], jax.Array]
@@ -76,18 +77,28 @@ __all__ = [
 
 def _check_count(name: str, value: Any, measure: str) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{measure}: {name} must be an integer >= 1, got {value!r}.")
+        raise ValueError(
+            f"{measure}: {name} must be an integer >= 1, got {_perturb._describe(value)}. "
+            f"Pass e.g. {name}=20."
+        )
 
 
 def _check_rho(rho: Any, measure: str) -> None:
-    if isinstance(rho, jax.core.Tracer):
+    _perturb.check_nonnegative("rho", rho, measure)
+
+
+def _check_key(key: Any, measure: str) -> None:
+    """``key`` is a PRNG key: typed (``jax.random.key``) or raw (``jax.random.PRNGKey``)."""
+    if isinstance(key, jax.core.Tracer):
         return
-    try:
-        value = float(rho)
-    except (TypeError, ValueError):
-        raise ValueError(f"{measure}: rho must be a scalar number, got {rho!r}.") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{measure}: rho must be a finite number >= 0, got {value}.")
+    dtype = getattr(key, "dtype", None)
+    typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+    raw = dtype == jnp.uint32 and jnp.shape(key) == (2,)
+    if not ((typed and jnp.shape(key) == ()) or raw):
+        raise TypeError(
+            f"{measure}: key must be one PRNG key, e.g. key=jax.random.key(0), got "
+            f"{_perturb._describe(key)}."
+        )
 
 
 def _as_pytree(loss_fn: LossFn, params: Params, measure: str) -> Partial:
@@ -96,6 +107,7 @@ def _as_pytree(loss_fn: LossFn, params: Params, measure: str) -> Partial:
         raise TypeError(f"{measure}: loss_fn must be callable, got {type(loss_fn).__name__}.")
     if not jax.tree.leaves(params):
         raise ValueError(f"{measure}: params has no leaves.")
+    _perturb.check_float_params(params, measure)
     out = jax.eval_shape(loss_fn, params)
     if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
         shape = getattr(out, "shape", type(out).__name__)
@@ -256,8 +268,9 @@ def hessian_top_eigenvalue(
     """
     measure = "hessian_top_eigenvalue"
     _check_count("num_iterations", num_iterations, measure)
-    if largest not in ("algebraic", "magnitude"):
-        raise ValueError(f"{measure}: largest must be 'algebraic' or 'magnitude', got {largest!r}.")
+    _perturb.check_choice("largest", largest, ("algebraic", "magnitude"), measure)
+    _perturb.check_bool("return_eigenvector", return_eigenvector, measure)
+    _check_key(key, measure)
     loss_fn = _as_pytree(loss_fn, params, measure)
     value, vector = _lanczos(loss_fn, params, key, num_iterations, largest == "magnitude")
     return (value, vector) if return_eigenvector else value
@@ -306,6 +319,7 @@ def hessian_trace(
     """
     measure = "hessian_trace"
     _check_count("num_samples", num_samples, measure)
+    _check_key(key, measure)
     loss_fn = _as_pytree(loss_fn, params, measure)
     return _hutchinson(loss_fn, params, key, num_samples)
 
@@ -383,6 +397,7 @@ def zeroth_order_flatness(
     _check_count("num_steps", num_steps, measure)
     loss_fn = _as_pytree(loss_fn, params, measure)
     key = jax.random.key(0) if key is None else key
+    _check_key(key, measure)
     return _max_loss(loss_fn, params, rho, key, num_steps)
 
 
@@ -454,6 +469,7 @@ def first_order_flatness(
     _check_count("num_steps", num_steps, measure)
     loss_fn = _as_pytree(loss_fn, params, measure)
     key = jax.random.key(0) if key is None else key
+    _check_key(key, measure)
     return _max_gradient_norm(loss_fn, params, rho, key, num_steps)
 
 

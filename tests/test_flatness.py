@@ -355,3 +355,119 @@ def test_errors_are_early_and_clear():
         flatness.dataset_loss(
             lambda p, b: jnp.sum(b["x"]), {"x": jnp.ones((3, 2)), "y": jnp.ones(4)}
         )
+
+
+def _bad_flatness_calls():
+    """(call, error, message) for bad arguments of every measure."""
+    loss = lambda p: jnp.sum(jnp.asarray(p, jnp.float32) ** 2)
+    tree_loss = lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["n"])
+    ones = jnp.ones(2)
+    measures = {
+        "hessian_top_eigenvalue": lambda p, **kw: flatness.hessian_top_eigenvalue(
+            kw.pop("loss", loss), p, kw.pop("key", KEY), **kw
+        ),
+        "hessian_trace": lambda p, **kw: flatness.hessian_trace(
+            kw.pop("loss", loss), p, kw.pop("key", KEY), **kw
+        ),
+        "zeroth_order_flatness": lambda p, **kw: flatness.zeroth_order_flatness(
+            kw.pop("loss", loss), p, kw.pop("rho", 0.1), **kw
+        ),
+        "first_order_flatness": lambda p, **kw: flatness.first_order_flatness(
+            kw.pop("loss", loss), p, kw.pop("rho", 0.1), **kw
+        ),
+    }
+    counts = {
+        "hessian_top_eigenvalue": "num_iterations",
+        "hessian_trace": "num_samples",
+        "zeroth_order_flatness": "num_steps",
+        "first_order_flatness": "num_steps",
+    }
+    for measure, call in measures.items():
+        # Integer or bool parameters: the loss would be differentiated at integer points.
+        for params, path in (
+            (jnp.array([1, 2]), r"params has dtype int32"),
+            (jnp.array([True, False]), r"params has dtype bool"),
+            ({"w": ones, "n": jnp.array([3])}, r"params\['n'\] has dtype int32"),
+        ):
+            kw = {"loss": tree_loss} if isinstance(params, dict) else {}
+            yield measure, lambda c=call, p=params, kw=kw: c(p, **kw), TypeError, path
+        count = counts[measure]
+        for value, error in (
+            (0, ValueError),
+            (-3, ValueError),
+            (2.0, ValueError),
+            ("3", ValueError),
+            (True, ValueError),
+            (None, ValueError),
+        ):
+            yield (
+                measure,
+                lambda c=call, n=count, v=value: c(ones, **{n: v}),
+                error,
+                f"{count} must be an integer >= 1",
+            )
+        for key in (0, "key", jax.random.split(KEY, 3), jnp.zeros(3, jnp.uint32)):
+            yield (
+                measure,
+                lambda c=call, k=key: c(ones, key=k),
+                TypeError,
+                "key must be one PRNG key, e.g. key=jax.random.key",
+            )
+        if "flatness" in measure:
+            for rho, error, fragment in (
+                (-0.1, ValueError, "must be a finite number >= 0"),
+                (float("inf"), ValueError, "must be a finite number >= 0"),
+                ("0.1", TypeError, "must be a real number"),
+                (None, TypeError, "must be a real number"),
+                (True, TypeError, "must be a real number, got the bool"),
+                (jnp.ones(2), ValueError, "must be a scalar"),
+                (lambda t: 0.1, TypeError, "must be a number, not a schedule"),
+            ):
+                yield (
+                    measure,
+                    lambda c=call, r=rho: c(ones, rho=r),
+                    error,
+                    f"rho {fragment}.*Pass a finite Python float"
+                    if "schedule" not in fragment
+                    else f"rho {fragment}",
+                )
+    yield (
+        "hessian_top_eigenvalue",
+        lambda: flatness.hessian_top_eigenvalue(loss, ones, KEY, return_eigenvector="yes"),
+        TypeError,
+        "return_eigenvector must be a Python bool",
+    )
+    yield (
+        "hessian_top_eigenvalue",
+        lambda: flatness.hessian_top_eigenvalue(loss, ones, KEY, largest=None),
+        ValueError,
+        "largest must be one of",
+    )
+
+
+BAD_FLATNESS_CALLS = list(_bad_flatness_calls())
+
+
+@pytest.mark.parametrize(
+    ("measure", "call", "error", "message"),
+    BAD_FLATNESS_CALLS,
+    ids=[f"{m}-{i}" for i, (m, *_) in enumerate(BAD_FLATNESS_CALLS)],
+)
+def test_bad_arguments_name_the_measure_and_the_argument(measure, call, error, message):
+    with pytest.raises(error, match=f"{measure}: .*{message}"):
+        call()
+
+
+def test_legal_argument_forms_agree():
+    """A raw uint32 key, a NumPy int count and a 0-d array radius are accepted and give
+    what the plain forms give (the same computation: equal to float32 rounding)."""
+    loss = lambda p: 0.5 * jnp.sum(jnp.array([3.0, 1.0]) * p**2)
+    params = jnp.array([0.5, -1.0])
+    plain = flatness.first_order_flatness(loss, params, 0.1, num_steps=3)
+    other = flatness.first_order_flatness(
+        loss, params, jnp.asarray(0.1), num_steps=np.int64(3), key=jax.random.PRNGKey(0)
+    )
+    np.testing.assert_allclose(other, plain, rtol=1e-6)
+    # The Hessian is diag(3, 1): lambda_max = 3 from a raw key too.
+    value = flatness.hessian_top_eigenvalue(loss, params, jax.random.PRNGKey(1), np.int32(2))
+    np.testing.assert_allclose(value, 3.0, rtol=1e-5)

@@ -184,6 +184,16 @@ def test_gam_hessian_errors():
     params = jnp.ones(2)
     with pytest.raises(ValueError, match="exactly one of loss_fn or grad_fn"):
         tx.update(params, tx.init(params), params)
+    # Exact mode differentiates grad_fn once more: its output is checked inside jax.jvp.
+    for exact in (tx, gam_optax.gam(hessian=True)):
+        with pytest.raises(TypeError, match=r"grad_fn\(params, 1\) has dtype int32"):
+            exact.update(params, exact.init(params), params, grad_fn=lambda p, i: p.astype(int))
+    with pytest.raises(TypeError, match="gam: hessian must be a Python bool"):
+        gam_optax.gam(hessian="exact")
+    with pytest.raises(TypeError, match="gam_hessian: penalty must be a real number, got str"):
+        gam_optax.gam_hessian(0.1, "0.5")
+    with pytest.raises(TypeError, match=r"gam_hessian\.update: state must be the GAMHessianState"):
+        tx.update(params, optax.adam(0.1).init(params), params, loss_fn=jnp.sum)
 
 
 def test_gam_hessian_dtype_chain_and_inject_hyperparams():

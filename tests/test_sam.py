@@ -216,7 +216,7 @@ def test_rho_schedule_is_evaluated_at_the_count(problem):
 def test_errors_are_early_and_clear(problem):
     with pytest.raises(ValueError, match="rho must be a finite number >= 0"):
         gam_optax.sam(-0.1)
-    with pytest.raises(ValueError, match="rho must be a finite number >= 0"):
+    with pytest.raises(ValueError, match="rho schedule at step 0 must be a finite number >= 0"):
         gam_optax.gsam(rho=lambda t: -0.1 + 0 * t)
     with pytest.raises(ValueError, match="alpha must be a finite number"):
         gam_optax.gsam(0.1, alpha=float("nan"))
@@ -236,6 +236,16 @@ def test_errors_are_early_and_clear(problem):
         tx.update(g, tx.init(p), None, loss_fn=lambda q: softmax_loss(q, x, y))
     with pytest.raises(ValueError, match="scalar loss"):
         tx.update(g, tx.init(p), p, loss_fn=lambda q: q["b"])
+    # Options, states and gradients of the wrong kind (tables of these in test_gam.py).
+    with pytest.raises(TypeError, match="sam: adaptive must be a Python bool"):
+        gam_optax.sam(2.0, adaptive="yes")
+    with pytest.raises(TypeError, match="gsam: alpha must be a number, not a schedule"):
+        gam_optax.gsam(0.1, alpha=lambda t: 0.1)
+    with pytest.raises(TypeError, match=r"sam\.update: state must be the SAMState.*got GAMState"):
+        tx.update(g, gam_optax.gam().init(p), p, loss_fn=lambda q: softmax_loss(q, x, y))
+    with pytest.raises(TypeError, match=r"sam: grad_fn\(params, 1\) has dtype int32"):
+        asam = gam_optax.sam(2.0, adaptive=True)
+        asam.update(g, asam.init(p), p, grad_fn=lambda q, i: jax.tree.map(jnp.int32, q))
 
 
 def test_zero_gradient_gives_finite_output():
@@ -373,7 +383,7 @@ def test_presets():
     assert gam_optax.sam_preset("sam_cifar10") == {"rho": 0.05}
     assert gam_optax.sam_preset("sam_cifar100") == {"rho": 0.1}
     assert gam_optax.sam_preset("asam_cifar10") == {"rho": 2.0, "adaptive": True}
-    assert gam_optax.gsam_preset("gsam_cifar10") == {"rho": 2.0, "alpha": 0.2, "adaptive": True}
+    assert gam_optax.gsam_preset("gsam_cifar10") == {"rho": 2.0, "alpha": 0.4, "adaptive": True}
     lr = optax.linear_schedule(3e-3, 3e-5, transition_steps=10)
     kwargs = gam_optax.gsam_preset("gsam_imagenet_vit", lr, lr_max=3e-3, lr_min=3e-5)
     np.testing.assert_allclose(

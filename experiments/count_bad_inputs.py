@@ -1,0 +1,130 @@
+"""Count bad inputs and classify the library's reaction: clear / obscure / silent.
+
+The bad inputs are the tables of tests/test_gam.py and tests/test_flatness.py (363
+cases). Run from the repository root (it uses 4 fake CPU devices):
+  python -m experiments.count_bad_inputs
+Copy those two test files into an older checkout and run it there to count before a change.
+clear: TypeError or ValueError raised at construction (or when update is traced) whose
+message names the function and the argument; obscure: any other exception, or a message
+that lacks either name; silent: no error (the call ran).
+"""
+
+import re
+import sys
+from collections import Counter
+
+import jax
+import jax.numpy as jnp
+
+
+def _cases():
+    """(category, function, argument, call) for every bad input of the test tables."""
+    sys.path.insert(0, "tests")
+    import test_flatness as tf
+    import test_gam as tg
+
+    cases = []
+    for p in tg._hyperparameter_cases():
+        factory, kwargs, _, message = p.values
+        fn = message.split(":")[0]
+        cases.append(("hyperparameter", fn, next(iter(kwargs)), lambda f=factory, k=kwargs: f(**k)))
+    for p in tg._option_cases():
+        factory, kwargs, _, message = p.values
+        fn = message.split(":")[0]
+        cases.append(("option", fn, next(iter(kwargs)), lambda f=factory, k=kwargs: f(**k)))
+    mark = [
+        m for m in tg.test_bad_schedule_and_preset_arguments.pytestmark if m.name == "parametrize"
+    ]
+    for call, _, message in mark[0].args[1]:
+        fn, rest = message.split(":", 1) if ":" in message else ("proportional_schedule", message)
+        word = re.match(r"\s*(?:the |unknown )?([a-z_]+)", rest).group(1)
+        arg = {"rho": "rho", "gam": "name", "sam": "name", "gsam": "name"}.get(word, word)
+        cases.append(("schedule/preset", fn, arg, call))
+
+    x, y, params = tg.make_problem(n=32, d=6, k=4, seed=6)
+    params = jax.tree.map(jnp.float32, params)
+    loss_fn = lambda p: tg.softmax_loss(p, x, y)
+    grads = jax.grad(loss_fn)(params)
+    for name, (factory, _) in tg.FACTORIES.items():
+        for case, change, _, _ in tg.UPDATE_CASES:
+            arg = {
+                "grad_fn": "grad_fn",
+                "updates": "updates",
+                "params": "params",
+                "optax": "state",
+            }[case.split()[0]]
+
+            def run(factory=factory, change=change):
+                tx = factory()
+                a = dict(updates=grads, state=tx.init(params), params=params, loss_fn=loss_fn)
+                a.update(change(grads, params))
+                if "grad_fn" in a:
+                    del a["loss_fn"]
+                fns = {k: v for k, v in a.items() if k.endswith("_fn")}
+                out = jax.jit(lambda u, s, p: tx.update(u, s, p, **fns))(
+                    a["updates"], a["state"], a["params"]
+                )
+                jax.block_until_ready(out)
+
+            cases.append(("update", name, arg, run))
+        for other in tg.FACTORIES:
+            if other != name and {name, other} != {"sam", "gsam"}:
+
+                def wrong_state(factory=factory, other=tg.FACTORIES[other][0]):
+                    tx = factory()
+                    tx.update(grads, other().init(params), params, loss_fn=loss_fn)
+
+                cases.append(("state", name, "state", wrong_state))
+
+        def unbound(factory=factory):
+            tx = factory(axis_name="batch")
+            jax.jit(lambda p: tx.update(grads, tx.init(p), p, loss_fn=loss_fn))(params)
+
+        def other_axis(factory=factory):
+            tx = factory(axis_name="batch")
+            step = lambda _, p: tx.update(grads, tx.init(p), p, loss_fn=loss_fn)[0]
+            jax.pmap(step, axis_name="devices", in_axes=(0, None))(jnp.ones(4), params)
+
+        cases += [("axis", name, "axis_name", unbound), ("axis", name, "axis_name", other_axis)]
+
+    for measure, call, _, message in tf.BAD_FLATNESS_CALLS:
+        cases.append(("flatness", measure, re.match(r"[a-z_]+", message).group(0), call))
+    return cases
+
+
+def main():
+    cases = _cases()
+    tally = Counter()
+    per_category = Counter()
+    examples = {}
+    for category, fn, arg, call in cases:
+        try:
+            call()
+            kind = "silent"
+        except (TypeError, ValueError) as error:
+            text = str(error).split("\n")[0]
+            kind = "clear" if (fn in text and arg in text) else "obscure"
+            examples.setdefault(
+                (category, kind), f"{fn}/{arg}: {type(error).__name__}: {text[:150]}"
+            )
+        except Exception as error:
+            kind = "obscure"
+            examples.setdefault(
+                (category, kind), f"{fn}/{arg}: {type(error).__name__}: {str(error)[:150]}"
+            )
+        tally[kind] += 1
+        per_category[category, kind] += 1
+    print(
+        f"bad inputs tried: {len(cases)}; "
+        + ", ".join(f"{k}: {v}" for k, v in sorted(tally.items()))
+    )
+    for (category, kind), n in sorted(per_category.items()):
+        print(f"  {category:16s} {kind:8s} {n}")
+    for key, text in sorted(examples.items()):
+        if key[1] != "clear":
+            print("  e.g.", key, text)
+
+
+if __name__ == "__main__":
+    jax.config.update("jax_num_cpu_devices", 4)
+    main()
