@@ -142,8 +142,10 @@ def reuse(
             f"got {type(inner).__name__}."
         )
     _check_every(every)
-    _perturb.check_nonnegative("alpha", alpha, name)
+    _perturb.check_nonnegative("alpha", alpha, name, schedule=True)
+    _perturb.check_bool("rescale", rescale, name)
     _perturb.check_nonnegative("eps", eps, name)
+    _perturb.check_axis_name(axis_name, name)
     _perturb.check_average(average, name)
     inner = optax.with_extra_args_support(inner)
 
@@ -163,7 +165,10 @@ def reuse(
                 "reuse: update needs params, the point g0 was computed at: "
                 "tx.update(grads, state, params, loss_fn=loss_fn)."
             )
-        _perturb.check_same_structure(updates, params, "updates (g0)", name)
+        _perturb.check_state(state, ReuseState, name)
+        _perturb.check_float_params(params, name)
+        _perturb.check_like_params(updates, params, "updates (g0)", name)
+        _perturb.check_axis_bound(axis_name, name)
         a = _perturb.value_at(alpha, state.count)
 
         def refresh(_):
