@@ -15,3 +15,7 @@ def x64():
     """Run a test in float64 (JAX's default is float32)."""
     with jax.enable_x64(True):
         yield
+
+
+# Scripts, not tests: mypy's inputs (one must fail to type-check) and a measurement.
+collect_ignore = ["tests/typing", "tests/measure_parallel_gaps.py"]

@@ -30,7 +30,7 @@ class GAMState(NamedTuple):
         ``rho_prime`` are evaluated at it.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
 
 
 def gam(

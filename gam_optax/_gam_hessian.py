@@ -20,7 +20,7 @@ class GAMHessianState(NamedTuple):
         evaluated at it.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
 
 
 def gam_hessian(

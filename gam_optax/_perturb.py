@@ -471,7 +471,7 @@ def _checked_scalar_loss(loss_fn: Callable, has_aux: bool, transformation: str) 
 
 
 def check_same_structure(tree: Params, params: Params, what: str, transformation: str) -> None:
-    if jax.tree.structure(tree) != jax.tree.structure(params):
+    if jax.tree.structure(tree) != jax.tree.structure(params):  # type: ignore[operator]
         raise ValueError(
             f"{transformation}: {what} must have the same tree structure as params.\n"
             f"  {what}: {jax.tree.structure(tree)}\n  params: {jax.tree.structure(params)}"

@@ -26,7 +26,7 @@ class ReuseState(NamedTuple):
         (fields named ``count``) advance on every step, refresh or not.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     v: optax.Params
     inner_state: optax.OptState
 

@@ -21,7 +21,7 @@ class SAMState(NamedTuple):
         evaluated at it.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
 
 
 def _init(params: optax.Params) -> SAMState:

@@ -112,7 +112,7 @@ def nnx_loss_fn(
       ``params -> loss``, for ``optimizer.update(model, grads, loss_fn=...)``.
     """
     # A clone: nnx.split's states share the model's variables, which your pass then updates.
-    graphdef, _, rest = nnx.split(nnx.clone(model), wrt, ...)
+    graphdef, _, rest = nnx.split(nnx.clone(model), wrt, ...)  # type: ignore[misc]
 
     def loss_fn(params: Any) -> jax.Array:
         return loss(nnx.merge(graphdef, params, rest, copy=True))
