@@ -47,6 +47,7 @@ def gam(
     has_aux: bool = False,
     axis_name: str | None = None,
     average: _perturb.Average = "direction",
+    mask: _perturb.Mask | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Gradient norm Aware Minimization, the accelerated form (Algorithm 2).
 
@@ -114,6 +115,11 @@ def gam(
       averages only ``d``; ``'gradients'`` averages every gradient (exact
       large-batch GAM, three more all-reduces). Pass the per-device ``g0``
       in both modes.
+    mask: the parameters the perturbations may move: a pytree of bools like the
+      params (or a prefix of it), or ``params -> such a tree``, as ``optax.masked``.
+      The gradients are still taken, and ``d`` returned, for every parameter; the
+      ascent steps move the selected leaves only, their length measured on them
+      (e.g. SAM-ON: perturb only the normalisation layers). None: all.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
@@ -182,7 +188,10 @@ def gam(
         )
         r = _perturb.value_at(rho, state.count)
         r_prime = _perturb.value_at(rho_prime, state.count)
-        sam_gradient = functools.partial(perturbed_gradient, oracle, eps=eps, adaptive=adaptive)
+        m = _perturb.resolve_mask(mask, params, name)
+        sam_gradient = functools.partial(
+            perturbed_gradient, oracle, eps=eps, adaptive=adaptive, mask=m
+        )
 
         g0 = oracle.incoming(updates, params)
         # theta1 = theta + rho' u(g0): a SAM step.
@@ -190,7 +199,7 @@ def gam(
         # h0 = g1 - g0 ~ rho' H u(g0): theta2 ascends the gradient norm.
         h0 = add_scaled(g1, -1.0, g0)
         theta2 = jax.tree.map(
-            jnp.add, params, ascent_step(h0, params, r, eps=eps, adaptive=adaptive)
+            jnp.add, params, ascent_step(h0, params, r, eps=eps, adaptive=adaptive, mask=m)
         )
         g2 = oracle.at(theta2, 2)
         # theta3 = theta2 + rho' u(g2): a SAM step from theta2.

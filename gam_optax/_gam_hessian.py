@@ -31,6 +31,7 @@ def gam_hessian(
     has_aux: bool = False,
     axis_name: str | None = None,
     average: _perturb.Average = "direction",
+    mask: _perturb.Mask | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Gradient norm Aware Minimization, the original form (Algorithm 1).
 
@@ -62,6 +63,13 @@ def gam_hessian(
       average: with ``axis_name``: ``'direction'`` (default) computes ``d`` per
         device and averages it; ``'gradients'`` averages every gradient and
         Hessian-vector product (exact large-batch Algorithm 1).
+      mask: the parameters the perturbations may move: a pytree of bools like the
+        params (or a prefix of it), or ``params -> such a tree``, as ``optax.masked``.
+        The gradients are still taken, and ``d`` returned, for every parameter; the
+        ascent steps move the selected leaves only, their length measured on them
+        (e.g. SAM-ON: perturb only the normalisation layers). None: all.
+      (Here the ascent on the gradient norm moves the selected leaves; the
+      penalty's gradient covers all parameters.)
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
@@ -114,7 +122,8 @@ def gam_hessian(
         # f = H(theta) u(g0): the gradient of the gradient norm.
         f = oracle.hessian_product(params, unit(g0, eps), 1)
         # theta_adv = theta + rho u(f): one ascent step on ||grad L||.
-        theta_adv = jax.tree.map(jnp.add, params, ascent_step(f, params, r, eps=eps))
+        m = _perturb.resolve_mask(mask, params, name)
+        theta_adv = jax.tree.map(jnp.add, params, ascent_step(f, params, r, eps=eps, mask=m))
         g_adv = oracle.at(theta_adv, 2)
         # h_norm = rho H(theta_adv) u(g_adv): the gradient of R1.
         h_norm = scale(oracle.hessian_product(theta_adv, unit(g_adv, eps), 3), r)

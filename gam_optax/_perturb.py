@@ -84,6 +84,44 @@ def unit(tree: Params, eps: jax.Array | float) -> Params:
     return scale(tree, _safe_inverse(global_norm(tree), eps))
 
 
+Mask = Any  # a pytree of bools like the params (or a prefix of it), or params -> such a tree
+
+
+def resolve_mask(mask: Mask | None, params: Params, transformation: str) -> Params | None:
+    """``mask=`` as a tree of Python bools with the structure of ``params`` (None: all).
+
+    Like ``optax.masked``: a pytree of bools with the structure of the params or a prefix of
+    it (``{"encoder": False, "head": True}``), or a function ``params -> such a tree``.
+    """
+    if mask is None:
+        return None
+    tree = mask(params) if callable(mask) else mask
+
+    def broadcast(flag: Any, subtree: Params) -> Params:
+        if isinstance(flag, jax.core.Tracer) or not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(
+                f"{transformation}: mask must hold Python bools (True: perturb this leaf), "
+                f"got {_describe(flag)}. Build it from the params' structure, e.g. "
+                "mask=lambda params: jax.tree.map(lambda x: x.ndim > 1, params)."
+            )
+        return jax.tree.map(lambda _: bool(flag), subtree)
+
+    try:
+        return jax.tree.map(broadcast, tree, params)
+    except ValueError as e:
+        raise ValueError(
+            f"{transformation}: mask must have the tree structure of params (or a prefix of "
+            f"it): {e}"
+        ) from None
+
+
+def select(tree: Params, mask: Params | None) -> Params:
+    """``tree`` with the leaves outside ``mask`` set to zero."""
+    if mask is None:
+        return tree
+    return jax.tree.map(lambda v, keep: v if keep else jnp.zeros_like(v), tree, mask)
+
+
 def ascent_step(
     direction: Params,
     at: Params,
@@ -91,6 +129,7 @@ def ascent_step(
     *,
     eps: jax.Array | float,
     adaptive: bool = False,
+    mask: Params | None = None,
 ) -> Params:
     r"""The perturbation ``e`` of length ``radius`` along ``direction``, taken at ``at``.
 
@@ -105,10 +144,13 @@ def ascent_step(
       radius: ``r``.
       eps: ``xi``.
       adaptive: the ASAM-style step, scaled element-wise by the parameters.
+      mask: a tree of bools like ``at`` (:func:`resolve_mask`): the step moves the selected
+        leaves only, and its length is measured on them.
 
     Returns:
       ``e``, in the dtypes of ``at``.
     """
+    direction = select(direction, mask)
     if not adaptive:
         inverse = _safe_inverse(global_norm(direction), eps)
         return jax.tree.map(
@@ -544,6 +586,15 @@ class GradientOracle:
                 f"{self.transformation}: update needs params, the point g0 was computed at: "
                 "tx.update(grads, state, params, loss_fn=loss_fn)."
             )
+        masked = lambda x: isinstance(x, optax.MaskedNode)
+        if any(map(masked, jax.tree.leaves((updates, params), is_leaf=masked))):
+            raise TypeError(
+                f"{self.transformation}: the updates hold optax.MaskedNode leaves: it runs inside "
+                f"optax.masked or optax.partition, whose hidden parameters loss_fn cannot be "
+                f"evaluated without. Put {self.transformation} outside them (first in the "
+                f"chain) and pass {self.transformation}(..., mask=...) to perturb only some "
+                "parameters; the gradients stay those of all of them."
+            )
         check_float_params(params, self.transformation)
         check_like_params(updates, params, "updates (g0)", self.transformation)
         if self.axis_name is not None and _vma_checked(self.axis_name):
@@ -623,6 +674,7 @@ def perturbed_gradient(
     eps: jax.Array | float,
     adaptive: bool,
     i: int,
+    mask: Params | None = None,
 ) -> Params:
     r"""The gradient after one ascent step along ``grads``: SAM's gradient.
 
@@ -637,9 +689,10 @@ def perturbed_gradient(
       eps: ``xi``.
       adaptive: the ASAM-style step (see :func:`ascent_step`).
       i: the number of this extra evaluation, passed to ``grad_fn``.
+      mask: the leaves the step may move (:func:`resolve_mask`); None: all.
 
     Returns:
       ``g(theta + e)`` (exact mode: ``g(theta) + H(theta) e``).
     """
-    step = ascent_step(grads, params, radius, eps=eps, adaptive=adaptive)
+    step = ascent_step(grads, params, radius, eps=eps, adaptive=adaptive, mask=mask)
     return oracle.after_step(params, grads, step, i)

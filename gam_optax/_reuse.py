@@ -208,6 +208,7 @@ def looksam(
     has_aux: bool = False,
     axis_name: str | None = None,
     average: _perturb.Average = "direction",
+    mask: _perturb.Mask | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""LookSAM: SAM every ``every`` steps, its orthogonal component reused in between.
 
@@ -237,7 +238,13 @@ def looksam(
       Sharpness-Aware Minimization", CVPR 2022, https://arxiv.org/abs/2203.02714
     """
     inner = sam(
-        rho, adaptive=adaptive, eps=eps, has_aux=has_aux, axis_name=axis_name, average=average
+        rho,
+        adaptive=adaptive,
+        eps=eps,
+        has_aux=has_aux,
+        axis_name=axis_name,
+        average=average,
+        mask=mask,
     )
     return reuse(
         inner, every, alpha, rescale=rescale, eps=eps, axis_name=axis_name, average=average

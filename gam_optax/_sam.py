@@ -37,6 +37,7 @@ def sam(
     has_aux: bool = False,
     axis_name: str | None = None,
     average: _perturb.Average = "direction",
+    mask: _perturb.Mask | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Sharpness-Aware Minimization (SAM), and ASAM with ``adaptive=True``.
 
@@ -78,6 +79,11 @@ def sam(
         m-sharpness) perturbs each device with its own shard's gradient and
         averages only ``d``; ``'gradients'`` averages ``g0`` and ``g1`` (exact
         large-batch SAM). Pass the per-device ``g0`` in both modes.
+      mask: the parameters the perturbations may move: a pytree of bools like the
+        params (or a prefix of it), or ``params -> such a tree``, as ``optax.masked``.
+        The gradients are still taken, and ``d`` returned, for every parameter; the
+        ascent steps move the selected leaves only, their length measured on them
+        (e.g. SAM-ON: perturb only the normalisation layers). None: all.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
@@ -129,7 +135,8 @@ def sam(
         r = _perturb.value_at(rho, state.count)
         g0 = oracle.incoming(updates, params)
         # theta1 = theta + e(g0); d = g1.
-        g1 = perturbed_gradient(oracle, params, g0, r, eps=eps, adaptive=adaptive, i=1)
+        m = _perturb.resolve_mask(mask, params, name)
+        g1 = perturbed_gradient(oracle, params, g0, r, eps=eps, adaptive=adaptive, i=1, mask=m)
         direction = cast_like(oracle.finish(g1), updates)
         return direction, SAMState(count=optax.safe_increment(state.count))
 
@@ -145,6 +152,7 @@ def gsam(
     has_aux: bool = False,
     axis_name: str | None = None,
     average: _perturb.Average = "direction",
+    mask: _perturb.Mask | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Surrogate Gap guided Sharpness-Aware Minimization (GSAM).
 
@@ -176,6 +184,11 @@ def gsam(
       average: with ``axis_name``: ``'direction'`` (default, the released code)
         decomposes per device and averages only ``d``; ``'gradients'``
         averages ``g0`` and ``g1`` (exact large-batch GSAM).
+      mask: the parameters the perturbations may move: a pytree of bools like the
+        params (or a prefix of it), or ``params -> such a tree``, as ``optax.masked``.
+        The gradients are still taken, and ``d`` returned, for every parameter; the
+        ascent steps move the selected leaves only, their length measured on them
+        (e.g. SAM-ON: perturb only the normalisation layers). None: all.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` takes
@@ -223,7 +236,8 @@ def gsam(
         )
         r = _perturb.value_at(rho, state.count)
         g0 = oracle.incoming(updates, params)
-        g1 = perturbed_gradient(oracle, params, g0, r, eps=eps, adaptive=adaptive, i=1)
+        m = _perturb.resolve_mask(mask, params, name)
+        g1 = perturbed_gradient(oracle, params, g0, r, eps=eps, adaptive=adaptive, i=1, mask=m)
         # The part of g0 orthogonal to g1 descends the surrogate gap.
         g_perp = orthogonal_part(g0, g1, eps)
         direction = add_scaled(g1, -alpha, g_perp)
