@@ -79,7 +79,7 @@ def gam(
   rho           ``grad_norm_rho``  radius of the gradient-norm ascent (large)
   rho_prime     ``grad_rho``       radius of the two SAM-like steps (small)
   alpha         ``grad_beta_1``    weight of g1 in h_plus (1 - alpha on g3)
-  beta          ``grad_beta_0``    weight of g2 in h_minus is |1 - beta|
+  beta          ``grad_beta_0``    weight of g2 in h_minus is ``|1 - beta|``
   gamma         ``grad_gamma``     strength of the orthogonal correction
   eps           ``perturb_eps``    added to every norm denominator
   ============  =================  ==========================================
