@@ -174,6 +174,25 @@ def holds_a_run(workdir: pathlib.Path) -> bool:
     return bool(checkpoint_epochs(workdir)) or (workdir / METRICS_NAME).exists()
 
 
+def check_workdir(workdir: pathlib.Path, resume: bool, overwrite: bool) -> None:
+    """Refuses to start a fresh run over an old one, unless told to resume or overwrite."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--workdir {workdir} is a file, not a directory; choose another.")
+    if resume and overwrite:
+        raise ConfigError(
+            "--resume continues the run in the workdir, --overwrite deletes it: "
+            "pass only one of them."
+        )
+    if resume or overwrite or not holds_a_run(workdir):
+        return
+    epochs = checkpoint_epochs(workdir)
+    held = f"checkpoints of epochs {epochs}" if epochs else f"a {METRICS_NAME}"
+    raise ConfigError(
+        f"workdir {workdir} already holds a run ({held}); nothing was changed. Pass --resume "
+        f"to continue it, --overwrite to delete it and start over, or choose another --workdir."
+    )
+
+
 def _damaged(where: pathlib.Path, what: str, older: Sequence[int]) -> ConfigError:
     fallback = (
         f"move it away (e.g. `mv {where} {where}.damaged`) to resume from epoch {older[-1]}"

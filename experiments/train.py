@@ -355,25 +355,6 @@ def _eval_batches(
     return jax.tree.map(lambda x: x.reshape(-1, batch_size, *x.shape[1:]), batches)
 
 
-def _check_workdir(workdir: pathlib.Path, resume: bool, overwrite: bool) -> None:
-    """Refuses to start a fresh run over an old one, unless told to resume or overwrite."""
-    if workdir.exists() and not workdir.is_dir():
-        raise ConfigError(f"--workdir {workdir} is a file, not a directory; choose another.")
-    if resume and overwrite:
-        raise ConfigError(
-            "--resume continues the run in the workdir, --overwrite deletes it: "
-            "pass only one of them."
-        )
-    if resume or overwrite or not checkpoints.holds_a_run(workdir):
-        return
-    epochs = checkpoints.checkpoint_epochs(workdir)
-    held = f"checkpoints of epochs {epochs}" if epochs else f"a {checkpoints.METRICS_NAME}"
-    raise ConfigError(
-        f"workdir {workdir} already holds a run ({held}); nothing was changed. Pass --resume "
-        f"to continue it, --overwrite to delete it and start over, or choose another --workdir."
-    )
-
-
 def _check_resumable(meta: dict[str, Any], config: ml_collections.ConfigDict, where) -> None:
     """Refuses to continue a checkpoint written with another model, optimizer or data."""
     written, wanted = meta["config"], json.loads(config.to_json_best_effort())
@@ -505,9 +486,10 @@ def train_and_evaluate(
     dp = parallel.DataParallel.create(config.parallel, config.average)
     check_config(config, num_devices=dp.num_devices)
     workdir = pathlib.Path(workdir).expanduser().absolute()
-    _check_workdir(workdir, resume, overwrite)
+    checkpoints.check_workdir(workdir, resume, overwrite)
     with _workdir_lock(workdir):
-        _check_workdir(workdir, resume, overwrite)  # again, now that no other run can start
+        # Again, now that no other run can start or change the workdir.
+        checkpoints.check_workdir(workdir, resume, overwrite)
         return _train(config, workdir, dp, resume, overwrite, start)
 
 

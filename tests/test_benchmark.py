@@ -17,8 +17,10 @@ def test_benchmark_times_every_optimizer_on_the_same_step(capsys):
     for r in rows:
         assert r["step_ms"] > 0 and r["compile_s"] > 0
         assert r["vs_sgd"] == pytest.approx(r["step_ms"] / rows[0]["step_ms"])
-        # One step from the same initial state and batch: the same g0 pass, the same loss.
-        assert r["loss"] == pytest.approx(rows[0]["loss"], rel=1e-6)
+        # One step from the same initial state and batch: the same g0 pass, the same loss,
+        # up to float32 reassociation in another program (sums of ~100 terms per value:
+        # ~100 eps = 1e-5 relative, whatever kernels the CPU gets).
+        assert r["loss"] == pytest.approx(rows[0]["loss"], rel=1e-5)
     peak = {r["optimizer"]: r["peak_mb"] for r in rows}
     assert peak["gam"] >= peak["sgd"] > 0  # GAM holds more gradients than SGD
     assert "x sgd" in capsys.readouterr().out
@@ -42,7 +44,8 @@ def test_benchmark_times_the_data_parallel_steps_against_one_device():
     for r in rows:
         assert r["vs_none"] == pytest.approx(r["step_ms"] / one[r["optimizer"]]["step_ms"])
         # The reported loss is g0's. Under jit, with the global batch's augmentation and
-        # BatchNorm statistics, it is the one-device loss.
+        # BatchNorm statistics, it is the one-device loss (float32, summed in another order
+        # over the devices: the 1e-5 bound of the test above).
         if r["parallel"] == "jit/gradients":
             assert r["loss"] == pytest.approx(one[r["optimizer"]]["loss"], rel=1e-5)
 

@@ -222,24 +222,3 @@ def test_gam_hessian_dtype_chain_and_inject_hyperparams():
     d2, _ = plain.update(g, plain.init(p32), p32, loss_fn=loss_fn)
     for k in d1:
         np.testing.assert_allclose(d1[k], d2[k], rtol=1e-6)
-
-
-def test_gam_hessian_pmap_gradients_mode_is_the_full_batch():
-    """'gradients' mode reduces every gradient and Hessian-vector product: one device."""
-    rng = np.random.default_rng(2)
-    x, w = rng.normal(size=(8, 3)), rng.normal(size=3)
-    y = np.sin(x @ w) + 0.1 * rng.normal(size=8)
-    batch_loss = lambda p, xb, yb: jnp.mean((jnp.tanh(xb @ p) - yb) ** 2)
-    with jax.enable_x64(True):
-        params = jnp.asarray(w * 0.5)
-
-        def per_device(p, xb, yb):
-            tx = gam_optax.gam_hessian(0.2, 0.5, axis_name="batch", average="gradients")
-            loss_fn = lambda q: batch_loss(q, xb, yb)
-            return tx.update(jax.grad(loss_fn)(p), tx.init(p), p, loss_fn=loss_fn)[0]
-
-        xs, ys = x.reshape(4, 2, 3), y.reshape(4, 2)
-        d = jax.pmap(per_device, axis_name="batch", in_axes=(None, 0, 0))(params, xs, ys)
-        full = update(gam_optax.gam_hessian(0.2, 0.5), lambda q: batch_loss(q, x, y), params)
-    for i in range(4):
-        np.testing.assert_allclose(d[i], full, rtol=1e-11)
