@@ -25,6 +25,7 @@ the same global batch, against the one-device step (column ``x none``):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -90,6 +91,9 @@ def build_step(
     )
     program = train.build(config, data, dp, steps_per_epoch=1)
     args = (dp.from_global(program.state), dp.put_batch(batch), jax.random.key(1))
+    if train.refresh_period(config):  # amortised: a refresh program and a reuse program
+        steps = (functools.partial(program.step, refresh=r) for r in (True, False))
+        return tuple(dp.compile_step(step, donate=donate) for step in steps), args
     return dp.compile_step(program.step, donate=donate), args
 
 
@@ -116,26 +120,31 @@ def measure(
     jitted, args, compiler_options: dict, warmup: int, repeats: int, cycle: int = 1
 ) -> dict[str, Any]:
     """Compile time, and the median over ``repeats`` of the time of ``cycle`` consecutive
-    steps divided by ``cycle`` (amortised: each cycle holds one refresh step)."""
+    steps divided by ``cycle`` (amortised: each cycle holds one refresh step). ``jitted`` is
+    one step, or a pair (refresh step, reuse step): a cycle is then one refresh and
+    ``cycle - 1`` reuse steps."""
     start = time.perf_counter()
-    compiled = jitted.lower(*args).compile(compiler_options=compiler_options)
+    pair = jitted if isinstance(jitted, tuple) else (jitted, jitted)
+    compiled = [j.lower(*args).compile(compiler_options=compiler_options) for j in pair]
     compile_s = time.perf_counter() - start
+    schedule = [compiled[0]] + [compiled[1]] * (cycle - 1)
     state, batch, rng = jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, args)
-    for _ in range(warmup * cycle):
-        state, metrics = compiled(state, batch, rng)
+    for _ in range(warmup):
+        for step in schedule:
+            state, metrics = step(state, batch, rng)
     jax.block_until_ready(state)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        for _ in range(cycle):
-            state, metrics = compiled(state, batch, rng)
+        for step in schedule:
+            state, metrics = step(state, batch, rng)
         jax.block_until_ready((state, metrics))
         times.append((time.perf_counter() - start) / cycle)
     return {
         "compile_s": compile_s,
         "step_ms": 1e3 * statistics.median(times),
         "step_ms_min": 1e3 * min(times),
-        "peak_mb": (peak_bytes(compiled) or 0) / 2**20,
+        "peak_mb": max(peak_bytes(c) or 0 for c in compiled) / 2**20,
         "loss": float(np.ravel(metrics["loss"])[0]),  # pmap: one copy per device
     }
 

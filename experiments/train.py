@@ -225,6 +225,7 @@ def train_step(
     dtype: Any = jnp.float32,
     average_g0: bool = False,
     axis_name: str | None = None,
+    refresh: bool | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a batch of uint8 images: augment, g0, ``tx.update``, apply.
 
@@ -232,7 +233,9 @@ def train_step(
     binds everything after ``rng`` from a config. With ``axis_name`` it is one device's part
     of a data-parallel step (inside ``jax.pmap`` or ``jax.shard_map``): ``g0`` is this
     device's gradient, averaged over devices here if ``average_g0`` (sgd, adamw), else by
-    ``tx`` (a gam_optax transformation made with ``axis_name``).
+    ``tx`` (a gam_optax transformation made with ``axis_name``). ``refresh`` (a Python
+    bool) tells an amortised optimizer (``gam_optax.reuse``, ``looksam``) whether this step
+    refreshes, instead of its on-device conditional (see :func:`refresh_period`).
     """
     images = input_pipeline.augment(rng, batch["image"], mean, std, **augment, dtype=dtype)
     labels = batch["label"]
@@ -253,7 +256,8 @@ def train_step(
         g0 = jax.lax.pmean(g0, axis_name)  # the gam_optax transformations average it themselves
     # gam/sam/gsam evaluate their extra gradients with loss_fn; sgd/adamw ignore it. Only the
     # g0 pass updates the BatchNorm statistics.
-    updates, opt_state = tx.update(g0, state.opt_state, state.params, loss_fn=loss_fn)
+    chosen = {} if refresh is None else {"refresh": refresh}
+    updates, opt_state = tx.update(g0, state.opt_state, state.params, loss_fn=loss_fn, **chosen)
     params = optax.apply_updates(state.params, updates)
     # With config.skip_nonfinite_steps, optax.apply_if_finite rejected a non-finite direction:
     # keep the statistics too, and report the step as skipped rather than diverged.
@@ -275,6 +279,15 @@ def train_step(
         "finite": (finite_state & (jnp.isfinite(loss) | skipped)).astype(jnp.float32),
         "skipped": skipped.astype(jnp.float32),
     }
+
+
+def refresh_period(config: ml_collections.ConfigDict) -> int | None:
+    """``every`` of an amortised optimizer (``reuse``, ``looksam``), else None. Their steps
+    are compiled twice, refresh and reuse, and chosen on the host (``step % every == 0``):
+    XLA:CPU runs a step holding ``jax.lax.cond`` several times slower."""
+    if config.optimizer not in optimizers.PERTURBATIONS:
+        return None
+    return config[config.optimizer].get("every")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -560,10 +573,6 @@ def _epochs(config, dp, ds, program, state, records, store, start_epoch) -> list
         _eval_batches(ds.test_images, ds.test_labels, config.eval_batch_size, dp.num_devices),
         jax.sharding.PartitionSpec(None, parallel.AXIS),
     )
-    # The augmentation key of a step derives from (seed, step): resumed runs repeat it.
-    train_batch = dp.compile_step(
-        lambda state, batch, rng: program.step(state, batch, jax.random.fold_in(rng, state.step))
-    )
 
     @jax.jit
     def evaluate(state, batches):
@@ -585,10 +594,21 @@ def _epochs(config, dp, ds, program, state, records, store, start_epoch) -> list
     # Compiled ahead of time, with XLA's faster convolutions on CPUs that support them.
     # (Not a multi-process pmap: its ahead-of-time executable expects the global shapes.)
     state = dp.from_global(state)
-    if dp.mode != "pmap" or jax.process_count() == 1:
-        train_batch = xla_options.compile_fast(
-            train_batch, state, read_batch(np.arange(batch_size)), augment_rng
+
+    def compile_train_step(refresh: bool | None):
+        # The augmentation key of a step derives from (seed, step): resumed runs repeat it.
+        step = functools.partial(program.step, refresh=refresh)
+        fn = dp.compile_step(
+            lambda state, batch, rng: step(state, batch, jax.random.fold_in(rng, state.step))
         )
+        if dp.mode != "pmap" or jax.process_count() == 1:
+            fn = xla_options.compile_fast(fn, state, read_batch(np.arange(batch_size)), augment_rng)
+        return fn
+
+    # An amortised optimizer gets two programs, its refresh and its reuse step, chosen here.
+    every = refresh_period(config)
+    steps = {r: compile_train_step(r) for r in ((True, False) if every else (None,))}
+    train_batch = lambda step, *args: steps[every and step % every == 0](*args)
     evaluate = xla_options.compile_fast(evaluate, dp.to_global(state), test_data)
 
     main_process = parallel.is_main_process()
@@ -610,7 +630,8 @@ def _epochs(config, dp, ds, program, state, records, store, start_epoch) -> list
         batches = batches.reshape(steps_per_epoch, batch_size)
         epoch_start, pending, step_metrics = time.perf_counter(), [], []
         for i in range(steps_per_epoch):
-            state, metrics = train_batch(state, read_batch(batches[i]), augment_rng)
+            step = epoch * steps_per_epoch + i
+            state, metrics = train_batch(step, state, read_batch(batches[i]), augment_rng)
             pending.append(metrics)
             if (i + 1) % config.log_every_steps == 0 or i + 1 == steps_per_epoch:
                 # The divergence guard reads every step's flag, once per log interval.

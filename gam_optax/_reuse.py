@@ -91,6 +91,13 @@ def reuse(
     was: ``alpha = 1`` repeats exactly what the last refresh step added
     orthogonally to its :math:`g_0`.
 
+    Which steps refresh: by default ``jax.lax.cond`` on the count, inside your
+    jitted step. XLA:CPU runs a step holding that conditional several times slower
+    than GAM's own step (measured in ``experiments/RESULTS.md``), so on CPU pass
+    ``refresh=`` to ``update`` instead: a Python bool from your own step counter
+    (``step % every == 0``), with the step compiled once per value
+    (``jax.jit(step, static_argnames="refresh")``); the count still advances.
+
     Data parallel (``axis_name`` inside ``jax.pmap`` / ``jax.shard_map``): build
     ``inner`` with the same ``axis_name`` and ``average``. ``v`` is taken against
     the device-averaged :math:`g_0`, so the state stays replicated. Skip steps
@@ -159,11 +166,17 @@ def reuse(
     def pmean(tree):
         return jax.lax.pmean(tree, axis_name)
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(updates, state, params=None, *, refresh=None, **extra_args):
         if params is None:
             raise ValueError(
                 "reuse: update needs params, the point g0 was computed at: "
                 "tx.update(grads, state, params, loss_fn=loss_fn)."
+            )
+        if refresh is not None and not isinstance(refresh, bool):
+            raise TypeError(
+                f"reuse.update: refresh must be a Python bool (True: run the inner "
+                f"transformation), chosen outside jax.jit, or None; got {refresh!r}. Pass it "
+                f"as a static argument: jax.jit(step, static_argnames='refresh')."
             )
         _perturb.check_state(state, ReuseState, name)
         _perturb.check_float_params(params, name)
@@ -171,13 +184,13 @@ def reuse(
         _perturb.check_axis_bound(axis_name, name)
         a = _perturb.value_at(alpha, state.count)
 
-        def refresh(_):
+        def do_refresh(_):
             direction, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
             g0 = updates if axis_name is None else pmean(updates)
             v = orthogonal_part(direction, g0, eps)
             return cast_like(direction, updates), cast_like(v, params), inner_state
 
-        def skip(_):
+        def do_skip(_):
             g0 = updates
             if axis_name is not None and average == "gradients":
                 g0 = pmean(g0)
@@ -190,7 +203,12 @@ def reuse(
                 direction = pmean(direction)
             return direction, state.v, _advance_counts(state.inner_state)
 
-        direction, v, inner_state = jax.lax.cond(state.count % every == 0, refresh, skip, None)
+        if refresh is None:  # chosen on device from the count
+            direction, v, inner_state = jax.lax.cond(
+                state.count % every == 0, do_refresh, do_skip, None
+            )
+        else:  # chosen by the caller: one branch is compiled, no conditional
+            direction, v, inner_state = (do_refresh if refresh else do_skip)(None)
         count = optax.safe_increment(state.count)
         return direction, ReuseState(count=count, v=v, inner_state=inner_state)
 

@@ -4,6 +4,8 @@ The reference is a NumPy implementation of the formula on a separable quartic wh
 is written by hand, with NumPy SAM and GSAM as the inner directions.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -168,6 +170,37 @@ def test_skip_steps_evaluate_no_gradient(every, refreshes):
     jax.block_until_ready(ten_steps(params, tx.init(params)))
     jax.effects_barrier()
     assert len(calls) == 3 * refreshes  # GAM's 3 extra gradients, on refresh steps only
+
+
+def test_refresh_chosen_by_the_caller_equals_the_conditional_and_skips_without_it(x64):
+    """refresh=True/False (static, no lax.cond) gives the directions of the conditional form
+    when chosen on the same schedule; a False step evaluates no gradient at all."""
+    loss, _, params = make_quartic(seed=4)
+    tx = gam_optax.reuse(gam_optax.gam(**GAM), every=3, alpha=0.5)
+    calls = []
+
+    def counted_loss(p):
+        jax.debug.callback(lambda: calls.append(1))
+        return loss(p)
+
+    @functools.partial(jax.jit, static_argnames="refresh")
+    def step(params, state, refresh=None):
+        return tx.update(
+            jax.grad(loss)(params), state, params, loss_fn=counted_loss, refresh=refresh
+        )
+
+    by_cond, by_caller = tx.init(params), tx.init(params)
+    for t in range(7):
+        d_cond, by_cond = step(params, by_cond)
+        calls.clear()
+        d_caller, by_caller = step(params, by_caller, refresh=t % 3 == 0)
+        jax.effects_barrier()
+        assert len(calls) == (3 if t % 3 == 0 else 0)
+        np.testing.assert_allclose(flat(d_caller), flat(d_cond), rtol=1e-12)
+        params = jax.tree.map(lambda q, x: q - 0.05 * x, params, d_cond)
+    assert int(by_caller.count) == int(by_cond.count) == 7
+    with pytest.raises(TypeError, match="refresh must be a Python bool"):
+        tx.update(jax.grad(loss)(params), by_caller, params, loss_fn=loss, refresh=1)
 
 
 # ---------------------------------------------------------------------------
