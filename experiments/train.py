@@ -169,6 +169,11 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> Non
         raise ConfigError(
             "config.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 in the environment."
         )
+    check_batch_split(config, num_devices)
+
+
+def check_batch_split(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raises ``ConfigError`` unless a batch splits evenly over devices and processes."""
     if config.batch_size % num_devices:
         raise ConfigError(
             f"batch size {config.batch_size} is not divisible by the {num_devices} devices in "
@@ -497,7 +502,7 @@ def train_and_evaluate(
     start = time.perf_counter()
     check_config(config)
     dp = parallel.DataParallel.create(config.parallel, config.average)
-    check_config(config, num_devices=dp.num_devices)
+    check_batch_split(config, dp.num_devices)
     workdir = pathlib.Path(workdir).expanduser().absolute()
     checkpoints.check_workdir(workdir, resume, overwrite)
     with _workdir_lock(workdir):
