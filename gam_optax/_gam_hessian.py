@@ -9,7 +9,14 @@ import jax.numpy as jnp
 import optax
 
 from gam_optax import _perturb
-from gam_optax._perturb import add_scaled, ascent_step, cast_like, scale, unit
+from gam_optax._perturb import (
+    add_scaled,
+    ascent_step,
+    cast_like,
+    perturbed_gradient,
+    scale,
+    unit,
+)
 
 
 class GAMHessianState(NamedTuple):
@@ -32,6 +39,8 @@ def gam_hessian(
     axis_name: str | None = None,
     average: _perturb.Average = "direction",
     mask: _perturb.Mask | None = None,
+    sam_rho: optax.ScalarOrSchedule | None = None,
+    hvp_step: optax.ScalarOrSchedule | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Gradient norm Aware Minimization, the original form (Algorithm 1).
 
@@ -54,6 +63,37 @@ def gam_hessian(
     products (each about two gradients) beyond the caller's :math:`g_0`.
     The authors published no hyperparameters for this form.
 
+    **SAM + GAM** (``sam_rho``). The authors' README says "GAM can help SAM find
+    flatter minima", but their released code holds no such combination; this is our
+    reading of it: minimise SAM's loss plus the same penalty,
+    :math:`L^{SAM}_{\rho_s}(\theta) + \text{penalty}\cdot R_1(\theta)` with
+    :math:`L^{SAM}_{\rho_s}(\theta) = L(\theta + \rho_s\,u(g_0))`, whose gradient
+    (SAM's, the ascent step held fixed) replaces :math:`g_0` in :math:`d`:
+
+    .. math::
+      g_s = \nabla L(\theta + \rho_s\,u(g_0)), \qquad
+      d = g_s + \text{penalty}\cdot h_{norm}
+
+    ``penalty=0`` is :func:`sam` with ``rho=sam_rho``.
+
+    **Finite differences** (``hvp_step``). Each :math:`H(x)\,v` (:math:`v` a unit
+    vector) becomes :math:`(\nabla L(x + r v) - \nabla L(x)) / r`, as in the
+    accelerated Algorithm 2; only the direction of :math:`f` is used, so
+
+    .. math::
+      f = \nabla L(\theta + r\,u(g_0)) - g_0, \qquad
+      h_{norm} = \frac{\rho}{r}\,\big(\nabla L(\theta_{adv} + r\,u(g_{adv}))
+        - g_{adv}\big), \quad g_{adv} = \nabla L(\theta_{adv})
+
+    (three gradients beyond :math:`g_0`; error :math:`O(r)`). These steps stand in
+    for :math:`H v` and move every parameter, whatever ``mask`` says. With
+    ``sam_rho`` the same value as ``hvp_step`` (the same object, or equal concrete
+    numbers) and no ``mask`` (or one that selects everything), SAM's point
+    :math:`\theta + r\,u(g_0)` is the first finite-difference point: SAM + GAM then
+    costs three gradients beyond :math:`g_0`, as :func:`gam` does; otherwise SAM's
+    gradient is one more (e.g. under ``optax.inject_hyperparams``, whose values are
+    separate arrays).
+
     Args:
       rho: the radius of the flatness ball, a number or an optax schedule.
       penalty: the weight of :math:`R_1` (the paper's :math:`\alpha`).
@@ -68,13 +108,19 @@ def gam_hessian(
         The gradients are still taken, and ``d`` returned, for every parameter; the
         ascent steps move the selected leaves only, their length measured on them
         (e.g. SAM-ON: perturb only the normalisation layers). None: all.
-      (Here the ascent on the gradient norm moves the selected leaves; the
-      penalty's gradient covers all parameters.)
+      (Here the ascent on the gradient norm, and SAM's step, move the selected
+      leaves; the penalty's gradient covers all parameters.)
+      sam_rho: SAM + GAM: the radius of SAM's step, a number or an optax schedule.
+        None (default): the loss part of ``d`` is ``g0``.
+      hvp_step: None (default): exact Hessian-vector products. A number ``r > 0``
+        (or a schedule): first-order finite differences of gradients with step ``r``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
       keyword argument ``loss_fn`` (or ``grad_fn(params, i)``, differentiated
-      once more by ``jax.jvp``).
+      once more by ``jax.jvp`` in the exact mode). ``i``: 1 for :math:`f` (and SAM's
+      gradient when shared), 2 for :math:`g_{adv}`, 3 for :math:`h_{norm}`, 4 for
+      SAM's gradient when not shared.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, gam_optax
@@ -92,6 +138,22 @@ def gam_hessian(
       >>> print(f"{loss(params):.2f}")  # the minimum of the loss alone is 0.578
       0.58
 
+      SAM + GAM, with finite differences (three gradients beyond ``g0``):
+
+      >>> sam_gam = gam_optax.gam_hessian(0.1, 0.5, sam_rho=0.05, hvp_step=0.05)
+      >>> tx2 = optax.chain(sam_gam, optax.sgd(0.05))
+      >>> @jax.jit
+      ... def step2(params, state):
+      ...   grads = jax.grad(loss)(params)
+      ...   updates, state = tx2.update(grads, state, params, loss_fn=loss)
+      ...   return optax.apply_updates(params, updates), state
+      >>> params = jnp.array([2.0, -1.0])
+      >>> state = tx2.init(params)
+      >>> for _ in range(200):
+      ...   params, state = step2(params, state)
+      >>> print(f"{loss(params):.2f}")
+      0.58
+
     References:
       Zhang, Xu, Yu, Zou and Cui, "Gradient Norm Aware Minimization Seeks
       First-Order Flatness and Improves Generalization", CVPR 2023,
@@ -100,7 +162,12 @@ def gam_hessian(
     name = "gam_hessian"
     _perturb.check_nonnegative("rho", rho, name, schedule=True)
     _perturb.check_nonnegative("penalty", penalty, name)
+    if sam_rho is not None:
+        _perturb.check_nonnegative("sam_rho", sam_rho, name, schedule=True)
+    if hvp_step is not None:
+        _perturb.check_positive("hvp_step", hvp_step, name, schedule=True)
     _perturb.check_common(name, eps=eps, has_aux=has_aux, axis_name=axis_name, average=average)
+    same_step = sam_rho is not None and _same_value(sam_rho, hvp_step)
 
     def init_fn(params: optax.Params) -> GAMHessianState:
         del params
@@ -119,16 +186,53 @@ def gam_hessian(
         )
         r = _perturb.value_at(rho, state.count)
         g0 = oracle.incoming(updates, params)
-        # f = H(theta) u(g0): the gradient of the gradient norm.
-        f = oracle.hessian_product(params, unit(g0, eps), 1)
-        # theta_adv = theta + rho u(f): one ascent step on ||grad L||.
         m = _perturb.resolve_mask(mask, params, name)
+        if hvp_step is None:
+            # f = H(theta) u(g0): the gradient of the gradient norm.
+            f = oracle.hessian_product(params, unit(g0, eps), 1)
+        else:
+            # f = g(theta + r_fd u(g0)) - g0 = r_fd H(theta) u(g0) + O(r_fd^2).
+            r_fd = _perturb.value_at(hvp_step, state.count)
+            g_fd = oracle.at(
+                jax.tree.map(jnp.add, params, ascent_step(g0, params, r_fd, eps=eps)), 1
+            )
+            f = jax.tree.map(jnp.subtract, g_fd, g0)
+        # theta_adv = theta + rho u(f): one ascent step on ||grad L||.
         theta_adv = jax.tree.map(jnp.add, params, ascent_step(f, params, r, eps=eps, mask=m))
         g_adv = oracle.at(theta_adv, 2)
         # h_norm = rho H(theta_adv) u(g_adv): the gradient of R1.
-        h_norm = scale(oracle.hessian_product(theta_adv, unit(g_adv, eps), 3), r)
-        direction = add_scaled(g0, penalty, h_norm)
+        if hvp_step is None:
+            h_norm = scale(oracle.hessian_product(theta_adv, unit(g_adv, eps), 3), r)
+        else:
+            step = ascent_step(g_adv, theta_adv, r_fd, eps=eps)
+            g_fd_adv = oracle.at(jax.tree.map(jnp.add, theta_adv, step), 3)
+            h_norm = scale(jax.tree.map(jnp.subtract, g_fd_adv, g_adv), r / r_fd)
+        # The loss part: g0, or SAM's gradient g(theta + sam_rho u(g0)).
+        if sam_rho is None:
+            loss_gradient = g0
+        elif same_step and (m is None or all(jax.tree.leaves(m))):
+            loss_gradient = g_fd  # the same point: theta + r_fd u(g0)
+        else:
+            r_sam = _perturb.value_at(sam_rho, state.count)
+            loss_gradient = perturbed_gradient(
+                oracle, params, g0, r_sam, eps=eps, adaptive=False, i=4, mask=m
+            )
+        direction = add_scaled(loss_gradient, penalty, h_norm)
         direction = cast_like(oracle.finish(direction), updates)
         return direction, GAMHessianState(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _same_value(a: optax.ScalarOrSchedule, b: optax.ScalarOrSchedule | None) -> bool:
+    """``a`` and ``b`` are the same object, or equal concrete numbers (never tracers)."""
+    if a is b:
+        return True
+    if b is None or callable(a) or callable(b):
+        return False
+    if isinstance(a, jax.core.Tracer) or isinstance(b, jax.core.Tracer):
+        return False
+    try:
+        return float(a) == float(b)  # type: ignore[arg-type]
+    except Exception:  # e.g. an array not addressable from this process
+        return False

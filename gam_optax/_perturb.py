@@ -253,6 +253,7 @@ def check_number(
     *,
     minimum: float | None = None,
     schedule: bool = False,
+    strict: bool = False,
 ) -> None:
     """Check a number-typed hyperparameter, or a schedule of one, where it is concrete.
 
@@ -260,16 +261,16 @@ def check_number(
     and (with ``schedule``) callables of the step count. Rejected with a message
     that names the transformation and the argument: bools, strings, None,
     complex numbers, arrays of other shapes, NaN and infinities, and values
-    below ``minimum``. A schedule is probed at :data:`SCHEDULE_PROBE_STEPS` (step
-    0 and a geometric grid up to 10^7), so one that goes negative later is caught
-    if it is negative at a grid point. Tracers (values inside
+    below ``minimum`` (with ``strict``: not above it). A schedule is probed at
+    :data:`SCHEDULE_PROBE_STEPS` (step 0 and a geometric grid up to 10^7), so one
+    that goes negative later is caught if it is negative at a grid point. Tracers (values inside
     ``optax.inject_hyperparams`` under ``jax.jit``) cannot be checked and are not.
 
     Raises:
       TypeError: a value of the wrong type.
       ValueError: a value out of range, or an array of the wrong shape.
     """
-    bound = "" if minimum is None else f" >= {minimum:g}"
+    bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
     example = "0.05" if minimum is not None else "0.5"
     remedy = f"Pass a finite Python float{bound}, e.g. {name}={example}" + (
         ", a 0-d array, or an optax schedule of the step count."
@@ -295,11 +296,11 @@ def check_number(
             at = f"the {name} schedule at step {step}"
             number = _scalar(at, out, transformation, remedy)
             if number is not None:
-                _check_range(at, number, transformation, minimum, remedy, probed=True)
+                _check_range(at, number, transformation, minimum, remedy, strict, probed=True)
         return
     number = _scalar(name, value, transformation, remedy)
     if number is not None:
-        _check_range(name, number, transformation, minimum, remedy)
+        _check_range(name, number, transformation, minimum, remedy, strict)
 
 
 def _check_range(
@@ -308,11 +309,13 @@ def _check_range(
     transformation: str,
     minimum: float | None,
     remedy: str,
+    strict: bool = False,
     probed: bool = False,
 ) -> None:
     grid = " (schedules are probed at step 0 and at steps 1, 10, 100, ..., 10^7)" if probed else ""
-    bound = "" if minimum is None else f" >= {minimum:g}"
-    if not math.isfinite(number) or (minimum is not None and number < minimum):
+    bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
+    below = minimum is not None and (number <= minimum if strict else number < minimum)
+    if not math.isfinite(number) or below:
         raise ValueError(
             f"{transformation}: {name} must be a finite number{bound}, got {number}{grid}. {remedy}"
         )
@@ -328,6 +331,11 @@ def check_nonnegative(
 ) -> None:
     """:func:`check_number` for a number (or schedule, if allowed) that must be >= 0."""
     check_number(name, value, transformation, minimum=0.0, schedule=schedule)
+
+
+def check_positive(name: str, value: Any, transformation: str, *, schedule: bool = False) -> None:
+    """:func:`check_number` for a number (or schedule, if allowed) that must be > 0."""
+    check_number(name, value, transformation, minimum=0.0, schedule=schedule, strict=True)
 
 
 def check_bool(name: str, value: Any, transformation: str) -> None:
