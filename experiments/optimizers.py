@@ -60,6 +60,12 @@ PERTURBATIONS: dict[str, Perturbation] = {
     "reuse": Perturbation(
         "reuse", {"inner": "gam", "every": 5, "alpha": 0.7, "rescale": True}, wraps="inner"
     ),
+    # SAM + GAM (our reading of the paper's README claim): SAM's loss plus penalty * R1_rho,
+    # with finite-difference H v; sam_rho == hvp_step shares SAM's point (3 extra gradients,
+    # as gam). sam_rho as the sam entry; rho and penalty are untuned defaults.
+    "sam_gam": Perturbation(
+        "gam_hessian", {"rho": 0.1, "penalty": 0.3, "sam_rho": 0.05, "hvp_step": 0.05}
+    ),
 }
 REUSABLE = ("gam", "sam", "gsam")  # what config.reuse.inner may name
 NAMES = (*BASE, *PERTURBATIONS)

@@ -28,6 +28,8 @@ TRANSFORMATIONS = {
     "gam_exact_hvp": functools.partial(gam_optax.gam, rho=0.3, rho_prime=0.05, hessian=True),
     "gam_adaptive": functools.partial(gam_optax.gam, rho=0.3, rho_prime=0.05, adaptive=True),
     "gam_hessian": functools.partial(gam_optax.gam_hessian, 0.1, 0.5),
+    "sam_gam": functools.partial(gam_optax.gam_hessian, 0.1, 0.5, sam_rho=0.05, hvp_step=0.05),
+    "sam_gam_exact_hvp": functools.partial(gam_optax.gam_hessian, 0.1, 0.5, sam_rho=0.05),
     "sam": functools.partial(gam_optax.sam, 0.1),
     "asam": functools.partial(gam_optax.sam, 0.5, adaptive=True),
     "gsam": functools.partial(gam_optax.gsam, 0.1, 0.2),

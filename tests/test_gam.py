@@ -562,7 +562,8 @@ def test_invalid_update_arguments_fail_clearly(f32_problem):
 # Tables of bad inputs, per category. Each expects an error that names the
 # transformation and the argument, and (for hyperparameters) says what to pass.
 
-# transformation -> (factory, its number-typed arguments: name -> (>= 0, may be a schedule)).
+# transformation -> (factory, its number-typed arguments: name -> (>= 0, may be a schedule)),
+# ">0" for > 0; the arguments in OPTIONAL take None (their default).
 FACTORIES = {
     "gam": (
         gam_optax.gam,
@@ -579,9 +580,16 @@ FACTORIES = {
     "gsam": (gam_optax.gsam, dict(rho=(True, True), alpha=(False, False), eps=(True, False))),
     "gam_hessian": (
         lambda **kw: gam_optax.gam_hessian(**{"rho": 0.1, "penalty": 0.5, **kw}),
-        dict(rho=(True, True), penalty=(True, False), eps=(True, False)),
+        dict(
+            rho=(True, True),
+            penalty=(True, False),
+            eps=(True, False),
+            sam_rho=(True, True),
+            hvp_step=(">0", True),
+        ),
     ),
 }
+OPTIONAL = ("sam_rho", "hvp_step")
 FLAGS = {
     "gam": ("adaptive", "hessian", "has_aux"),
     "sam": ("adaptive", "has_aux"),
@@ -597,8 +605,8 @@ WRONG_NUMBERS = [
     (np.array([0.1, 0.2]), ValueError, r"must be a scalar, got an array of shape \(2,\)"),
     (jnp.ones((1,)), ValueError, r"must be a scalar, got an array of shape \(1,\)"),
     (np.array(0.1 + 1j), TypeError, "must be a real number, got ndarray of dtype complex128"),
-    (float("nan"), ValueError, "must be a finite number( >= 0)?, got nan"),
-    (jnp.float32(float("inf")), ValueError, "must be a finite number( >= 0)?, got inf"),
+    (float("nan"), ValueError, "must be a finite number( >=? 0)?, got nan"),
+    (jnp.float32(float("inf")), ValueError, "must be a finite number( >=? 0)?, got inf"),
 ]
 BAD_SCHEDULES = [
     # Negative only after step 100: caught by the probe at step 1000.
@@ -615,11 +623,17 @@ LR = optax.linear_schedule(0.1, 0.0, 200)
 def _hyperparameter_cases():
     for transformation, (factory, arguments) in FACTORIES.items():
         for argument, (nonnegative, schedule) in arguments.items():
-            cases = [(value, error, message) for value, error, message in WRONG_NUMBERS]
-            if nonnegative:
+            cases = [c for c in WRONG_NUMBERS if not (argument in OPTIONAL and c[0] is None)]
+            if nonnegative == ">0":
+                cases.append((-0.01, ValueError, "must be a finite number > 0, got -0.01"))
+                cases.append((0.0, ValueError, "must be a finite number > 0, got 0.0"))
+            elif nonnegative:
                 cases.append((-0.01, ValueError, "must be a finite number >= 0, got -0.01"))
             if schedule:
                 cases += [(v, e, m) for v, e, m in BAD_SCHEDULES]
+                if nonnegative == ">0":  # the first one is 0 at step 100 already
+                    message = "schedule at step 100 must be a finite number > 0, got 0.0"
+                    cases[-len(BAD_SCHEDULES)] = (BAD_SCHEDULES[0][0], ValueError, message)
             else:
                 cases.append((lambda t: 0.1, TypeError, "must be a number, not a schedule"))
             for i, (value, error, message) in enumerate(cases):
@@ -811,6 +825,10 @@ def test_legal_hyperparameter_forms_construct_and_run(f32_problem, form):
         (gam_optax.sam(quarter, adaptive=True), gam_optax.sam(0.25, adaptive=True)),
         (gam_optax.gsam(quarter, alpha=number), gam_optax.gsam(0.25, alpha=1.0)),
         (gam_optax.gam_hessian(quarter, penalty=number), gam_optax.gam_hessian(0.25, 1.0)),
+        (
+            gam_optax.gam_hessian(quarter, number, sam_rho=quarter, hvp_step=quarter),
+            gam_optax.gam_hessian(0.25, 1.0, sam_rho=0.25, hvp_step=0.25),
+        ),
     ]
     for tx, reference in pairs:
         got, _ = gam_direction(tx, params, loss_fn)
