@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import json
 import pathlib
 import sys
@@ -29,11 +30,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import scipy.stats
 from matplotlib.figure import Figure
 
-from experiments import ConfigError, optimizers, tables, train
+from experiments import ConfigError, optimizers, tables, train, xla_options
 from experiments.configs import default
 from gam_optax import flatness
 
@@ -65,19 +67,25 @@ def measure_flatness(
 
 
 def parse_optimizer(spec: str) -> tuple[str, dict[str, Any]]:
-    """``'reuse:every=5,alpha=0.2'`` -> ``('reuse', {'every': 5, 'alpha': 0.2})``."""
+    """``'reuse:every=5,alpha=0.2'`` -> ``('reuse', {'every': 5, 'alpha': 0.2})``.
+
+    A key ``SECTION.KEY`` sets a field of another optimizer's section, e.g. the inner
+    transformation of ``reuse``: ``'reuse:every=5,gam.rho_prime=0.05'``.
+    """
     name, _, rest = spec.partition(":")
     if name not in optimizers.NAMES:
         raise ConfigError(f"unknown optimizer {name!r}; valid: {', '.join(optimizers.NAMES)}.")
-    section = default.get_config().get(name)
+    config = default.get_config()
     overrides = {}
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
-        if not sep or section is None or key not in section:
+        section_name, _, field = key.rpartition(".")
+        section = config.get(section_name or name)
+        if not sep or section is None or field not in section:
             valid = ", ".join(section or ()) or "none"
             raise ConfigError(
                 f"bad override {item!r} in {spec!r}: write KEY=VALUE with a key of "
-                f"config.{name} ({valid})."
+                f"config.{section_name or name} ({valid}), or SECTION.KEY=VALUE."
             )
         try:
             overrides[key] = ast.literal_eval(value)
@@ -95,17 +103,25 @@ def run_one(
     train_examples: int | None = None,
     flatness_examples: int | None = None,
     validation_examples: int | None = None,
+    base: ml_collections.ConfigDict | None = None,
 ) -> dict:
-    """Train (or reuse) one run and measure it; the result is cached in ``result.json``."""
+    """Train (or reuse) one run and measure it; the result is cached in ``result.json``.
+
+    ``base`` is the config to start from (default ``configs/default.py``); the seed also
+    seeds its label noise, so every optimizer of one seed sees the same noisy labels.
+    """
     result_path = workdir / "result.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
-    config = default.get_config()
+    config = copy.deepcopy(base) if base is not None else default.get_config()
     name, overrides = parse_optimizer(optimizer)
     config.optimizer, config.seed, config.num_epochs = name, seed, epochs
-    if overrides:
-        config[name].update(overrides)
-    config.num_train_examples = train_examples
+    config.label_noise_seed = seed
+    for key, value in overrides.items():
+        section, _, field = key.rpartition(".")
+        config[section or name][field] = value
+    if train_examples is not None:
+        config.num_train_examples = train_examples
     config.validation_examples = validation_examples
     config.progress_bar = False
     start = time.perf_counter()
@@ -116,6 +132,9 @@ def run_one(
         "seed": seed,
         "epochs": epochs,
         "validation_examples": validation_examples,
+        "num_train_examples": config.num_train_examples,
+        "label_noise": config.label_noise,
+        "label_noise_seed": config.label_noise_seed,
         "wall_time": wall_time,
         **{k: summary[k] for k in ("final_test_accuracy", "best_test_accuracy", "train_loss")},
         **measure_flatness(config, workdir, rho, seed, flatness_examples),
@@ -229,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, tuple[float, 
             parse_optimizer(spec)
         except ConfigError as e:
             parser.error(str(e))
+    xla_options.cache_compilations(args.workdir / "compilation_cache")
     results = []
     try:
         for seed in range(args.seeds):

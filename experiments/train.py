@@ -165,6 +165,8 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> Non
     _check_number(config, "weight_decay", 0)
     _check_number(config, "momentum", 0, 1)
     _check_number(config, "label_smoothing", 0, 1)
+    _check_number(config, "label_noise", 0, 1)
+    _check_number(config, "label_noise_seed", 0, integer=True)
     if config.dtype == "float64" and not jax.config.jax_enable_x64:
         raise ConfigError(
             "config.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 in the environment."
@@ -441,15 +443,19 @@ def training_objective(
     """The training loss around the final parameters of the run in ``workdir``.
 
     The loss is the training objective (label smoothing included) on the un-augmented
-    training set (its first ``num_examples``), with BatchNorm in inference mode so that it
-    depends on the parameters only: what ``gam_optax.flatness`` measures.
+    examples the run trained on (its first ``num_examples``; noisy labels as trained), with
+    BatchNorm in inference mode so that it depends on the parameters only: what
+    ``gam_optax.flatness`` measures.
 
     Returns:
       ``(loss_fn, params)``. ``loss_fn`` is a ``jax.tree_util.Partial`` (its data are
       arguments of a jitted measure, not constants); beyond ``WHOLE_BATCH_LIMIT`` examples it
       averages batches of ``config.eval_batch_size`` (``gam_optax.flatness.dataset_loss``).
     """
-    ds = input_pipeline.load(config.dataset, config.data_dir, num_examples)
+    ds = input_pipeline.for_run(config)
+    ds = ds._replace(
+        train_images=ds.train_images[:num_examples], train_labels=ds.train_labels[:num_examples]
+    )
     model = models.create_model(config.model, ds.num_classes, **config.model_kwargs)
     state = restore_checkpoint(workdir)
 
@@ -513,10 +519,7 @@ def train_and_evaluate(
 
 def _train(config, workdir, dp, resume, overwrite, start) -> dict[str, Any]:
     main_process = parallel.is_main_process()
-    ds = input_pipeline.load(
-        config.dataset, config.data_dir, config.num_train_examples, config.num_test_examples
-    )
-    ds = input_pipeline.hold_out(ds, config.get("validation_examples"))  # "test" = validation
+    ds = input_pipeline.for_run(config)  # label noise, validation hold-out ("test" = it)
     num_train, batch_size = len(ds.train_labels), config.batch_size
     steps_per_epoch = min(num_train // batch_size, config.steps_per_epoch or num_train)
     if steps_per_epoch < 1:

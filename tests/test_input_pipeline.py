@@ -141,3 +141,55 @@ def test_validation_split_is_held_out_from_training_and_is_not_the_test_set(digi
     assert input_pipeline.hold_out(digits, None) is digits
     with pytest.raises(ConfigError, match="validation_examples=898 must be between 1"):
         input_pipeline.hold_out(digits, n)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.2, 0.4, 0.95])
+def test_label_noise_flips_exactly_the_fraction_to_wrong_classes(fraction):
+    labels = np.random.default_rng(1).integers(0, 10, size=5000).astype(np.int32)
+    noisy = input_pipeline.add_label_noise(labels, 10, fraction, seed=3)
+    flipped = noisy != labels
+    assert flipped.sum() == round(fraction * len(labels))  # every chosen label is now wrong
+    assert noisy.dtype == labels.dtype and labels.max() < 10 and noisy.min() >= 0
+    if fraction:
+        # The wrong class is uniform over the other nine: each shift 1..9 about 1/9 of flips.
+        shifts = np.bincount((noisy - labels)[flipped] % 10, minlength=10)
+        expected = flipped.sum() / 9
+        assert shifts[0] == 0
+        assert np.all(np.abs(shifts[1:] - expected) < 5 * np.sqrt(expected))  # 5 sigma
+    np.testing.assert_array_equal(labels, np.random.default_rng(1).integers(0, 10, size=5000))
+
+
+def test_label_noise_is_set_by_its_seed():
+    labels = np.arange(1000, dtype=np.int32) % 10
+    a = input_pipeline.add_label_noise(labels, 10, 0.3, seed=7)
+    np.testing.assert_array_equal(a, input_pipeline.add_label_noise(labels, 10, 0.3, seed=7))
+    b = input_pipeline.add_label_noise(labels, 10, 0.3, seed=8)
+    assert np.mean((a != labels) & (b != labels)) < 0.3 * 0.3 + 0.05  # independent choices
+    with pytest.raises(ConfigError, match=r"label_noise=1.0 must be in \[0, 1\)"):
+        input_pipeline.add_label_noise(labels, 10, 1.0, seed=0)
+
+
+@pytest.mark.parametrize("validation", [None, 60])
+def test_a_run_with_noise_and_little_data_keeps_test_labels_and_holds_out_validation(
+    digits, validation
+):
+    from experiments.configs import digits_lowdata
+
+    config = digits_lowdata.get_config()  # the first 180 training examples
+    config.label_noise, config.label_noise_seed = 0.4, 5
+    config.validation_examples = validation
+    ds = input_pipeline.for_run(config)
+    noisy = input_pipeline.add_label_noise(digits.train_labels[:180], 10, 0.4, seed=5)
+    assert np.sum(noisy != digits.train_labels[:180]) == 72
+    cut = 180 - (validation or 0)
+    np.testing.assert_array_equal(ds.train_images, digits.train_images[:cut])
+    np.testing.assert_array_equal(ds.train_labels, noisy[:cut])
+    if validation:  # the rest of the 180, as noisy as training: disjoint from both sets
+        np.testing.assert_array_equal(ds.test_images, digits.train_images[cut:180])
+        np.testing.assert_array_equal(ds.test_labels, noisy[cut:])
+        rows = lambda images: {image.tobytes() for image in images}
+        assert not rows(ds.test_images) & rows(ds.train_images)
+        assert not rows(ds.test_images) & rows(digits.test_images)
+    else:  # the test set, labels untouched
+        np.testing.assert_array_equal(ds.test_images, digits.test_images)
+        np.testing.assert_array_equal(ds.test_labels, digits.test_labels)

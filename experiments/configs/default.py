@@ -21,6 +21,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Hold out the last N training examples and evaluate on them instead of the test set
     # (the "test_*" metrics are then validation metrics): for choosing hyperparameters.
     config.validation_examples = config_dict.placeholder(int)
+    # Symmetric label noise on the training split (test labels stay clean): this fraction of
+    # the labels, chosen with its own seed, each replaced by a uniformly drawn wrong class.
+    config.label_noise = 0.0
+    config.label_noise_seed = 0
     # On device, every step: random crop with zero padding, left-right flip, Cutout (0 = off;
     # 16 is the usual CIFAR size). Digits are 8x8 and not mirror-symmetric.
     config.augment = ml_collections.ConfigDict(dict(crop_padding=1, flip=False, cutout_size=0))

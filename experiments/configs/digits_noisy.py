@@ -1,0 +1,18 @@
+"""Digits with symmetric label noise on the training split (test labels clean).
+
+A fraction of the training labels, chosen with ``config.label_noise_seed``, is replaced by
+a uniformly drawn wrong class (``input_pipeline.add_label_noise``); the fraction is the
+config string (default 0.4)::
+
+    python -m experiments.train --config=experiments/configs/digits_noisy.py:0.2 --workdir=DIR
+"""
+
+import ml_collections
+
+from experiments.configs import default
+
+
+def get_config(label_noise: str = "0.4") -> ml_collections.ConfigDict:
+    config = default.get_config()
+    config.label_noise = float(label_noise)
+    return config

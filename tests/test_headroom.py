@@ -1,0 +1,97 @@
+"""The headroom benchmark's protocol: radii chosen on validation, paired test runs."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import headroom, reproduce
+
+
+def fake_accuracy(spec: str, seed: int, validation: int | None) -> float:
+    """A made-up landscape: sam is best at rho=0.1, gam at rho_prime=0.05 (on validation)."""
+    best = {"sam:rho=0.1": 0.9, "gam:rho_prime=0.05": 0.92}.get(spec, 0.8)
+    return best - 0.01 * (seed % 100) + (0.0 if validation else 0.05)
+
+
+@pytest.fixture
+def runs(monkeypatch):
+    calls = []
+
+    def run_one(spec, seed, epochs, workdir, rho, **kwargs):
+        calls.append((spec, seed, kwargs["validation_examples"]))
+        accuracy = fake_accuracy(spec, seed, kwargs["validation_examples"])
+        keys = ("best_test_accuracy", "train_loss", "trace", "first_order_flatness", "wall_time")
+        return {
+            "optimizer": spec,
+            "seed": seed,
+            "final_test_accuracy": accuracy,
+            "top_eigenvalue": 10.0 + seed + (spec != "sgd"),
+            **dict.fromkeys(keys, 1.0),
+        }
+
+    monkeypatch.setattr(reproduce, "run_one", run_one)
+    return calls
+
+
+def test_radii_are_chosen_on_validation_and_tested_paired_by_seed(tmp_path, runs, capsys):
+    argv = ["--setting", "noise40", "--workdir", str(tmp_path), "--seeds", "3"]
+    argv += ["--tune-seeds", "2", "--optimizers", "sgd", "sam", "gam", "reuse"]
+    [summary] = headroom.main(argv)
+    assert summary["choices"] == {
+        "sgd": "",
+        "sam": "rho=0.1",
+        "gam": "rho_prime=0.05",
+        "reuse": "rho_prime=0.05",  # reuse takes gam's radius
+    }
+    tuning = [(spec, seed) for spec, seed, validation in runs if validation]
+    testing = [(spec, seed) for spec, seed, validation in runs if not validation]
+    # Every grid value on validation (200 examples held out), with seeds no test run uses.
+    assert {v for _, _, v in runs if v} == {200}
+    assert sorted(tuning) == sorted(
+        (headroom.spec(o, c), s)
+        for o in ("sam", "gam")
+        for c in headroom.GRIDS[o]
+        for s in (100, 101)
+    )
+    reuse = "reuse:every=5,alpha=1.0,rescale=False,gam.rho_prime=0.05"
+    chosen = ["sgd", "sam:rho=0.1", "gam:rho_prime=0.05", reuse]
+    assert sorted(testing) == sorted((spec, s) for spec in chosen for s in range(3))
+    out = capsys.readouterr().out
+    # Paired differences to sgd: sam's test accuracy is 0.1 above sgd's on every seed.
+    assert "| sam | +0.1000 [+0.1000, +0.1000] | +1.00 [+1.00, +1.00] |" in out
+    assert "| sam | rho=0.1 | 0.8950 ± 0.0050 | chosen |" in out  # seeds 100, 101
+    saved = json.loads((tmp_path / "noise40" / "summary.json").read_text())
+    assert saved["choices"] == summary["choices"] and len(saved["results"]) == 12
+
+
+def test_paired_differences_and_their_interval():
+    results = [
+        {"optimizer": "sgd", "name": "sgd", "seed": s, "final_test_accuracy": a}
+        for s, a in enumerate([0.90, 0.92, 0.91])
+    ] + [
+        {"optimizer": "gam:x", "name": "gam", "seed": s, "final_test_accuracy": a}
+        for s, a in enumerate([0.93, 0.93, 0.95])
+    ]
+    diffs = headroom.paired_differences(results, "final_test_accuracy")
+    np.testing.assert_allclose(diffs["gam"], [0.03, 0.01, 0.04])
+    low, high = reproduce.interval(diffs["gam"])
+    half = 4.302652729911275 * np.std([0.03, 0.01, 0.04], ddof=1) / np.sqrt(3)  # t(0.975, 2)
+    np.testing.assert_allclose([low, high], [0.08 / 3 - half, 0.08 / 3 + half])
+
+
+def test_choice_spec_and_bad_arguments(tmp_path, capsys):
+    assert headroom.choose({"a": [0.5, 0.7], "b": [0.6, 0.6], "c": [0.1]}) == "a"  # tie: first
+    assert headroom.spec("sgd", "") == "sgd"
+    assert (
+        headroom.spec("sam_gam", "sam_rho=0.1,hvp_step=0.1") == "sam_gam:sam_rho=0.1,hvp_step=0.1"
+    )
+    for spec in (headroom.spec(o, c) for o in headroom.GRIDS for c in headroom.GRIDS[o]):
+        reproduce.parse_optimizer(spec)  # every grid value is a valid override
+    with pytest.raises(SystemExit):
+        headroom.main(["--setting", "noise40", "--optimizers", "sam", "gam"])
+    assert "must include sgd" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="reuse takes gam's radius"):
+        headroom.main(
+            ["--setting", "lowdata", "--workdir", str(tmp_path), "--optimizers", "sgd", "reuse"]
+        )
