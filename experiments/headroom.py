@@ -112,6 +112,7 @@ def run_setting(args: argparse.Namespace, name: str) -> dict[str, Any]:
             flatness_examples=args.flatness_examples,
             validation_examples=validation,
             base=base,
+            measure=validation is None,  # choosing a radius needs the accuracy alone
         )
         print(f"done {name}/{folder}/{label}-seed{seed}", file=sys.stderr, flush=True)
         return result

@@ -104,15 +104,25 @@ def run_one(
     flatness_examples: int | None = None,
     validation_examples: int | None = None,
     base: ml_collections.ConfigDict | None = None,
+    measure: bool = True,
 ) -> dict:
     """Train (or reuse) one run and measure it; the result is cached in ``result.json``.
 
     ``base`` is the config to start from (default ``configs/default.py``); the seed also
     seeds its label noise, so every optimizer of one seed sees the same noisy labels.
+    ``measure=False`` skips the flatness measures (e.g. runs that only choose a radius).
     """
     result_path = workdir / "result.json"
     if result_path.exists():
-        return json.loads(result_path.read_text())
+        result = json.loads(result_path.read_text())
+        asked = {"optimizer": optimizer, "seed": seed, "epochs": epochs}
+        asked["validation_examples"] = validation_examples
+        if any(result.get(key) != value for key, value in asked.items()):
+            raise ConfigError(
+                f"{workdir} holds a finished run of other settings "
+                f"({', '.join(f'{k}={result.get(k)}' for k in asked)}); use another --workdir."
+            )
+        return result
     config = copy.deepcopy(base) if base is not None else default.get_config()
     name, overrides = parse_optimizer(optimizer)
     config.optimizer, config.seed, config.num_epochs = name, seed, epochs
@@ -137,8 +147,9 @@ def run_one(
         "label_noise_seed": config.label_noise_seed,
         "wall_time": wall_time,
         **{k: summary[k] for k in ("final_test_accuracy", "best_test_accuracy", "train_loss")},
-        **measure_flatness(config, workdir, rho, seed, flatness_examples),
     }
+    if measure:
+        result.update(measure_flatness(config, workdir, rho, seed, flatness_examples))
     result_path.write_text(json.dumps(result, indent=1))
     return result
 

@@ -19,6 +19,7 @@ def runs(monkeypatch):
     calls = []
 
     def run_one(spec, seed, epochs, workdir, rho, **kwargs):
+        assert kwargs["measure"] == (kwargs["validation_examples"] is None)
         calls.append((spec, seed, kwargs["validation_examples"]))
         accuracy = fake_accuracy(spec, seed, kwargs["validation_examples"])
         keys = ("best_test_accuracy", "train_loss", "trace", "first_order_flatness", "wall_time")

@@ -61,3 +61,13 @@ def test_optimizer_overrides_are_parsed_and_checked():
         reproduce.parse_optimizer("lookSAM")
     with pytest.raises(ConfigError, match=r"bad override .rho=1.*config\.sgd \(none\)"):
         reproduce.parse_optimizer("sgd:rho=1")
+
+
+def test_a_finished_run_of_other_settings_is_refused_not_reused(tmp_path):
+    result = {"optimizer": "gam", "seed": 0, "epochs": 30, "validation_examples": None}
+    (tmp_path / "result.json").write_text(json.dumps({**result, "final_test_accuracy": 0.9}))
+    assert reproduce.run_one("gam", 0, 30, tmp_path, 0.05)["final_test_accuracy"] == 0.9
+    with pytest.raises(ConfigError, match=r"holds a finished run of other settings.*epochs=30"):
+        reproduce.run_one("gam", 0, 15, tmp_path, 0.05)  # not silently the 30-epoch result
+    with pytest.raises(ConfigError, match="validation_examples=None"):
+        reproduce.run_one("gam", 0, 30, tmp_path, 0.05, validation_examples=200)
