@@ -1,6 +1,6 @@
 """Count bad inputs and classify the library's reaction: clear / obscure / silent.
 
-The bad inputs are the tables of tests/test_gam.py and tests/test_flatness.py (363
+The bad inputs are the tables of tests/test_gam.py and tests/test_flatness.py (392
 cases). Run from the repository root (it uses 4 fake CPU devices):
   python -m experiments.count_bad_inputs
 Copy those two test files into an older checkout and run it there to count before a change.
