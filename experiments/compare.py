@@ -38,6 +38,7 @@ def compare(
     optimizers: Sequence[str] = ("sgd", "gam"),
     *,
     num_epochs: int | None = None,
+    label_noise: float = 0.0,
     resume: bool = False,
     overwrite: bool = False,
 ) -> list[dict[str, Any]]:
@@ -49,6 +50,7 @@ def compare(
         config.optimizer = name
         if num_epochs is not None:
             config.num_epochs = num_epochs
+        config.label_noise = label_noise
         start = time.perf_counter()
         summary = train.train_and_evaluate(
             config, workdir / name, resume=resume, overwrite=overwrite
@@ -95,6 +97,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--epochs", type=int, default=None, help="override config.num_epochs")
     parser.add_argument(
+        "--label-noise",
+        type=float,
+        default=0.0,
+        help="this fraction of the training labels replaced by wrong classes (e.g. 0.4)",
+    )
+    parser.add_argument(
         "--resume", action="store_true", help="continue the runs in --workdir (e.g. after a kill)"
     )
     parser.add_argument(
@@ -107,7 +115,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     try:
         rows = compare(
-            workdir, num_epochs=args.epochs, resume=args.resume, overwrite=args.overwrite
+            workdir,
+            num_epochs=args.epochs,
+            label_noise=args.label_noise,
+            resume=args.resume,
+            overwrite=args.overwrite,
         )
     except ConfigError as e:
         sys.exit(f"error: {e}")
@@ -117,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     epochs = args.epochs or config.num_epochs
     print(
         f"\n{config.dataset}, {config.model}, {epochs} epochs of batch {config.batch_size}, "
-        f"seed {config.seed}:\n"
+        f"seed {config.seed}, {args.label_noise:.0%} label noise:\n"
     )
     print(format_table(rows))
     fig = plot.plot_runs([workdir / r["optimizer"] for r in rows])
