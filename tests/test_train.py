@@ -406,14 +406,20 @@ def test_training_objective_is_the_smoothed_loss_on_clean_training_images(digits
     config = tiny_config()
     loss_fn, params = train.training_objective(config, workdir, num_examples=64)
     assert isinstance(loss_fn, jax.tree_util.Partial)  # its data are traced, not constants
-    state = train.restore_checkpoint(workdir)
     ds = input_pipeline.load("digits", num_train_examples=64)
+    expected = reference_objective(workdir, ds.train_images, ds.train_labels)
+    np.testing.assert_allclose(jax.jit(loss_fn)(params), expected, rtol=1e-5)
+
+
+def reference_objective(workdir, images, labels):
+    """The smoothed loss of the small CNN of the run in ``workdir``, BatchNorm in inference."""
+    state = train.restore_checkpoint(workdir)
+    ds = input_pipeline.load("digits")
     model = models.create_model("small_cnn", 10)
-    images = input_pipeline.normalize(ds.train_images, ds.mean, ds.std)
+    images = input_pipeline.normalize(images, ds.mean, ds.std)
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     logits = jax.jit(functools.partial(model.apply, train=False))(variables, images)
-    expected = train.smoothed_cross_entropy(logits, ds.train_labels, 0.1).mean()
-    np.testing.assert_allclose(jax.jit(loss_fn)(params), expected, rtol=1e-5)
+    return train.smoothed_cross_entropy(logits, labels, 0.1).mean()
 
 
 def test_main_job_compares_sgd_and_gam_side_by_side(tmp_path, capsys, monkeypatch):
@@ -427,8 +433,9 @@ def test_main_job_compares_sgd_and_gam_side_by_side(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(
         main_job, "flatness", types.SimpleNamespace(hessian_top_eigenvalue=fake_eigenvalue)
     )
-    main_job.main(["--workdir", str(tmp_path), "--epochs", "1"])
+    main_job.main(["--workdir", str(tmp_path), "--epochs", "1", "--label-noise", "0.4"])
     out = capsys.readouterr().out
+    assert "seed 0, 40% label noise:" in out
     header = next(line for line in out.splitlines() if line.startswith("optimizer"))
     for column in (
         "final test acc",
@@ -445,6 +452,16 @@ def test_main_job_compares_sgd_and_gam_side_by_side(tmp_path, capsys, monkeypatc
         assert cells[1] == f"{record['test_accuracy']:.4f}"
         assert cells[-1] == f"{measured[i]:.2f}"
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # Both trained on the same noisy labels: the flatness objective is built on them.
+    config = default.get_config()
+    config.label_noise = 0.4
+    noisy = input_pipeline.for_run(config).train_labels
+    assert np.sum(noisy != input_pipeline.load("digits").train_labels) == round(0.4 * 898)
+    images = input_pipeline.load("digits").train_images
+    for name in ("sgd", "gam"):
+        loss_fn, params = train.training_objective(config, tmp_path / name, num_examples=256)
+        expected = reference_objective(tmp_path / name, images[:256], noisy[:256])
+        np.testing.assert_allclose(jax.jit(loss_fn)(params), expected, rtol=1e-5)
     # The same budget: one epoch of 898 // 64 = 14 steps each.
     steps = [int(train.restore_checkpoint(tmp_path / name)["step"]) for name in ("sgd", "gam")]
     assert steps == [14, 14]
