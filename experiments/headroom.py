@@ -1,10 +1,10 @@
 """Does flatness buy accuracy? The SAM family against SGD where digits has headroom.
 
-Three settings, each a config of the training program (30 epochs, the default CNN):
+Three settings, each a config of the training program (the default CNN):
 
 - ``noise20``, ``noise40``: ``configs/digits_noisy.py:0.2`` / ``:0.4``, symmetric label noise
-  on the training split (the test labels are clean);
-- ``lowdata``: ``configs/digits_lowdata.py``, 180 of the 898 training examples.
+  on the training split (the test labels are clean), 15 epochs;
+- ``lowdata``: ``configs/digits_lowdata.py``, 180 of the 898 training examples, 30 epochs.
 
 The protocol, per setting:
 
@@ -21,7 +21,7 @@ The protocol, per setting:
 
 ::
 
-    python -m experiments.headroom --setting noise40 --workdir runs/headroom --seeds 10
+    python -m experiments.headroom --setting noise40 --workdir runs/headroom --seeds 5
     python -m experiments.headroom --plot --workdir runs/headroom   # every finished setting
 
 Finished runs are reused, so an interrupted benchmark continues, and more seeds extend it.
