@@ -97,6 +97,8 @@ def paired_differences(results: Sequence[dict[str, Any]], key: str) -> dict[str,
 
 
 def run_setting(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """Chooses each optimizer's radius on validation, then runs the test seeds; prints the
+    tables and writes ``WORKDIR/NAME/summary.json``."""
     setting, workdir = SETTINGS[name], args.workdir / name
     base = setting.config()
     epochs = args.epochs or base.num_epochs
@@ -117,53 +119,60 @@ def run_setting(args: argparse.Namespace, name: str) -> dict[str, Any]:
         print(f"done {name}/{folder}/{label}-seed{seed}", file=sys.stderr, flush=True)
         return result
 
-    # 1. The radius of each optimizer, on the validation split.
-    tuning, choices = [], {}
-    for optimizer in (o for o in args.optimizers if o in GRIDS):
-        if len(GRIDS[optimizer]) == 1:  # nothing to choose (sgd)
-            choices[optimizer] = GRIDS[optimizer][0]
-            continue
-        accuracies = {}
-        for choice in GRIDS[optimizer]:
-            seeds = range(TUNE_SEED, TUNE_SEED + args.tune_seeds)
-            runs = [
-                run(spec(optimizer, choice), s, "tune", setting.validation_examples) for s in seeds
+    # 1. The radius of each optimizer, on the validation split (tuning seeds).
+    tune_seeds = range(TUNE_SEED, TUNE_SEED + args.tune_seeds)
+    validation: dict[str, dict[str, list[float]]] = {}  # optimizer -> choice -> accuracies
+    for optimizer in (o for o in args.optimizers if o in GRIDS and len(GRIDS[o]) > 1):
+        validation[optimizer] = {
+            choice: [
+                run(spec(optimizer, choice), s, "tune", setting.validation_examples)[
+                    "final_test_accuracy"
+                ]
+                for s in tune_seeds
             ]
-            accuracies[choice] = [r["final_test_accuracy"] for r in runs]
-        choices[optimizer] = choose(accuracies)
-        for choice, values in accuracies.items():
-            mark = "chosen" if choice == choices[optimizer] else ""
-            tuning.append(
-                [optimizer, choice, f"{np.mean(values):.4f} ± {np.std(values):.4f}", mark]
-            )
-    for follower, (inner, _) in FOLLOWERS.items():
-        if follower in args.optimizers:
-            if inner not in choices:
-                raise ConfigError(
-                    f"{follower} takes {inner}'s radius: add {inner} to --optimizers."
-                )
-            choices[follower] = choices[inner]
+            for choice in GRIDS[optimizer]
+        }
+    choices = {o: choose(validation[o]) if o in validation else GRIDS[o][0] for o in GRIDS}
+    choices.update({follower: choices[inner] for follower, (inner, _) in FOLLOWERS.items()})
 
-    # 2. Every optimizer at its radius, on the test set.
-    results = []
-    for seed in range(args.seeds):
-        for optimizer in args.optimizers:
-            result = run(spec(optimizer, choices[optimizer]), seed, "test")
-            results.append({**result, "name": optimizer})
+    # 2. Every optimizer at its radius on the test set, the same seeds for all.
+    results = [
+        {**run(spec(optimizer, choices[optimizer]), seed, "test"), "name": optimizer}
+        for seed in range(args.seeds)
+        for optimizer in args.optimizers
+    ]
 
-    # 3. Tables.
     print(f"\n## {name}: {setting.label}, {epochs} epochs\n")
-    if tuning:
-        header = ["optimizer", "grid value", f"validation acc ({args.tune_seeds} seeds)", ""]
-        print(tables.table(header, tuning, markdown=True))
+    if validation:
+        print(tuning_table(validation, choices, args.tune_seeds))
         print(f"\nvalidation: the last {setting.validation_examples} training examples.\n")
     print(reproduce.markdown_table(reproduce.summarise(results), args.seeds))
     print()
     print(difference_table(results))
+    choices = {o: choices[o] for o in args.optimizers}
     summary = {"setting": name, "epochs": epochs, "choices": choices, "results": results}
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def tuning_table(
+    validation: dict[str, dict[str, list[float]]], choices: dict[str, str], seeds: int
+) -> str:
+    """Mean +- std validation accuracy of every grid value, the choice marked."""
+    mark = lambda optimizer, choice: "chosen" if choice == choices[optimizer] else ""
+    rows = [
+        [
+            optimizer,
+            choice,
+            f"{np.mean(values):.4f} ± {np.std(values):.4f}",
+            mark(optimizer, choice),
+        ]
+        for optimizer, grid in validation.items()
+        for choice, values in grid.items()
+    ]
+    header = ["optimizer", "grid value", f"validation acc ({seeds} seeds)", ""]
+    return tables.table(header, rows, markdown=True)
 
 
 def difference_table(results: Sequence[dict[str, Any]]) -> str:
@@ -237,6 +246,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         parser.error("--optimizers must include sgd, the baseline of the paired differences")
     if not args.setting and not args.plot:
         parser.error(f"give --setting ({', '.join(SETTINGS)}) and/or --plot")
+    for follower, (inner, _) in FOLLOWERS.items():
+        if follower in args.optimizers and inner not in args.optimizers:
+            parser.error(f"{follower} takes {inner}'s radius: add {inner} to --optimizers")
     missing = [o for o in args.optimizers if o not in optimizers.NAMES]
     if missing:
         parser.error(f"this version of experiments.optimizers lacks {', '.join(missing)}")

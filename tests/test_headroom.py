@@ -92,7 +92,6 @@ def test_choice_spec_and_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         headroom.main(["--setting", "noise40", "--optimizers", "sam", "gam"])
     assert "must include sgd" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="reuse takes gam's radius"):
-        headroom.main(
-            ["--setting", "lowdata", "--workdir", str(tmp_path), "--optimizers", "sgd", "reuse"]
-        )
+    with pytest.raises(SystemExit):
+        headroom.main(["--setting", "lowdata", "--optimizers", "sgd", "reuse"])
+    assert "reuse takes gam's radius: add gam" in capsys.readouterr().err
