@@ -130,7 +130,11 @@ SCAFFOLDS = {
     "gam_optax.flax.TrainState.create(": linen,
     "nnx_loss_fn(model, loss)": nnx_recipe,
 }
-ELSEWHERE = {"CPU_OPTIONS": "tests/test_performance.py", "sam_rho=": "tests/test_sam_gam.py"}
+ELSEWHERE = {
+    "CPU_OPTIONS": "tests/test_performance.py",
+    "def max_pool_2x2": "tests/test_performance.py",
+    "sam_rho=": "tests/test_sam_gam.py",
+}
 
 
 def test_every_readme_block_is_run_by_a_test():
