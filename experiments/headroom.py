@@ -3,7 +3,7 @@
 Three settings, each a config of the training program (the default CNN):
 
 - ``noise20``, ``noise40``: ``configs/digits_noisy.py:0.2`` / ``:0.4``, symmetric label noise
-  on the training split (the test labels are clean), 15 epochs;
+  on the training split (the test labels are clean), 30 epochs;
 - ``lowdata``: ``configs/digits_lowdata.py``, 180 of the 898 training examples, 30 epochs.
 
 The protocol, per setting:
