@@ -1,10 +1,13 @@
-"""The main job: SGD against GAM on the offline default (digits, small CNN), side by side.
+"""The main job: SGD against GAM on digits with 40% wrong training labels, side by side.
 
-  python -m experiments [--workdir DIR] [--epochs N] [--resume | --overwrite]
+  python -m experiments [--workdir DIR] [--epochs N] [--label-noise F] [--resume | --overwrite]
   python -m experiments.compare ...   # the same
 
-Both runs use ``configs/default.py`` with the same seed, data order and epoch budget; only
-``config.optimizer`` differs. Prints final and best test accuracy, final training loss, the
+Both runs use ``configs/default.py`` (scikit-learn's digits, the small CNN, 30 epochs) with
+the same seed, data order, epoch budget and noisy labels (``--label-noise``, default 0.4: on
+clean digits every optimizer reaches ~98.5% and only flatness separates them; with noisy
+labels SGD fits the noise late in the run and GAM ends 2.3 points above it over 5 seeds,
+``experiments.headroom``); only ``config.optimizer`` differs. Prints final and best test accuracy, final training loss, the
 wall time of training (compilation included) and the top Hessian eigenvalue of the training
 objective at the final parameters, and draws ``DIR/curves.png``.
 """
@@ -38,7 +41,7 @@ def compare(
     optimizers: Sequence[str] = ("sgd", "gam"),
     *,
     num_epochs: int | None = None,
-    label_noise: float = 0.0,
+    label_noise: float = 0.4,
     resume: bool = False,
     overwrite: bool = False,
 ) -> list[dict[str, Any]]:
@@ -99,8 +102,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--label-noise",
         type=float,
-        default=0.0,
-        help="this fraction of the training labels replaced by wrong classes (e.g. 0.4)",
+        default=0.4,
+        help="this fraction of the training labels replaced by wrong classes (0: clean digits)",
     )
     parser.add_argument(
         "--resume", action="store_true", help="continue the runs in --workdir (e.g. after a kill)"
