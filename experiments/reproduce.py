@@ -112,17 +112,6 @@ def run_one(
     seeds its label noise, so every optimizer of one seed sees the same noisy labels.
     ``measure=False`` skips the flatness measures (e.g. runs that only choose a radius).
     """
-    result_path = workdir / "result.json"
-    if result_path.exists():
-        result = json.loads(result_path.read_text())
-        asked = {"optimizer": optimizer, "seed": seed, "epochs": epochs}
-        asked["validation_examples"] = validation_examples
-        if any(result.get(key) != value for key, value in asked.items()):
-            raise ConfigError(
-                f"{workdir} holds a finished run of other settings "
-                f"({', '.join(f'{k}={result.get(k)}' for k in asked)}); use another --workdir."
-            )
-        return result
     config = copy.deepcopy(base) if base is not None else default.get_config()
     name, overrides = parse_optimizer(optimizer)
     config.optimizer, config.seed, config.num_epochs = name, seed, epochs
@@ -134,6 +123,19 @@ def run_one(
         config.num_train_examples = train_examples
     config.validation_examples = validation_examples
     config.progress_bar = False
+    result_path = workdir / "result.json"
+    if result_path.exists():
+        result = json.loads(result_path.read_text())
+        asked = {"optimizer": optimizer, "seed": seed, "epochs": epochs}
+        asked["validation_examples"] = validation_examples
+        asked["num_train_examples"] = config.num_train_examples
+        asked["label_noise"] = config.label_noise
+        if any(result.get(key, asked[key]) != value for key, value in asked.items()):
+            raise ConfigError(
+                f"{workdir} holds a finished run of other settings "
+                f"({', '.join(f'{k}={result.get(k)}' for k in asked)}); use another --workdir."
+            )
+        return result
     start = time.perf_counter()
     summary = train.train_and_evaluate(config, workdir, overwrite=True)
     wall_time = time.perf_counter() - start

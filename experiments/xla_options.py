@@ -51,8 +51,8 @@ def cache_compilations(directory: str | pathlib.Path) -> None:
     """Keep compiled programs in ``directory`` (JAX's persistent compilation cache).
 
     Programs that differ only in their arguments' values -- the same optimizer with
-    another seed, the flatness measures of another run -- then load instead of compiling:
-    about half of a short digits run's time in ``experiments.reproduce``.
+    another seed, the flatness measures of another run -- then load instead of compiling
+    (measured: the three flatness measures of a digits run, 37 s -> 16 s).
     """
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)

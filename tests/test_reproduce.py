@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from experiments import ConfigError, reproduce
+from experiments.configs import default
 
 
 def test_reproduction_summarises_runs_and_reuses_them(tmp_path, capsys):
@@ -71,3 +72,8 @@ def test_a_finished_run_of_other_settings_is_refused_not_reused(tmp_path):
         reproduce.run_one("gam", 0, 15, tmp_path, 0.05)  # not silently the 30-epoch result
     with pytest.raises(ConfigError, match="validation_examples=None"):
         reproduce.run_one("gam", 0, 30, tmp_path, 0.05, validation_examples=200)
+    (tmp_path / "result.json").write_text(json.dumps({**result, "label_noise": 0.2}))
+    noisy = default.get_config()
+    noisy.label_noise = 0.4
+    with pytest.raises(ConfigError, match=r"label_noise=0\.2"):  # not a 20%-noise run for 40%
+        reproduce.run_one("gam", 0, 30, tmp_path, 0.05, base=noisy)
