@@ -7,9 +7,14 @@
   whole run; a second run is refused at once with the holder's pid, host and start time. The
   operating system releases the lock when the holder dies, even by SIGKILL, so a killed run
   always resumes.
-- **No damaged state is used.** Each checkpoint's ``meta`` holds a CRC-32 of every array of
-  the state; :meth:`Checkpoints.restore` recomputes them and checks that every value is
-  finite before anything in the workdir changes. A non-finite state is never written.
+- **No damaged state is used.** Once Orbax has finished writing a checkpoint,
+  ``checkpoints/<epoch>/files.json`` records the size and CRC-32 of each of its files;
+  :meth:`Checkpoints.meta` checks them *before* Orbax reads anything (a truncated or
+  flipped file is reported without a failed TensorStore read, whose unfinished reads would
+  print tracebacks long after the error). Each checkpoint's ``meta`` also holds a CRC-32 of
+  every array of the state; :meth:`Checkpoints.restore` recomputes them and checks that
+  every value is finite before anything in the workdir changes. A non-finite state is
+  never written.
 - **The metrics follow the checkpoint.** ``meta`` also holds every epoch's record up to that
   checkpoint; a resume rewrites ``metrics.jsonl`` from it (atomically), so an interrupted or
   crashed run never leaves duplicated or out-of-order epochs behind.
@@ -28,7 +33,7 @@ import pathlib
 import shutil
 import socket
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -40,6 +45,8 @@ from experiments import ConfigError
 LOCK_NAME = ".lock"
 METRICS_NAME = "metrics.jsonl"
 CHECKPOINTS_NAME = "checkpoints"
+FILES_NAME = "files.json"  # checkpoints/<epoch>/files.json: {path: [size, crc32]}
+ITEMS = ("state", "meta")  # the Orbax items of a checkpoint, folders of checkpoints/<epoch>/
 
 
 # ---------------------------------------------------------------------------
@@ -87,6 +94,53 @@ def locked(workdir: pathlib.Path) -> Iterator[None]:
         raise
     finally:
         handle.close()  # releases the lock
+
+
+# ---------------------------------------------------------------------------
+# A run's identity: its whole config.
+# ---------------------------------------------------------------------------
+
+# The config fields that do not change what a run computes, so a resume may change them:
+# num_epochs extends (or shortens) the run; the rest are bookkeeping and evaluation batching.
+MAY_CHANGE_ON_RESUME = frozenset(
+    {
+        "num_epochs",
+        "eval_batch_size",
+        "log_every_steps",
+        "keep_checkpoints",
+        "progress_bar",
+        "data_dir",
+    }
+)
+
+
+def flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"gam.rho": 0.2, ...}``: a (JSON) config's leaves by dotted field name."""
+    leaves: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            leaves.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves
+
+
+def changed_fields(
+    written: Mapping[str, Any],
+    wanted: Mapping[str, Any],
+    *,
+    may_change: frozenset[str] = frozenset(),
+    defaults: Mapping[str, Any] | None = None,
+) -> dict[str, tuple[Any, Any]]:
+    """``{field: (written value, wanted value)}`` for every leaf of two JSON configs that
+    differs, but those in ``may_change``. A field missing from ``written`` (a run from before
+    the field existed) counts as its value in ``defaults``."""
+    old, new, default = flat_config(written), flat_config(wanted), flat_config(defaults or {})
+    return {
+        key: (old.get(key, default.get(key)), new.get(key))
+        for key in sorted(old.keys() | new.keys())
+        if key not in may_change and old.get(key, default.get(key)) != new.get(key)
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -193,6 +247,54 @@ def check_workdir(workdir: pathlib.Path, resume: bool, overwrite: bool) -> None:
     )
 
 
+def _file_crc32(path: pathlib.Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def file_manifest(checkpoint: pathlib.Path) -> dict[str, list[int]]:
+    """``{relative path: [size, CRC-32]}`` of every file of the items of ``checkpoint``."""
+    found = sorted(p for item in ITEMS for p in (checkpoint / item).rglob("*") if p.is_file())
+    return {str(p.relative_to(checkpoint)): [p.stat().st_size, _file_crc32(p)] for p in found}
+
+
+def write_file_manifest(checkpoint: pathlib.Path) -> None:
+    """Writes ``checkpoint/files.json`` atomically (a kill leaves none or all of it)."""
+    tmp = checkpoint / (FILES_NAME + ".tmp")
+    tmp.write_text(json.dumps(file_manifest(checkpoint), sort_keys=True))
+    os.replace(tmp, checkpoint / FILES_NAME)
+
+
+def damaged_files(checkpoint: pathlib.Path) -> str | None:
+    """What is wrong with the files of ``checkpoint`` against its ``files.json``, or None.
+
+    A checkpoint without ``files.json`` (written before it existed, or killed between Orbax's
+    commit and the manifest) is not judged here: its arrays' checksums still are, after the
+    read.
+    """
+    listed = checkpoint / FILES_NAME
+    if not listed.exists():
+        return None
+    try:
+        expected = json.loads(listed.read_text())
+        expected = {str(k): [int(v[0]), int(v[1])] for k, v in expected.items()}
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return f"its {FILES_NAME} cannot be read"
+    for name, (size, crc) in expected.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+        if _file_crc32(path) != crc:
+            return f"{name} does not match the checksum written with it"
+    extra = sorted(set(file_manifest(checkpoint)) - set(expected))
+    return f"{extra[0]} was not written with it" if extra else None
+
+
 def _damaged(where: pathlib.Path, what: str, older: Sequence[int]) -> ConfigError:
     fallback = (
         f"move it away (e.g. `mv {where} {where}.damaged`) to resume from epoch {older[-1]}"
@@ -210,14 +312,28 @@ class Checkpoints:
     (verified). Every process of a multi-process job takes part in ``save`` and ``restore``;
     the replicated state is written once."""
 
-    def __init__(self, workdir: pathlib.Path, keep: int):
+    def __init__(self, workdir: pathlib.Path, keep: int | None = None):
         self.workdir = workdir
         self.directory = workdir / CHECKPOINTS_NAME
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=keep is not None)
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(
+            self.directory, item_handlers=handlers, options=options
+        )
+        self._unlisted: list[int] = []  # saved; files.json written once Orbax has finished
+        self._checked: set[int] = set()  # files checked against files.json
 
     def epochs(self) -> list[int]:
         return checkpoint_epochs(self.workdir)
+
+    def finish(self) -> None:
+        """Waits for the pending save, then lists the files of the finished checkpoints."""
+        self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            for epoch in self._unlisted:
+                if (self.directory / str(epoch)).is_dir():  # not rotated out
+                    write_file_manifest(self.directory / str(epoch))
+        self._unlisted = []
 
     def save(self, epoch: int, state: Any, meta: dict[str, Any]) -> None:
         """Writes ``state`` (replicated) and ``meta`` plus the state's checksums as ``epoch``."""
@@ -225,6 +341,8 @@ class Checkpoints:
         if bad:  # the training loop stops before this; a last line of defence
             raise ValueError(f"refusing to checkpoint a non-finite state (at {bad[0]}).")
         meta = {**meta, "epoch": epoch, "checksums": checksums(state)}
+        self.finish()  # the previous save, which was written while this epoch trained
+        self._unlisted.append(epoch)
         self.manager.save(
             epoch,
             args=ocp.args.Composite(
@@ -233,8 +351,10 @@ class Checkpoints:
         )
 
     def meta(self, epoch: int) -> dict[str, Any]:
-        """The JSON metadata written with ``epoch``."""
+        """The JSON metadata written with ``epoch``, once its files are checked against its
+        ``files.json``: nothing is read from a damaged checkpoint."""
         where = self.directory / str(epoch)
+        self._check_files(epoch)
         try:
             args = ocp.args.Composite(meta=ocp.args.JsonRestore())
             meta = self.manager.restore(epoch, args=args)["meta"]
@@ -250,6 +370,7 @@ class Checkpoints:
         against the checksums of ``meta`` and checked to be finite."""
         where = self.directory / str(epoch)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        self._check_files(epoch)
         try:
             with _quiet_tensorstore():
                 args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
@@ -264,11 +385,37 @@ class Checkpoints:
         verify(state, meta.get("checksums"), where, self._older(epoch))
         return state
 
+    def read(self, epoch: int) -> Any:
+        """The state of ``epoch`` as written (a dict of arrays on this process's first
+        device), whatever model and devices wrote it; checked as :meth:`restore` checks."""
+        meta = self.meta(epoch)
+        here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        try:
+            written = self.manager.item_metadata(epoch)["state"]
+            like = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), written
+            )
+        except Exception as e:
+            raise _damaged(
+                self.directory / str(epoch),
+                f"its state's metadata cannot be read: {type(e).__name__}",
+                self._older(epoch),
+            ) from None
+        return self.restore(epoch, like, meta)
+
+    def _check_files(self, epoch: int) -> None:
+        """Checks the files of ``epoch`` against its ``files.json``, once."""
+        if epoch not in self._checked:
+            wrong = damaged_files(self.directory / str(epoch))
+            if wrong:
+                raise _damaged(self.directory / str(epoch), wrong, self._older(epoch))
+            self._checked.add(epoch)
+
     def _older(self, epoch: int) -> list[int]:
         return [e for e in self.epochs() if e < epoch]
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.finish()
         self.manager.close()
 
 

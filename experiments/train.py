@@ -45,7 +45,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import tensorboardX
 from absl import app, flags, logging
 from jax.tree_util import Partial
@@ -62,20 +61,10 @@ from experiments import (
     parallel,
     xla_options,
 )
+from experiments.configs import default as default_config
 from gam_optax import flatness
 
 WHOLE_BATCH_LIMIT = 4096  # training_objective takes up to this many examples in one pass
-# A checkpoint can only be resumed by a run that agrees on these config fields.
-RESUME_KEYS = (
-    "dataset",
-    "model",
-    "model_kwargs",
-    "optimizer",
-    "base_optimizer",
-    "batch_size",
-    "dtype",
-    "skip_nonfinite_steps",
-)
 SUMMARIES_NAME = "tensorboard"  # WORKDIR/tensorboard: TensorBoard event files
 SUMMARY_TAGS = {  # record field -> TensorBoard tag
     "train_loss": "train/loss",
@@ -376,21 +365,22 @@ def _eval_batches(
 
 
 def _check_resumable(meta: dict[str, Any], config: ml_collections.ConfigDict, where) -> None:
-    """Refuses to continue a checkpoint written with another model, optimizer or data."""
-    written, wanted = meta["config"], json.loads(config.to_json_best_effort())
-    default = {"dtype": "float32", "skip_nonfinite_steps": 0}  # checkpoints from before them
-    differ = {
-        k: (written.get(k, default.get(k)), wanted[k])
-        for k in RESUME_KEYS
-        if written.get(k, default.get(k)) != wanted[k]
-    }
+    """Refuses to continue a checkpoint written with a config that computes something else:
+    any field but ``checkpoints.MAY_CHANGE_ON_RESUME`` (``num_epochs``, bookkeeping)."""
+    differ = checkpoints.changed_fields(
+        meta["config"],
+        json.loads(config.to_json_best_effort()),
+        may_change=checkpoints.MAY_CHANGE_ON_RESUME,
+        defaults=json.loads(default_config.get_config().to_json_best_effort()),
+    )
     if differ:
-        diffs = ", ".join(
+        diffs = "; ".join(
             f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in differ.items()
         )
         raise ConfigError(
             f"cannot resume {where}: it was written with a different configuration ({diffs}). "
-            f"Nothing was changed: resume with the checkpoint's settings, choose another "
+            f"Nothing was changed: resume with the checkpoint's settings (only "
+            f"{', '.join(sorted(checkpoints.MAY_CHANGE_ON_RESUME))} may change), choose another "
             f"--workdir, or pass --overwrite instead of --resume to start over."
         )
 
@@ -419,22 +409,11 @@ def restore_checkpoint(workdir: str | pathlib.Path, step: int | None = None) -> 
     step = max(epochs, default=None) if step is None else step
     if step is None:
         raise ConfigError(f"no checkpoint in {workdir}.")
-    where = workdir / checkpoints.CHECKPOINTS_NAME / str(step)
-    with ocp.StandardCheckpointer() as checkpointer:
-        try:
-            written = checkpointer.metadata(where / "state").item_metadata
-            here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            abstract = jax.tree.map(
-                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), written
-            )
-            state = checkpointer.restore(where / "state", abstract)
-            meta = json.loads((where / "meta" / "metadata").read_text())
-        except Exception as e:
-            raise ConfigError(
-                f"checkpoint {where} cannot be read ({type(e).__name__}); it is damaged."
-            ) from None
-    checkpoints.verify(state, meta.get("checksums"), where)
-    return state
+    store = checkpoints.Checkpoints(workdir)
+    try:
+        return store.read(step)
+    finally:
+        store.close()
 
 
 def training_objective(
@@ -714,7 +693,7 @@ def _stop_if_diverged(step_metrics, epoch: int, steps_per_epoch: int, store, bar
 def _diverged(where: str, store, bar) -> TrainingDiverged:
     """The error of a diverged run, naming the last good checkpoint (kept)."""
     bar.close()
-    store.manager.wait_until_finished()
+    store.finish()
     epochs = store.epochs()
     kept = (
         f"the last good checkpoint, {store.directory / str(epochs[-1])} (epoch {epochs[-1]}), "
@@ -738,7 +717,10 @@ FLAGS = flags.FLAGS
 def main(argv: Sequence[str]) -> None:
     """The command line: ``python -m experiments.train --workdir=DIR [--config=FILE] ...``."""
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        sys.exit(
+            f"error: unexpected arguments: {' '.join(argv[1:])}; every setting is a flag "
+            f"(--workdir=DIR, --config.FIELD=VALUE): see --helpshort."
+        )
     # Orbax reports every checkpoint step at INFO level; keep its warnings only.
     logging.get_absl_handler().addFilter(
         lambda r: r.levelno >= std_logging.WARNING or "orbax" not in r.pathname

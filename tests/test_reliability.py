@@ -4,11 +4,13 @@ runs on one workdir, crashed resumes, bad config values and file-system problems
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -100,8 +102,6 @@ def finished_run(tmp_path_factory):
 
 
 def copy_of(run, tmp_path) -> pathlib.Path:
-    import shutil
-
     workdir = tmp_path / "copy"
     shutil.copytree(run[0], workdir)
     return workdir
@@ -215,13 +215,142 @@ def test_flipped_bytes_in_a_checkpoint_are_detected_and_nothing_changes(finished
     assert [r["epoch"] for r in strict_records(workdir)] == [1, 2, 3]
 
 
-def test_a_truncated_checkpoint_is_one_line_on_the_command_line(finished_run, tmp_path):
-    workdir = copy_of(finished_run, tmp_path)
-    target = _data_files(workdir / "checkpoints" / "3")[0]
+def _truncate(checkpoint: pathlib.Path) -> None:
+    target = _data_files(checkpoint)[0]
     target.write_bytes(target.read_bytes()[:100])
+
+
+def _garble_array_metadata(checkpoint: pathlib.Path) -> None:
+    target = checkpoint / "state" / "_METADATA"
+    target.write_text(target.read_text().replace('"', "'", 7))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _garble_array_metadata])
+def test_a_damaged_checkpoint_is_one_line_on_the_command_line(finished_run, tmp_path, damage):
+    """The damage is found from ``files.json`` before Orbax reads anything: no failed
+    TensorStore read whose unfinished reads print tracebacks after the error."""
+    workdir = copy_of(finished_run, tmp_path)
+    damage(workdir / "checkpoints" / "3")
     before = files(workdir)
     result = run_cli(*cli_flags(workdir, num_epochs=4), "--resume")
     assert_one_line_error(result, f"checkpoint {workdir / 'checkpoints' / '3'} is damaged")
+    assert "Exception ignored" not in result.stderr
+    assert files(workdir) == before
+
+
+def test_files_json_lists_every_file_and_names_what_changed(tmp_path):
+    checkpoint = tmp_path / "7"
+    for name, data in [("state/d/a", b"x" * 10), ("state/_METADATA", b"{}"), ("meta/m", b"1")]:
+        (checkpoint / name).parent.mkdir(parents=True, exist_ok=True)
+        (checkpoint / name).write_bytes(data)
+    assert checkpoints.damaged_files(checkpoint) is None  # no files.json: not judged here
+    checkpoints.write_file_manifest(checkpoint)
+    listed = json.loads((checkpoint / "files.json").read_text())
+    assert listed == {
+        "meta/m": [1, zlib.crc32(b"1")],
+        "state/_METADATA": [2, zlib.crc32(b"{}")],
+        "state/d/a": [10, zlib.crc32(b"x" * 10)],
+    }
+    assert checkpoints.damaged_files(checkpoint) is None
+
+    def damaged_by(change) -> str | None:
+        copy = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(checkpoint, copy)
+        change(copy)
+        return checkpoints.damaged_files(copy)
+
+    assert damaged_by(lambda c: (c / "state/d/a").write_bytes(b"x" * 9)) == (
+        "state/d/a has 9 bytes, 10 were written"
+    )
+    assert damaged_by(lambda c: (c / "state/d/a").write_bytes(b"x" * 9 + b"y")) == (
+        "state/d/a does not match the checksum written with it"
+    )
+    assert damaged_by(lambda c: (c / "meta/m").unlink()) == "meta/m is missing"
+    assert damaged_by(lambda c: (c / "state/d/b").write_bytes(b"")) == (
+        "state/d/b was not written with it"
+    )
+    assert damaged_by(lambda c: (c / "files.json").write_text("{garbled")) == (
+        "its files.json cannot be read"
+    )
+
+
+def test_a_checkpoint_without_files_json_still_resumes_verified(finished_run, tmp_path):
+    """One written before files.json existed, or killed between Orbax's commit and the
+    manifest: its arrays' checksums are checked after the read, as before."""
+    workdir = copy_of(finished_run, tmp_path)
+    for listed in (workdir / "checkpoints").glob("*/files.json"):
+        listed.unlink()
+    state = train.restore_checkpoint(workdir)
+    assert int(state["step"]) == 3 * TINY["steps_per_epoch"]
+    train.train_and_evaluate(tiny_config(num_epochs=4), workdir, resume=True)
+    assert [r["epoch"] for r in strict_records(workdir)] == [1, 2, 3, 4]
+    assert (workdir / "checkpoints" / "4" / "files.json").exists()
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        dict(label_noise=0.2),
+        dict(label_noise_seed=5),
+        dict(num_train_examples=96),
+        dict(validation_examples=32),
+        dict(learning_rate=0.05, seed=3),
+        dict(augment=dict(crop_padding=0, flip=False, cutout_size=0)),
+    ],
+)
+def test_a_resume_that_would_change_the_run_is_refused_and_changes_nothing(
+    finished_run, tmp_path, changed
+):
+    workdir = copy_of(finished_run, tmp_path)
+    before = files(workdir)
+    with pytest.raises(ConfigError) as error:
+        train.train_and_evaluate(tiny_config(num_epochs=4, **changed), workdir, resume=True)
+    message = str(error.value)
+    assert message.startswith(f"cannot resume {workdir / 'checkpoints' / '3'}")
+    flat = checkpoints.flat_config(changed)
+    old = checkpoints.flat_config(json.loads(tiny_config().to_json_best_effort()))
+    for field, value in flat.items():
+        if old[field] != value:
+            assert f"{field}: {old[field]!r} in the checkpoint, {value!r} now" in message
+    assert "num_epochs" not in message.split("(only")[0]  # may change: not a difference
+    assert files(workdir) == before
+
+
+def test_a_resume_may_extend_the_run_and_change_its_bookkeeping(finished_run, tmp_path):
+    workdir = copy_of(finished_run, tmp_path)
+    assert "num_epochs" in checkpoints.MAY_CHANGE_ON_RESUME
+    bookkeeping = dict(log_every_steps=1, keep_checkpoints=4, eval_batch_size=32)
+    summary = train.train_and_evaluate(
+        tiny_config(num_epochs=5, **bookkeeping), workdir, resume=True
+    )
+    assert summary["epoch"] == 5
+    assert [r["epoch"] for r in strict_records(workdir)] == [1, 2, 3, 4, 5]
+    assert checkpoints.checkpoint_epochs(workdir) == [2, 3, 4, 5]  # keep_checkpoints=4
+
+
+def test_changed_fields_compares_every_leaf_and_fills_fields_a_run_predates():
+    written = {"a": 1, "gam": {"rho": 0.2, "beta": 0.5}, "epochs": 3}
+    wanted = {"a": 1, "gam": {"rho": 0.5, "beta": 0.5}, "epochs": 9, "new": "x", "kw": {}}
+    assert checkpoints.changed_fields(written, wanted, may_change=frozenset({"epochs"})) == {
+        "gam.rho": (0.2, 0.5),
+        "new": (None, "x"),
+    }
+    assert checkpoints.changed_fields(
+        written, wanted, may_change=frozenset({"epochs"}), defaults={"new": "x"}
+    ) == {"gam.rho": (0.2, 0.5)}
+
+
+def test_the_command_line_refuses_a_resume_with_another_radius(finished_run, tmp_path):
+    workdir = copy_of(finished_run, tmp_path)
+    before = files(workdir)
+    result = run_cli(*cli_flags(workdir, num_epochs=4), "--resume", "--config.gam.rho=0.5")
+    assert_one_line_error(result, "gam.rho: 0.2 in the checkpoint, 0.5 now")
+    assert files(workdir) == before
+    stray = run_cli(*cli_flags(workdir), "extra")
+    assert_one_line_error(stray, "error: unexpected arguments: extra;")
     assert files(workdir) == before
 
 
