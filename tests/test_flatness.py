@@ -189,6 +189,14 @@ def test_zeroth_order_flatness_of_a_convex_quadratic(convex):
     np.testing.assert_allclose(at_min, 0.5 * rho**2 * 3.0, rtol=1e-8)
 
 
+def test_zeroth_order_flatness_is_the_largest_visited_loss_not_the_last(x64):
+    """A non-convex loss, L = sin(x), rho = 2: the ascent visits +2 (sin 2 = 0.909), then
+    -2 twice (L' = cos 2 < 0 at both); the estimate is the best visited point, sin 2."""
+    loss = lambda x: jnp.sum(jnp.sin(x))
+    got = flatness.zeroth_order_flatness(loss, jnp.zeros(1), rho=2.0, num_steps=3)
+    np.testing.assert_allclose(got, np.sin(2.0), rtol=1e-12)
+
+
 def test_first_order_flatness_of_a_quadratic(convex):
     """R1 = rho max ||c + A d|| = rho sqrt(||c||^2 + 2 max (A c)^T d + 0.5 d^T A^2 d)."""
     a, b, theta = convex

@@ -133,6 +133,23 @@ def test_direction_matches_numpy_reference(x64, adaptive, weighting):
     assert relative_error(other, expected) > 1e-3
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_a_large_eps_enters_every_denominator(x64, adaptive):
+    """xi = 0.5, comparable to the norms: the reference's ``norm + xi`` in the two ascent
+    steps, the cosine and the unit vector of h+ are the library's, far beyond round-off."""
+    x, y, params = make_problem()
+    d, k = params["w"].shape
+    loss_fn = lambda p: softmax_loss(p, x, y)
+    grad = lambda t: numpy_grad(t, x, y, d, k)
+    direction, _ = gam_direction(
+        gam_optax.gam(**HYPER, eps=0.5, adaptive=adaptive), params, loss_fn
+    )
+    expected = numpy_gam(flat(params), grad, **HYPER, xi=0.5, adaptive=adaptive)
+    assert relative_error(flat(direction), expected) < 1e-10
+    tiny = numpy_gam(flat(params), grad, **HYPER, adaptive=adaptive)
+    assert relative_error(tiny, expected) > 1e-3
+
+
 def test_gsam_and_sam_reductions(x64):
     x, y, params = make_problem(seed=1)
     d, k = params["w"].shape
