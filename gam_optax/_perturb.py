@@ -25,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import sys
+import types
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -625,6 +627,74 @@ class GradientOracle:
         return direction
 
 
+def _flax_caller() -> str | None:
+    """Which Flax training API called ``tx.update`` ('linen', 'nnx'), if one did."""
+    callers = {
+        ("apply_gradients", "flax/training/train_state.py"): "linen",
+        ("update", "flax/nnx/training/optimizer.py"): "nnx",
+    }
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        path = code.co_filename.replace("\\", "/")
+        for (function, suffix), api in callers.items():
+            if code.co_name == function and path.endswith(suffix):
+                return api
+        frame = frame.f_back
+    return None
+
+
+def missing_loss_fn_message(transformation: str, *, both: bool = False) -> str:
+    """The error for an ``update`` given neither (or both) of ``loss_fn`` and ``grad_fn``.
+
+    It names the fix for the loops that cannot pass ``loss_fn``, Flax's stock
+    ``TrainState`` first: its ``apply_gradients`` calls ``tx.update(grads, opt_state,
+    params)`` and drops a ``loss_fn=`` keyword.
+    """
+    given = "both" if both else "neither"
+    lines = [
+        f"{transformation} evaluates extra gradients, so update needs exactly one of "
+        f"loss_fn or grad_fn; {given} was given."
+    ]
+    flax_linen = (
+        "gam_optax.flax.TrainState.create(...) in place of Flax's TrainState (the same class, "
+        "whose apply_gradients forwards it: state.apply_gradients(grads=grads, "
+        "loss_fn=loss_fn))"
+    )
+    flax_nnx = "optimizer.update(model, grads, loss_fn=gam_optax.flax.nnx_loss_fn(model, loss))"
+    caller = None if both else _flax_caller()
+    if caller == "linen":
+        lines.append(
+            "It was called by Flax's flax.training.train_state.TrainState.apply_gradients, "
+            "which calls tx.update(grads, opt_state, params) and drops loss_fn. Use "
+            f"{flax_linen}, or Flax NNX: {flax_nnx}."
+        )
+    elif caller == "nnx":
+        lines.append(
+            "It was called by nnx.Optimizer.update, which forwards keyword arguments to "
+            f"tx.update: pass the loss there, taken before your own pass: {flax_nnx}."
+        )
+    else:
+        lines += [
+            "Pass the loss as a function of the params, closed over the batch:",
+            "  updates, state = tx.update(grads, state, params,",
+            "                             loss_fn=lambda p: loss(p, batch))",
+            "or a gradient function grad_fn(params, i) -> grads.",
+            f"With Flax Linen: {flax_linen}; Flax's own TrainState drops loss_fn. "
+            f"With Flax NNX: {flax_nnx}.",
+        ]
+    if not both:
+        alternative = {
+            "gam": "gam_optax.transparent_gam(optimizer, ...), which takes one gradient per "
+            "update call (four calls per GAM step)",
+            "sam": "optax.contrib.sam(optimizer, adv_optimizer), whose default mode takes one "
+            "gradient per update call",
+        }.get(transformation)
+        if alternative is not None:
+            lines.append(f"A loop that cannot pass loss_fn at all: {alternative}.")
+    return "\n".join(lines)
+
+
 def make_oracle(
     transformation: str,
     *,
@@ -642,15 +712,7 @@ def make_oracle(
     ``optax.contrib.sam``) must be given.
     """
     if (loss_fn is None) == (grad_fn is None):
-        given = "both" if loss_fn is not None else "neither"
-        raise ValueError(
-            f"{transformation} evaluates extra gradients, so update needs exactly one of "
-            f"loss_fn or grad_fn; {given} was given. Pass the loss as a function of the "
-            f"params, closed over the batch:\n"
-            "  updates, state = tx.update(grads, state, params,\n"
-            "                             loss_fn=lambda p: loss(p, batch))\n"
-            f"or a gradient function grad_fn(params, i) -> grads."
-        )
+        raise ValueError(missing_loss_fn_message(transformation, both=loss_fn is not None))
     if loss_fn is not None:
         if not callable(loss_fn):
             raise TypeError(

@@ -57,7 +57,10 @@ class TrainState(train_state.TrainState):
 
     ``apply_gradients(grads=g0, loss_fn=...)`` computes ``tx.update(g0, opt_state, params,
     loss_fn=...)``, applies the updates, increments ``step`` and replaces any other field
-    given as a keyword (e.g. ``batch_stats=``), like Flax's.
+    given as a keyword (e.g. ``batch_stats=``), like Flax's. Flax's own
+    ``flax.training.train_state.TrainState`` drops ``loss_fn`` (the transformations then stop
+    with an error that says so); where that class must stay, use
+    :func:`gam_optax.transparent_gam`, which needs no ``loss_fn``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, gam_optax, gam_optax.flax

@@ -124,11 +124,53 @@ def nnx_recipe():
     assert float(np.max(np.abs(np.asarray(model.bn.mean[...]) - mean_before))) > 1e-3
 
 
+def clipping():
+    """Both chains train; their first step is clipped (the gradient's norm is above 1)."""
+    x, y = data()
+    params = {"w": jnp.zeros((6, 3)), "b": jnp.zeros(3)}
+    loss = lambda p: (
+        10 * optax.softmax_cross_entropy_with_integer_labels(x @ p["w"] + p["b"], y).mean()
+    )
+    assert float(optax.tree.norm(jax.grad(loss)(params))) > 2.0
+    namespace = dict(optax=optax, gam_optax=gam_optax)
+    exec(block("gam_optax.every_gradient("), namespace)
+    for name in ("clip_the_direction", "clip_every_gradient"):
+        tx, p = namespace[name], params
+        state = tx.init(p)
+        step = jax.jit(lambda p, s, tx=tx: tx.update(jax.grad(loss)(p), s, p, loss_fn=loss))
+        for i in range(20):
+            updates, state = step(p, state)
+            if i == 0:  # lr 0.1 along a direction of norm <= 1
+                assert float(optax.tree.norm(updates)) <= 0.1 + 1e-6
+            p = optax.apply_updates(p, updates)
+        assert float(loss(p)) < 0.8 * float(loss(params))
+
+
+def transparent():
+    """Flax's own TrainState with transparent_gam: it trains; 4 calls a step; outer_params."""
+    x, y = data()
+    model = nn.Dense(3)
+    params = model.init(jax.random.key(0), x)
+    loss = lambda p, batch: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply(p, batch[0]), batch[1]
+    ).mean()
+    batches = [(x, y)] * 10
+    namespace = dict(jax=jax, optax=optax, gam_optax=gam_optax, model=model)
+    namespace.update(params=params, loss=loss, batches=batches)
+    exec(block("gam_optax.transparent_gam("), namespace)
+    state = namespace["state"]
+    assert int(state.step) == 40 and int(gam_optax.transparent_phase(state.opt_state)) == 0
+    jax.tree.map(np.testing.assert_array_equal, namespace["params"], state.params)
+    assert float(loss(state.params, (x, y))) < 0.8 * float(loss(params, (x, y)))
+
+
 SCAFFOLDS = {
     "def train_step(params, state, batch):": quick_start,
     "from gam_optax import flatness": flatness_measures,
     "gam_optax.flax.TrainState.create(": linen,
     "nnx_loss_fn(model, loss)": nnx_recipe,
+    "gam_optax.every_gradient(": clipping,
+    "gam_optax.transparent_gam(": transparent,
 }
 ELSEWHERE = {
     "CPU_OPTIONS": "tests/test_performance.py",
