@@ -35,7 +35,7 @@ import numpy as np
 import scipy.stats
 from matplotlib.figure import Figure
 
-from experiments import ConfigError, optimizers, tables, train, xla_options
+from experiments import ConfigError, checkpoints, optimizers, tables, train, xla_options
 from experiments.configs import default
 from gam_optax import flatness
 
@@ -94,6 +94,10 @@ def parse_optimizer(spec: str) -> tuple[str, dict[str, Any]]:
     return name, overrides
 
 
+# Config fields that change no result: a cached run is reused whatever their values.
+BOOKKEEPING = checkpoints.MAY_CHANGE_ON_RESUME - {"num_epochs"}
+
+
 def run_one(
     optimizer: str,
     seed: int,
@@ -124,17 +128,28 @@ def run_one(
     config.validation_examples = validation_examples
     config.progress_bar = False
     result_path = workdir / "result.json"
+    wanted = json.loads(config.to_json_best_effort())  # the run's identity: its whole config
+    probe = {"rho": rho, "examples": flatness_examples}  # what the flatness measures used
     if result_path.exists():
         result = json.loads(result_path.read_text())
-        asked = {"optimizer": optimizer, "seed": seed, "epochs": epochs}
-        asked["validation_examples"] = validation_examples
-        asked["num_train_examples"] = config.num_train_examples
-        asked["label_noise"] = config.label_noise
-        if any(result.get(key, asked[key]) != value for key, value in asked.items()):
+        if "config" not in result:
             raise ConfigError(
-                f"{workdir} holds a finished run of other settings "
-                f"({', '.join(f'{k}={result.get(k)}' for k in asked)}); use another --workdir."
+                f"{result_path} records no config (written by an older version), so it "
+                f"cannot be matched to this run; delete it to rerun, or use another --workdir."
             )
+        differ = checkpoints.changed_fields(result["config"], wanted, may_change=BOOKKEEPING)
+        if differ:
+            diffs = "; ".join(
+                f"{k}: {old!r} there, {new!r} here" for k, (old, new) in differ.items()
+            )
+            raise ConfigError(
+                f"{workdir} holds a finished run of other settings ({diffs}); use another "
+                f"--workdir."
+            )
+        if measure and result.get("flatness_probe") != probe:  # measured now, or again
+            result.update(measure_flatness(config, workdir, rho, seed, flatness_examples))
+            result["flatness_probe"] = probe
+            result_path.write_text(json.dumps(result, indent=1))
         return result
     start = time.perf_counter()
     summary = train.train_and_evaluate(config, workdir, overwrite=True)
@@ -147,11 +162,13 @@ def run_one(
         "num_train_examples": config.num_train_examples,
         "label_noise": config.label_noise,
         "label_noise_seed": config.label_noise_seed,
+        "config": wanted,
         "wall_time": wall_time,
         **{k: summary[k] for k in ("final_test_accuracy", "best_test_accuracy", "train_loss")},
     }
     if measure:
         result.update(measure_flatness(config, workdir, rho, seed, flatness_examples))
+        result["flatness_probe"] = probe
     result_path.write_text(json.dumps(result, indent=1))
     return result
 

@@ -65,15 +65,24 @@ def test_optimizer_overrides_are_parsed_and_checked():
 
 
 def test_a_finished_run_of_other_settings_is_refused_not_reused(tmp_path):
-    result = {"optimizer": "gam", "seed": 0, "epochs": 30, "validation_examples": None}
+    """The cache's key is the run's whole config (as a resume's): any field that changes the
+    computation, e.g. the epochs, the validation split, the label noise or a radius."""
+    config = default.get_config()
+    config.update(optimizer="gam", seed=0, num_epochs=30, label_noise_seed=0, progress_bar=False)
+    probe = {"rho": 0.05, "examples": None}
+    result = {"config": json.loads(config.to_json_best_effort()), "flatness_probe": probe}
     (tmp_path / "result.json").write_text(json.dumps({**result, "final_test_accuracy": 0.9}))
     assert reproduce.run_one("gam", 0, 30, tmp_path, 0.05)["final_test_accuracy"] == 0.9
-    with pytest.raises(ConfigError, match=r"holds a finished run of other settings.*epochs=30"):
+    with pytest.raises(ConfigError, match=r"other settings \(num_epochs: 30 there, 15 here\)"):
         reproduce.run_one("gam", 0, 15, tmp_path, 0.05)  # not silently the 30-epoch result
-    with pytest.raises(ConfigError, match="validation_examples=None"):
+    with pytest.raises(ConfigError, match="validation_examples: None there, 200 here"):
         reproduce.run_one("gam", 0, 30, tmp_path, 0.05, validation_examples=200)
-    (tmp_path / "result.json").write_text(json.dumps({**result, "label_noise": 0.2}))
+    with pytest.raises(ConfigError, match=r"gam\.rho: 0\.2 there, 0\.5 here"):
+        reproduce.run_one("gam:rho=0.5", 0, 30, tmp_path, 0.05)
     noisy = default.get_config()
     noisy.label_noise = 0.4
-    with pytest.raises(ConfigError, match=r"label_noise=0\.2"):  # not a 20%-noise run for 40%
+    with pytest.raises(ConfigError, match=r"label_noise: 0\.0 there, 0\.4 here"):
         reproduce.run_one("gam", 0, 30, tmp_path, 0.05, base=noisy)
+    (tmp_path / "result.json").write_text(json.dumps({"final_test_accuracy": 0.9}))
+    with pytest.raises(ConfigError, match=r"records no config .*delete it to rerun"):
+        reproduce.run_one("gam", 0, 30, tmp_path, 0.05)
