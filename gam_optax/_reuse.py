@@ -15,7 +15,6 @@ from gam_optax import _perturb
 from gam_optax._perturb import add_scaled, cast_like, global_norm, orthogonal_part
 from gam_optax._sam import sam
 
-
 CPU_CONDITIONAL_WARNING = (
     "reuse: the refresh steps are chosen on device with jax.lax.cond. XLA:CPU compiles "
     "convolutions inside a conditional branch (or a loop) to plain loop nests, not its "
