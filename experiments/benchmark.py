@@ -338,7 +338,7 @@ def measure_costs(
             times=[],
         )
         print(f"  compiled {row:32s} {time.perf_counter() - start:7.1f} s", file=sys.stderr)
-    for _ in range(rounds + 1):  # round 0: the warm-up
+    for _ in range(rounds + 1 if rounds else 0):  # round 0: the warm-up
         for row, p in programs.items():
             cycle = cost_cycle(row)
             state, batch, rng = p["args"]

@@ -224,10 +224,11 @@ def gam(
 
 
 # ----------------------------------------------------------------------------
-# The three extra gradients, two formulations of the same arithmetic. Both fold each
-# gradient into the running sums h_+ and h_- (kept in at least float32) as soon as it
-# arrives, so that at most three parameter-sized vectors are held while a gradient is
-# evaluated: the point, h_+ (or g0) and h_- (or g0).
+# The three extra gradients, two formulations of the same arithmetic: each gradient is
+# folded into the running sums h_+ and h_- (kept in at least float32) as it arrives. The
+# scan's carry holds three parameter-sized vectors while a gradient is evaluated: the
+# point, h_+ (or g0) and h_- (or g0). The unrolled program is scheduled by XLA (ordering
+# it with optimization barriers did not lower its temporary memory).
 # ----------------------------------------------------------------------------
 
 
@@ -261,19 +262,11 @@ def _unrolled(oracle, params, g0, r, r_prime, *, alpha, w0, w2, step):
     g1 = oracle.after_step(params, g0, step(g0, params, r_prime), 1)
     # h0 = g1 - g0 ~ rho' H u(g0): theta2 ascends the gradient norm.
     theta2 = _add(params, step(add_scaled(g1, -1.0, g0), params, r))
-    # The barriers order the schedule: g1 is folded into h_+ before g2 is evaluated, g0 and
-    # g2 into h_- before g3 is.
-    h_plus, theta2 = jax.lax.optimization_barrier((_axpy(alpha, g1), theta2))
+    h_plus = _axpy(alpha, g1)
     g2 = oracle.at(theta2, 2)
     h_minus = _axpy(w2, g2, _axpy(w0, g0))
-    # theta3 = theta2 + rho' u(g2): a SAM step from theta2.
-    e3 = step(g2, theta2, r_prime)
-    if oracle.exact:  # g3 = g2 + H(theta2) e3
-        h_minus, theta2, g2, e3 = jax.lax.optimization_barrier((h_minus, theta2, g2, e3))
-        g3 = oracle.after_step(theta2, g2, e3, 3)
-    else:
-        h_minus, theta3 = jax.lax.optimization_barrier((h_minus, _add(theta2, e3)))
-        g3 = oracle.at(theta3, 3)
+    # theta3 = theta2 + rho' u(g2): a SAM step from theta2 (exact mode: g2 + H(theta2) e3).
+    g3 = oracle.after_step(theta2, g2, step(g2, theta2, r_prime), 3)
     return _finish(_axpy(1.0 - alpha, g3, h_plus), h_minus, params, g0)
 
 
