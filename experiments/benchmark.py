@@ -13,6 +13,16 @@ evaluations, so 4x sgd is its floor; SAM's is 2x. The amortised ones (``looksam`
     python -m experiments.benchmark --setting cpu         # a 6-conv BatchNorm CNN, batch 64
     python -m experiments.benchmark --setting cpu --compare-cpu-options
 
+``--costs`` prints, for every transformation (``sgd``, ``sam``, ``gsam``, ``gam``, its
+``unroll=False`` and ``hessian=True`` forms, ``gam_hessian``, ``reuse(gam)``'s refresh, skip
+and in-step-conditional programs), the compile time, optimised HLO lines, temporary memory
+(and the extra in parameter copies) and step time, each as a ratio to sgd's in one process.
+``--accelerator`` is its GPU setting (ResNet-18 and WRN-28-10 at CIFAR shapes, float32 and
+bfloat16; by default within a 270 s compile budget), ``--smoke`` the same on tiny shapes:
+
+    python -m experiments.benchmark --costs --setting cpu
+    python -m experiments.benchmark --accelerator --json gpu_costs.json
+
 ``--compare-cpu-options`` also compiles every step with the CPU options of
 ``experiments.xla_options`` (XLA's convolutions instead of YNNPACK's) and reports both.
 ``--parallel`` times the data-parallel steps of ``experiments.parallel`` on every device, for
@@ -419,7 +429,8 @@ def run_costs(args: argparse.Namespace) -> list[dict[str, Any]]:
             values = (*values[:2], args.batch_size, *values[3:])
         cases = [(args.setting, args.dtype, values)]
         rows = args.rows or list(COSTS)
-    deadline = time.perf_counter() + args.budget_s if args.budget_s else None
+    budget = args.budget_s or (270.0 if args.accelerator and not args.smoke else None)
+    deadline = time.perf_counter() + budget if budget else None
     everything = []
     for setting, dtype, values in cases:
         if deadline is not None and time.perf_counter() > deadline:
