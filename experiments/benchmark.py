@@ -18,7 +18,7 @@ evaluations, so 4x sgd is its floor; SAM's is 2x. The amortised ones (``looksam`
 and in-step-conditional programs), the compile time, optimised HLO lines, temporary memory
 (and the extra in parameter copies) and step time, each as a ratio to sgd's in one process.
 ``--accelerator`` is its GPU setting (ResNet-18 and WRN-28-10 at CIFAR shapes, float32 and
-bfloat16; by default within a 270 s compile budget), ``--smoke`` the same on tiny shapes:
+bfloat16; by default within a 240 s compile budget), ``--smoke`` the same on tiny shapes:
 
     python -m experiments.benchmark --costs --setting cpu
     python -m experiments.benchmark --accelerator --json gpu_costs.json
@@ -429,7 +429,7 @@ def run_costs(args: argparse.Namespace) -> list[dict[str, Any]]:
             values = (*values[:2], args.batch_size, *values[3:])
         cases = [(args.setting, args.dtype, values)]
         rows = args.rows or list(COSTS)
-    budget = args.budget_s or (270.0 if args.accelerator and not args.smoke else None)
+    budget = args.budget_s or (240.0 if args.accelerator and not args.smoke else None)
     deadline = time.perf_counter() + budget if budget else None
     everything = []
     for setting, dtype, values in cases:
