@@ -13,6 +13,16 @@ evaluations, so 4x sgd is its floor; SAM's is 2x. The amortised ones (``looksam`
     python -m experiments.benchmark --setting cpu         # a 6-conv BatchNorm CNN, batch 64
     python -m experiments.benchmark --setting cpu --compare-cpu-options
 
+``--costs`` prints, for every transformation (``sgd``, ``sam``, ``gsam``, ``gam``, its
+``unroll=False`` and ``hessian=True`` forms, ``gam_hessian``, ``reuse(gam)``'s refresh, skip
+and in-step-conditional programs), the compile time, optimised HLO lines, temporary memory
+(and the extra in parameter copies) and step time, each as a ratio to sgd's in one process.
+``--accelerator`` is its GPU setting (ResNet-18 and WRN-28-10 at CIFAR shapes, float32 and
+bfloat16; by default within a 240 s compile budget), ``--smoke`` the same on tiny shapes:
+
+    python -m experiments.benchmark --costs --setting cpu
+    python -m experiments.benchmark --accelerator --json gpu_costs.json
+
 ``--compare-cpu-options`` also compiles every step with the CPU options of
 ``experiments.xla_options`` (XLA's convolutions instead of YNNPACK's) and reports both.
 ``--parallel`` times the data-parallel steps of ``experiments.parallel`` on every device, for
@@ -44,6 +54,7 @@ SETTINGS = {
     "resnet18": ("resnet18", {}, 128, (32, 32, 3), 10),
     "cpu": ("small_cnn", {"widths": (32, 32, 64, 64, 128, 128)}, 64, (32, 32, 3), 10),
     "tiny": ("small_cnn", {"widths": (8, 16)}, 16, (8, 8, 1), 10),
+    "wrn28_10": ("wrn28_10", {}, 128, (32, 32, 3), 10),
 }
 # name -> (config.optimizer, overrides of that optimizer's section): the optimizers of
 # experiments/optimizers.py (but adamw, whose step costs what sgd's does), and variants.
@@ -54,17 +65,32 @@ OPTIMIZERS = {
 }
 
 
-def make_config(optimizer: str, setting: str) -> Any:
-    name, overrides = OPTIMIZERS[optimizer]
-    model, model_kwargs, batch_size, _, _ = SETTINGS[setting]
+def make_config(
+    optimizer: str,
+    setting: str,
+    sections: dict[str, dict[str, Any]] | None = None,
+    setting_values: tuple | None = None,
+    dtype: str = "float32",
+) -> Any:
+    """The training config of ``optimizer`` on ``setting``. ``sections``: more overrides of
+    config sections (``{"gam": {"unroll": False}}``); ``setting_values`` replaces
+    ``SETTINGS[setting]``."""
+    name, overrides = OPTIMIZERS[optimizer] if optimizer in OPTIMIZERS else (optimizer, {})
+    model, model_kwargs, batch_size, _, _ = setting_values or SETTINGS[setting]
     config = default.get_config()
     config.optimizer = name
     config.model = model
     config.model_kwargs = model_kwargs
     config.batch_size = batch_size
+    config.dtype = dtype
     config.augment = dict(crop_padding=4, flip=True, cutout_size=0)
     if overrides:
         config[name].update(overrides)
+    for section, values in (sections or {}).items():
+        if values.pop("replace", False):  # a new section: the fields given, no defaults
+            config[section] = values
+        else:
+            config[section].update(values)
     return config
 
 
@@ -73,12 +99,18 @@ def build_step(
     setting: str,
     donate: bool = True,
     dp: parallel.DataParallel | None = None,
+    sections: dict[str, dict[str, Any]] | None = None,
+    setting_values: tuple | None = None,
+    dtype: str = "float32",
+    refresh: bool | str | None = "host",
 ):
     """The compiled training step of ``optimizer`` on ``dp``'s devices (default: one), and
-    its arguments (state, batch, rng)."""
+    its arguments (state, batch, rng). An amortised optimizer gives the pair (refresh step,
+    reuse step) chosen on the host (``refresh="host"``), or the one step of ``refresh``
+    (True, False, or None: the in-step conditional)."""
     dp = dp or parallel.DataParallel.create()
-    _, _, batch_size, image_shape, num_classes = SETTINGS[setting]
-    config = make_config(optimizer, setting)
+    _, _, batch_size, image_shape, num_classes = setting_values or SETTINGS[setting]
+    config = make_config(optimizer, setting, sections, setting_values, dtype)
     config.average = dp.average
     rng = np.random.default_rng(0)
     batch = {
@@ -91,9 +123,12 @@ def build_step(
     )
     program = train.build(config, data, dp, steps_per_epoch=1)
     args = (dp.from_global(program.state), dp.put_batch(batch), jax.random.key(1))
-    if train.refresh_period(config):  # amortised: a refresh program and a reuse program
+    if train.refresh_period(config) and refresh == "host":  # a refresh and a reuse program
         steps = (functools.partial(program.step, refresh=r) for r in (True, False))
         return tuple(dp.compile_step(step, donate=donate) for step in steps), args
+    if train.refresh_period(config):
+        step = functools.partial(program.step, refresh=refresh)
+        return dp.compile_step(step, donate=donate), args
     return dp.compile_step(program.step, donate=donate), args
 
 
@@ -210,6 +245,208 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return tables.table((*header, "peak MB"), cells)
 
 
+# ---------------------------------------------------------------------------------------
+# --costs: what each transformation's program costs beyond sgd's, in one process.
+# ---------------------------------------------------------------------------------------
+
+REUSE_GAM = {"reuse": {"inner": "gam", "every": 5}}
+# row -> (optimizer, config overrides, refresh of an amortised optimizer)
+COSTS: dict[str, tuple[str, dict[str, dict[str, Any]], Any]] = {
+    "sgd": ("sgd", {}, None),
+    "sam": ("sam", {}, None),
+    "gsam": ("gsam", {}, None),
+    "gam": ("gam", {}, None),
+    "gam(unroll=False)": ("gam", {"gam": {"unroll": False}}, None),
+    "gam(hessian=True)": ("gam", {"gam": {"hessian": True}}, None),
+    "gam(hessian=True, unroll=False)": ("gam", {"gam": {"hessian": True, "unroll": False}}, None),
+    "gam_hessian": ("sam_gam", {"sam_gam": {"replace": True, "rho": 0.1, "penalty": 0.3}}, None),
+    "reuse(gam) refresh": ("reuse", REUSE_GAM, True),
+    "reuse(gam) skip": ("reuse", REUSE_GAM, False),
+    "reuse(gam) in-step cond": ("reuse", REUSE_GAM, None),
+}
+ACCELERATOR_ROWS = (
+    "sgd",
+    "sam",
+    "gam",
+    "gam(unroll=False)",
+    "reuse(gam) refresh",
+    "reuse(gam) skip",
+    "reuse(gam) in-step cond",
+)
+# The accelerator setting: CIFAR shapes, batch 128, float32 and bfloat16 (smoke: tiny shapes,
+# the same code paths, for a test on CPU).
+ACCELERATOR_CASES = (
+    ("resnet18", "float32"),
+    ("resnet18", "bfloat16"),
+    ("wrn28_10", "float32"),
+    ("wrn28_10", "bfloat16"),
+)
+SMOKE = {
+    "resnet18": ("resnet18", {"stage_sizes": (1,), "num_filters": 4}, 4, (8, 8, 3), 10),
+    "wrn28_10": ("wrn28_10", {"depth": 10, "width": 1}, 4, (8, 8, 3), 10),
+}
+
+
+def cost_cycle(row: str) -> int:
+    """Steps timed together: the in-step conditional over a whole period (one refresh)."""
+    optimizer, sections, refresh = COSTS[row]
+    if optimizer == "reuse" and refresh is None:
+        return sections["reuse"]["every"]
+    return 1
+
+
+def hlo_lines(compiled: Any) -> int | None:
+    try:
+        return len(compiled.as_text().splitlines())
+    except Exception:
+        return None
+
+
+def temp_bytes(compiled: Any) -> int | None:
+    try:
+        return compiled.memory_analysis().temp_size_in_bytes
+    except Exception:  # not every backend reports it
+        return None
+
+
+def measure_costs(
+    setting: str,
+    rows: Sequence[str],
+    rounds: int,
+    setting_values: tuple | None = None,
+    dtype: str = "float32",
+    compiler_options: dict | None = None,
+    deadline: float | None = None,
+) -> list[dict[str, Any]]:
+    """Compile (trace + lower + compile) time, optimised HLO lines, temporary memory and step
+    time of each row's program, each also as a ratio to sgd's (the first row). Steps are timed
+    in ``rounds`` interleaved rounds (every program once per round); the median is reported.
+    Rows not compiled by ``deadline`` (a ``time.perf_counter()`` value) are left out."""
+    rows = ["sgd", *[r for r in rows if r != "sgd"]]
+    programs = {}
+    for row in rows:
+        if deadline is not None and time.perf_counter() > deadline:
+            print(f"  (time budget spent: {row} left out)", file=sys.stderr, flush=True)
+            continue
+        optimizer, sections, refresh = COSTS[row]
+        sections = {k: dict(v) for k, v in sections.items()}
+        start = time.perf_counter()
+        jitted, args = build_step(
+            optimizer, setting, True, None, sections, setting_values, dtype, refresh
+        )
+        built = time.perf_counter()
+        compiled = jitted.lower(*args).compile(compiler_options=compiler_options or {})
+        state = jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, args[0])
+        param_bytes = sum(x.nbytes for x in jax.tree.leaves(args[0].params))
+        programs[row] = dict(
+            compiled=compiled,
+            args=[state, *args[1:]],
+            compile_s=time.perf_counter() - built,
+            hlo_lines=hlo_lines(compiled),
+            temp_bytes=temp_bytes(compiled),
+            param_bytes=param_bytes,
+            times=[],
+        )
+        print(f"  compiled {row:32s} {time.perf_counter() - start:7.1f} s", file=sys.stderr)
+    for _ in range(rounds + 1 if rounds else 0):  # round 0: the warm-up
+        for row, p in programs.items():
+            cycle = cost_cycle(row)
+            state, batch, rng = p["args"]
+            start = time.perf_counter()
+            for _ in range(cycle):
+                state, metrics = p["compiled"](state, batch, rng)
+            jax.block_until_ready((state, metrics))
+            p["times"].append((time.perf_counter() - start) / cycle)
+            p["args"][0] = state
+    sgd = programs["sgd"]
+    results = []
+    for row, p in programs.items():
+        step = statistics.median(p["times"][1:]) if rounds else float("nan")
+        sgd_step = statistics.median(sgd["times"][1:]) if rounds else float("nan")
+        extra = (
+            (p["temp_bytes"] - sgd["temp_bytes"]) / p["param_bytes"]
+            if p["temp_bytes"] is not None and sgd["temp_bytes"] is not None
+            else float("nan")
+        )
+        ratio = lambda key, p=p: (p[key] or np.nan) / (sgd[key] or np.nan)
+        results.append(
+            {
+                "row": row,
+                "dtype": dtype,
+                "compile_s": p["compile_s"],
+                "compile_x": p["compile_s"] / sgd["compile_s"],
+                "hlo_lines": p["hlo_lines"],
+                "hlo_x": ratio("hlo_lines"),
+                "temp_mib": (p["temp_bytes"] or np.nan) / 2**20,
+                "temp_x": ratio("temp_bytes"),
+                "extra_copies": extra,
+                "param_mib": p["param_bytes"] / 2**20,
+                "step_ms": 1e3 * step,
+                "step_x": step / sgd_step,
+            }
+        )
+    return results
+
+
+def format_costs(results: Sequence[dict[str, Any]]) -> str:
+    header = (
+        "step",
+        "compile s",
+        "x sgd",
+        "HLO lines",
+        "x sgd",
+        "temp MiB",
+        "extra param copies",
+        "step ms",
+        "x sgd",
+    )
+    cells = [
+        (
+            r["row"],
+            f"{r['compile_s']:.2f}",
+            f"{r['compile_x']:.2f}",
+            f"{r['hlo_lines']:,}" if r["hlo_lines"] else "-",
+            f"{r['hlo_x']:.2f}",
+            f"{r['temp_mib']:.1f}",
+            f"{r['extra_copies']:.2f}",
+            f"{r['step_ms']:.1f}",
+            f"{r['step_x']:.2f}",
+        )
+        for r in results
+    ]
+    return tables.table(header, cells)
+
+
+def run_costs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The --costs mode: one table per (model, dtype) case."""
+    options = xla_options.fast_compiler_options() if args.compare_cpu_options else {}
+    if args.accelerator:
+        cases = [(m, d, (SMOKE if args.smoke else SETTINGS)[m]) for m, d in ACCELERATOR_CASES]
+        rows = args.rows or list(ACCELERATOR_ROWS)
+    else:
+        values = SETTINGS[args.setting]
+        if args.batch_size:
+            values = (*values[:2], args.batch_size, *values[3:])
+        cases = [(args.setting, args.dtype, values)]
+        rows = args.rows or list(COSTS)
+    budget = args.budget_s or (240.0 if args.accelerator and not args.smoke else None)
+    deadline = time.perf_counter() + budget if budget else None
+    everything = []
+    for setting, dtype, values in cases:
+        if deadline is not None and time.perf_counter() > deadline:
+            print(f"(time budget spent: {setting} {dtype} left out)")
+            continue
+        results = measure_costs(setting, rows, args.rounds, values, dtype, options, deadline)
+        model, model_kwargs, batch_size, image_shape, _ = values
+        print(
+            f"\n{model} {model_kwargs or ''} batch {batch_size} {image_shape} {dtype}, "
+            f"parameters {results[0]['param_mib']:.1f} MiB, {args.rounds} rounds:"
+        )
+        print(format_costs(results), flush=True)
+        everything += [{"setting": setting, **r} for r in results]
+    return everything
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="resnet18")
@@ -234,11 +471,36 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "--cpu-devices", type=int, help="split the CPU into this many devices (before JAX starts)"
     )
     parser.add_argument("--json", help="also write the rows to this file")
+    costs = parser.add_argument_group(
+        "--costs", "compile time, HLO size, memory and step time of each transformation"
+    )
+    costs.add_argument("--costs", action="store_true", help="print the costs table")
+    costs.add_argument("--rows", nargs="+", choices=list(COSTS), help="default: all")
+    costs.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    costs.add_argument("--batch-size", type=int, help="instead of the setting's")
+    costs.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    costs.add_argument(
+        "--accelerator",
+        action="store_true",
+        help="ResNet-18 and WRN-28-10 at CIFAR shapes, batch 128, float32 and bfloat16",
+    )
+    costs.add_argument("--smoke", action="store_true", help="--accelerator with tiny shapes")
+    costs.add_argument("--budget-s", type=float, help="leave out what is not compiled by then")
     args = parser.parse_args(argv)
     if args.warmup < 0 or args.repeats < 1:
         parser.error("--warmup must be >= 0 and --repeats >= 1")
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    if args.costs or args.accelerator:
+        if args.rounds < 0:
+            parser.error("--rounds must be >= 0")
+        device = jax.devices()[0]
+        print(f"{device.platform}: {device.device_kind}, jax {jax.__version__}")
+        results = run_costs(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": device.device_kind, "rows": results}, f, indent=1)
+        return results
     optimizers = ["sgd", *[o for o in args.optimizers if o != "sgd"]]  # sgd: the baseline
     device = jax.devices()[0]
     print(

@@ -11,12 +11,12 @@ import optax
 
 from gam_optax import _perturb
 from gam_optax._perturb import (
+    Params,
+    _upcast,
     add_scaled,
     ascent_step,
     cast_like,
-    combine,
     orthogonal_part,
-    perturbed_gradient,
 )
 
 HMinusWeighting = Literal["released", "paper"]
@@ -48,6 +48,7 @@ def gam(
     axis_name: str | None = None,
     average: _perturb.Average = "direction",
     mask: _perturb.Mask | None = None,
+    unroll: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Gradient norm Aware Minimization, the accelerated form (Algorithm 2).
 
@@ -120,6 +121,12 @@ def gam(
       The gradients are still taken, and ``d`` returned, for every parameter; the
       ascent steps move the selected leaves only, their length measured on them
       (e.g. SAM-ON: perturb only the normalisation layers). None: all.
+    unroll: True (default): the model's gradient is traced, and compiled, once per extra
+      gradient. False: once, in a ``jax.lax.scan`` over the three points (each computed from
+      the gradients before it), the same arithmetic: a program about a third the size. On
+      XLA:CPU keep the default: it canonicalises convolutions only outside loops, and a
+      convolutional model's step runs ~10x slower in one (``experiments/RESULTS.md``,
+      "Compile once"). With ``grad_fn``, ``i`` is then a traced int32 (1, 2, 3).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
@@ -168,6 +175,7 @@ def gam(
         average=average,
         adaptive=adaptive,
         hessian=hessian,
+        unroll=unroll,
     )
 
     def init_fn(params: optax.Params) -> GAMState:
@@ -189,31 +197,122 @@ def gam(
         r = _perturb.value_at(rho, state.count)
         r_prime = _perturb.value_at(rho_prime, state.count)
         m = _perturb.resolve_mask(mask, params, name)
-        sam_gradient = functools.partial(
-            perturbed_gradient, oracle, eps=eps, adaptive=adaptive, mask=m
-        )
 
         g0 = oracle.incoming(updates, params)
-        # theta1 = theta + rho' u(g0): a SAM step.
-        g1 = sam_gradient(params, g0, r_prime, i=1)
-        # h0 = g1 - g0 ~ rho' H u(g0): theta2 ascends the gradient norm.
-        h0 = add_scaled(g1, -1.0, g0)
-        theta2 = jax.tree.map(
-            jnp.add, params, ascent_step(h0, params, r, eps=eps, adaptive=adaptive, mask=m)
-        )
-        g2 = oracle.at(theta2, 2)
-        # theta3 = theta2 + rho' u(g2): a SAM step from theta2.
-        g3 = sam_gradient(theta2, g2, r_prime, i=3)
-
-        h_plus = combine(alpha, g1, 1.0 - alpha, g3)
         if h_minus_weighting == "released":  # g0 + |1 - beta| g2, as in the released code
             w0, w2 = 1.0, abs(1.0 - beta)
         else:  # beta g0 + (1 - beta) g2, Algorithm 2
             w0, w2 = beta, 1.0 - beta
-        h_minus = combine(w0, g0, w2, g2)
+        extra_gradients = _unrolled if unroll else _scanned
+        h_plus, h_minus = extra_gradients(
+            oracle,
+            params,
+            g0,
+            r,
+            r_prime,
+            alpha=alpha,
+            w0=w0,
+            w2=w2,
+            step=functools.partial(ascent_step, eps=eps, adaptive=adaptive, mask=m),
+        )
         h_perp = orthogonal_part(h_minus, h_plus, eps)
         direction = add_scaled(h_plus, -gamma, h_perp)
         direction = cast_like(oracle.finish(direction), updates)
         return direction, GAMState(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------
+# The three extra gradients, two formulations of the same arithmetic: each gradient is
+# folded into the running sums h_+ and h_- (kept in at least float32) as it arrives. The
+# scan's carry holds three parameter-sized vectors while a gradient is evaluated: the
+# point, h_+ (or g0) and h_- (or g0). The unrolled program is scheduled by XLA (ordering
+# it with optimization barriers did not lower its temporary memory).
+# ----------------------------------------------------------------------------
+
+
+def _up(tree: Params) -> Params:
+    return jax.tree.map(_upcast, tree)
+
+
+def _axpy(a, x: Params, y: Params | None = None) -> Params:
+    """``a * x (+ y)``, in at least float32 (the running sums)."""
+    if y is None:
+        return jax.tree.map(lambda u: a * _upcast(u), x)
+    return jax.tree.map(lambda u, v: v + a * _upcast(u), x, y)
+
+
+def _add(a: Params, b: Params) -> Params:
+    return jax.tree.map(jnp.add, a, b)
+
+
+def _where(pred: jax.Array, a: Params, b: Params) -> Params:
+    return jax.tree.map(lambda u, v: jnp.where(pred, u, v), a, b)
+
+
+def _finish(h_plus: Params, h_minus: Params, params: Params, g0: Params) -> tuple[Params, Params]:
+    """The sums in the dtypes of the gradients they add up: ``g1, g3`` (params'), ``g0``."""
+    return cast_like(h_plus, params), cast_like(h_minus, g0)
+
+
+def _unrolled(oracle, params, g0, r, r_prime, *, alpha, w0, w2, step):
+    """``(h_+, h_-)`` with the model's gradient traced three times (``unroll=True``)."""
+    # theta1 = theta + rho' u(g0): a SAM step.
+    g1 = oracle.after_step(params, g0, step(g0, params, r_prime), 1)
+    # h0 = g1 - g0 ~ rho' H u(g0): theta2 ascends the gradient norm.
+    theta2 = _add(params, step(add_scaled(g1, -1.0, g0), params, r))
+    h_plus = _axpy(alpha, g1)
+    g2 = oracle.at(theta2, 2)
+    h_minus = _axpy(w2, g2, _axpy(w0, g0))
+    # theta3 = theta2 + rho' u(g2): a SAM step from theta2 (exact mode: g2 + H(theta2) e3).
+    g3 = oracle.after_step(theta2, g2, step(g2, theta2, r_prime), 3)
+    return _finish(_axpy(1.0 - alpha, g3, h_plus), h_minus, params, g0)
+
+
+def _scanned(oracle, params, g0, r, r_prime, *, alpha, w0, w2, step):
+    """``(h_+, h_-)`` with the model's gradient traced once (``unroll=False``).
+
+    A ``jax.lax.scan`` over ``i = 0, 1, 2`` evaluates ``g_{i+1}`` at the point in its carry,
+    then computes the next point and folds ``g_{i+1}`` into the sums, each of the three
+    transitions chosen with ``jnp.where`` (the same arithmetic as :func:`_unrolled`). The
+    carry ``(point, a, b)``: ``(theta1, g0, g0) -> (theta2, alpha g1, w0 g0) ->
+    (theta3, alpha g1, w0 g0 + w2 g2) -> (-, h_+, h_-)``. In the exact mode the point is
+    ``(x, e)`` and the pass gives ``g(x)`` and ``H(x) e``: ``(theta, e1)``, ``(theta2, 0)``,
+    ``(theta2, e3)``; ``g1 = g0 + H e1``, ``g3 = g2 + H e3``.
+    """
+    g0_up = _up(g0)
+
+    def transition(i, g, a, b, at):
+        """The next point (from ``at``, the current base point), and the next sums."""
+        theta2 = _add(params, step(add_scaled(g, -1.0, a), params, r))  # i = 0: g = g1
+        e3 = step(g, at, r_prime)  # i = 1: g = g2, at = theta2
+        a = _where(i == 0, _axpy(alpha, g), _where(i == 2, _axpy(1.0 - alpha, g, a), a))
+        b = _where(i == 0, _axpy(w0, b), _where(i == 1, _axpy(w2, g, b), b))
+        return theta2, e3, a, b
+
+    if not oracle.exact:
+
+        def body(carry, i):
+            point, a, b = carry
+            g = oracle.at(point, i + 1)
+            theta2, e3, a, b = transition(i, g, a, b, point)
+            return (_where(i == 0, theta2, _add(point, e3)), a, b), None
+
+        theta1 = _add(params, step(g0, params, r_prime))
+        carry = (theta1, g0_up, g0_up)
+    else:
+
+        def body(carry, i):
+            x, e, a, b = carry
+            g_x, hessian_e = oracle.gradient_and_hessian_product(x, e, i + 1)
+            base = _where(i == 0, cast_like(a, g0), g_x)  # g0 at i = 0, else g(x) = g2
+            g = _where(i == 1, g_x, _add(base, hessian_e))
+            theta2, e3, a, b = transition(i, g, a, b, x)
+            zero = jax.tree.map(jnp.zeros_like, e3)
+            return (_where(i == 0, theta2, x), _where(i == 0, zero, e3), a, b), None
+
+        e1 = step(g0, params, r_prime)
+        carry = (params, e1, g0_up, g0_up)
+    carry, _ = jax.lax.scan(body, carry, jnp.arange(3, dtype=jnp.int32))
+    return _finish(carry[-2], carry[-1], params, g0)

@@ -41,6 +41,7 @@ def gam_hessian(
     mask: _perturb.Mask | None = None,
     sam_rho: optax.ScalarOrSchedule | None = None,
     hvp_step: optax.ScalarOrSchedule | None = None,
+    unroll: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Gradient norm Aware Minimization, the original form (Algorithm 1).
 
@@ -114,6 +115,10 @@ def gam_hessian(
         None (default): the loss part of ``d`` is ``g0``.
       hvp_step: None (default): exact Hessian-vector products. A number ``r > 0``
         (or a schedule): first-order finite differences of gradients with step ``r``.
+      unroll: True (default): the model's gradient is traced once per evaluation. False:
+        once, in a ``jax.lax.scan`` over the three evaluations (each point computed from
+        the one before), the same arithmetic, as :func:`gam`'s ``unroll`` (keep the default
+        on XLA:CPU). SAM's own gradient, when not shared, stays outside the loop.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
@@ -166,7 +171,9 @@ def gam_hessian(
         _perturb.check_nonnegative("sam_rho", sam_rho, name, schedule=True)
     if hvp_step is not None:
         _perturb.check_positive("hvp_step", hvp_step, name, schedule=True)
-    _perturb.check_common(name, eps=eps, has_aux=has_aux, axis_name=axis_name, average=average)
+    _perturb.check_common(
+        name, eps=eps, has_aux=has_aux, axis_name=axis_name, average=average, unroll=unroll
+    )
     same_step = sam_rho is not None and _same_value(sam_rho, hvp_step)
 
     def init_fn(params: optax.Params) -> GAMHessianState:
@@ -187,26 +194,11 @@ def gam_hessian(
         r = _perturb.value_at(rho, state.count)
         g0 = oracle.incoming(updates, params)
         m = _perturb.resolve_mask(mask, params, name)
-        if hvp_step is None:
-            # f = H(theta) u(g0): the gradient of the gradient norm.
-            f = oracle.hessian_product(params, unit(g0, eps), 1)
+        r_fd = None if hvp_step is None else _perturb.value_at(hvp_step, state.count)
+        if unroll:
+            g_fd, h_norm = _unrolled(oracle, params, g0, r, r_fd, eps, m)
         else:
-            # f = g(theta + r_fd u(g0)) - g0 = r_fd H(theta) u(g0) + O(r_fd^2).
-            r_fd = _perturb.value_at(hvp_step, state.count)
-            g_fd = oracle.at(
-                jax.tree.map(jnp.add, params, ascent_step(g0, params, r_fd, eps=eps)), 1
-            )
-            f = jax.tree.map(jnp.subtract, g_fd, g0)
-        # theta_adv = theta + rho u(f): one ascent step on ||grad L||.
-        theta_adv = jax.tree.map(jnp.add, params, ascent_step(f, params, r, eps=eps, mask=m))
-        g_adv = oracle.at(theta_adv, 2)
-        # h_norm = rho H(theta_adv) u(g_adv): the gradient of R1.
-        if hvp_step is None:
-            h_norm = scale(oracle.hessian_product(theta_adv, unit(g_adv, eps), 3), r)
-        else:
-            step = ascent_step(g_adv, theta_adv, r_fd, eps=eps)
-            g_fd_adv = oracle.at(jax.tree.map(jnp.add, theta_adv, step), 3)
-            h_norm = scale(jax.tree.map(jnp.subtract, g_fd_adv, g_adv), r / r_fd)
+            g_fd, h_norm = _scanned(oracle, params, g0, r, r_fd, eps, m)
         # The loss part: g0, or SAM's gradient g(theta + sam_rho u(g0)).
         if sam_rho is None:
             loss_gradient = g0
@@ -222,6 +214,72 @@ def gam_hessian(
         return direction, GAMHessianState(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _unrolled(oracle, params, g0, r, r_fd, eps, m):
+    """``(g_fd, h_norm)`` (``g_fd``: None in the exact mode), one trace per evaluation."""
+    if r_fd is None:
+        # f = H(theta) u(g0): the gradient of the gradient norm.
+        g_fd, f = None, oracle.hessian_product(params, unit(g0, eps), 1)
+    else:
+        # f = g(theta + r_fd u(g0)) - g0 = r_fd H(theta) u(g0) + O(r_fd^2).
+        g_fd = oracle.at(jax.tree.map(jnp.add, params, ascent_step(g0, params, r_fd, eps=eps)), 1)
+        f = jax.tree.map(jnp.subtract, g_fd, g0)
+    # theta_adv = theta + rho u(f): one ascent step on ||grad L||.
+    theta_adv = jax.tree.map(jnp.add, params, ascent_step(f, params, r, eps=eps, mask=m))
+    g_adv = oracle.at(theta_adv, 2)
+    # h_norm = rho H(theta_adv) u(g_adv): the gradient of R1.
+    if r_fd is None:
+        return g_fd, scale(oracle.hessian_product(theta_adv, unit(g_adv, eps), 3), r)
+    step = ascent_step(g_adv, theta_adv, r_fd, eps=eps)
+    g_fd_adv = oracle.at(jax.tree.map(jnp.add, theta_adv, step), 3)
+    return g_fd, scale(jax.tree.map(jnp.subtract, g_fd_adv, g_adv), r / r_fd)
+
+
+def _where(pred, a, b):
+    return jax.tree.map(lambda u, v: jnp.where(pred, u, v), a, b)
+
+
+def _scanned(oracle, params, g0, r, r_fd, eps, m):
+    """:func:`_unrolled` with the model's gradient traced once: a ``jax.lax.scan`` over the
+    three evaluations ``i = 0, 1, 2``, the transitions chosen with ``jnp.where``.
+
+    Exact: the carry ``(x, v)`` runs ``(theta, u(g0)) -> (theta_adv, 0) -> (theta_adv,
+    u(g_adv))``; each pass gives ``g(x)`` and ``H(x) v``. Finite: the carry holds the point,
+    ``theta + r_fd u(g0) -> theta_adv -> theta_adv + r_fd u(g_adv)``, and the gradient before.
+    """
+    add = lambda a, b: jax.tree.map(jnp.add, a, b)
+    subtract = lambda a, b: jax.tree.map(jnp.subtract, a, b)
+
+    def theta_adv(f):
+        return add(params, ascent_step(f, params, r, eps=eps, mask=m))
+
+    if r_fd is None:
+
+        def body(carry, i):
+            x, v, _ = carry
+            g_x, hessian_v = oracle.gradient_and_hessian_product(x, cast_like(v, x), i + 1)
+            zero = jax.tree.map(jnp.zeros_like, v)
+            x_next = _where(i == 0, theta_adv(hessian_v), x)  # i = 0: hessian_v = f
+            v_next = _where(i == 0, zero, unit(g_x, eps))  # i = 1: g_x = g_adv
+            return (x_next, v_next, hessian_v), None
+
+        carry = (params, unit(g0, eps), g0)
+        (_, _, hessian_v), _ = jax.lax.scan(body, carry, jnp.arange(3, dtype=jnp.int32))
+        return None, scale(hessian_v, r)
+
+    def body(carry, i):
+        point, before, g_fd, _ = carry
+        g = oracle.at(point, i + 1)
+        difference = subtract(g, before)  # i = 0: f; i = 2: g_fd_adv - g_adv
+        step = ascent_step(g, point, r_fd, eps=eps)  # i = 1: from theta_adv along g_adv
+        point = _where(i == 0, theta_adv(difference), add(point, step))
+        return (point, g, _where(i == 0, g, g_fd), difference), None
+
+    theta_fd = add(params, ascent_step(g0, params, r_fd, eps=eps))
+    carry = (theta_fd, g0, g0, g0)
+    (_, _, g_fd, difference), _ = jax.lax.scan(body, carry, jnp.arange(3, dtype=jnp.int32))
+    return g_fd, scale(difference, r / r_fd)
 
 
 def _same_value(a: optax.ScalarOrSchedule, b: optax.ScalarOrSchedule | None) -> bool:

@@ -577,6 +577,19 @@ class GradientOracle:
         )
         return jax.tree.map(jnp.add, grads, self._reduce(hessian_step))
 
+    def gradient_and_hessian_product(
+        self, params: Params, step: Params, i: int | jax.Array
+    ) -> tuple[Params, Params]:
+        """``(g(params), H(params) step)``, both reduced: one forward-over-reverse pass.
+
+        :meth:`after_step`'s exact mode is ``grads + (the second)``; the first is the
+        gradient at ``params`` that the same pass computes.
+        """
+        grads, hessian_step = jax.jvp(
+            lambda p: self.gradient(p, i), (self._local(params),), (self._local(step),)
+        )
+        return self._reduce(grads), self._reduce(hessian_step)
+
     def hessian_product(self, params: Params, vector: Params, i: int) -> Params:
         """``H(params) vector``: one exact Hessian-vector product (forward-over-reverse).
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -13,6 +14,15 @@ import optax
 from gam_optax import _perturb
 from gam_optax._perturb import add_scaled, cast_like, global_norm, orthogonal_part
 from gam_optax._sam import sam
+
+CPU_CONDITIONAL_WARNING = (
+    "reuse: the refresh steps are chosen on device with jax.lax.cond. XLA:CPU compiles "
+    "convolutions inside a conditional branch (or a loop) to plain loop nests, not its "
+    "convolution kernels, so a convolutional model's step runs several times slower than "
+    "GAM's own step. Choose them on the host instead: pass refresh=(step % every == 0), a "
+    "Python bool, to update, and compile the step with "
+    "jax.jit(step, static_argnames='refresh'): two programs, no conditional."
+)
 
 
 class ReuseState(NamedTuple):
@@ -92,11 +102,14 @@ def reuse(
     orthogonally to its :math:`g_0`.
 
     Which steps refresh: by default ``jax.lax.cond`` on the count, inside your
-    jitted step. XLA:CPU runs a step holding that conditional several times slower
-    than GAM's own step (measured in ``experiments/RESULTS.md``), so on CPU pass
-    ``refresh=`` to ``update`` instead: a Python bool from your own step counter
-    (``step % every == 0``), with the step compiled once per value
-    (``jax.jit(step, static_argnames="refresh")``); the count still advances.
+    jitted step. XLA:CPU canonicalises convolutions (into the layout its convolution
+    kernels take) only outside conditionals and loops, so a convolutional model's
+    gradients inside the conditional run as plain loop nests, and the step several
+    times slower than GAM's own (measured in ``experiments/RESULTS.md``); on the CPU
+    backend the conditional form warns. There, pass ``refresh=`` to ``update``: a
+    Python bool from your own step counter (``step % every == 0``), with the step
+    compiled once per value (``jax.jit(step, static_argnames="refresh")``); the count
+    still advances.
 
     Data parallel (``axis_name`` inside ``jax.pmap`` / ``jax.shard_map``): build
     ``inner`` with the same ``axis_name`` and ``average``. ``v`` is taken against
@@ -204,6 +217,8 @@ def reuse(
             return direction, state.v, _advance_counts(state.inner_state)
 
         if refresh is None:  # chosen on device from the count
+            if jax.default_backend() == "cpu":
+                warnings.warn(CPU_CONDITIONAL_WARNING, stacklevel=2)
             direction, v, inner_state = jax.lax.cond(
                 state.count % every == 0, do_refresh, do_skip, None
             )

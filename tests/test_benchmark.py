@@ -74,3 +74,20 @@ def test_amortised_optimizers_are_timed_over_whole_cycles():
         ["--setting", "tiny", "--optimizers", "reuse_gam_2", "--warmup", "0", "--repeats", "1"]
     )
     assert [r["optimizer"] for r in rows] == ["sgd", "reuse_gam_2"]
+
+
+def test_costs_table_and_the_accelerator_setting_run_on_tiny_shapes(capsys):
+    """--accelerator --smoke: ResNet-18 and WRN-28-10 code paths, float32 and bfloat16."""
+    rows = ["sgd", "gam"]
+    results = benchmark.main(["--accelerator", "--smoke", "--rounds", "1", "--rows", *rows])
+    cases = [(r["setting"], r["dtype"]) for r in results]
+    assert cases == [case for case in benchmark.ACCELERATOR_CASES for _ in rows]
+    for r in results:
+        assert r["compile_s"] > 0 and r["step_ms"] > 0 and r["hlo_lines"] > 0
+        if r["row"] == "sgd":
+            assert r["compile_x"] == r["step_x"] == r["temp_x"] == 1.0
+            assert r["extra_copies"] == 0.0
+        else:  # GAM's program is larger than SGD's
+            assert r["hlo_x"] > 1.5
+    out = capsys.readouterr().out
+    assert "extra param copies" in out and "bfloat16" in out
