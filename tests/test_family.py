@@ -1,330 +1,191 @@
-"""SAM, ASAM and GSAM: the sharpness-aware family GAM is compared with."""
+"""What every transformation of the family must do, in one parametrised table.
 
-from __future__ import annotations
+Each row builds a transformation with the keyword arguments every one of them takes
+(``has_aux``, ``axis_name``, ``average``); each test is one property, checked for every row
+(as optax's ``contrib/_common_test.py``). The files of the single transformations keep what
+is specific to each: its NumPy reference, its identities, its errors.
+"""
 
-from collections.abc import Mapping
-from typing import Any, NamedTuple
+import functools
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
+import pytest
 
-from gam_optax import _perturb
-from gam_optax._perturb import add_scaled, cast_like, orthogonal_part, perturbed_gradient
-from gam_optax._schedules import proportional_schedule
-
-
-class SAMState(NamedTuple):
-    """State of :func:`sam` and :func:`gsam`.
-
-    Attributes:
-      count: the number of updates so far (int32); a schedule of ``rho`` is
-        evaluated at it.
-    """
-
-    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
+import gam_optax
 
 
-def _init(params: optax.Params) -> SAMState:
-    del params
-    return SAMState(count=jax.numpy.zeros([], jax.numpy.int32))
+def _reuse_gam(every=2, **kwargs):
+    inner = gam_optax.gam(rho=0.3, rho_prime=0.05, **kwargs)
+    parallel = {k: v for k, v in kwargs.items() if k in ("axis_name", "average")}
+    return gam_optax.reuse(inner, every=every, alpha=0.5, **parallel)
 
 
-def sam(
-    rho: optax.ScalarOrSchedule = 0.05,
-    *,
-    adaptive: bool = False,
-    eps: float | jax.Array = 1e-12,
-    has_aux: bool = False,
-    axis_name: str | None = None,
-    average: _perturb.Average = "direction",
-    mask: _perturb.Mask | None = None,
-) -> optax.GradientTransformationExtraArgs:
-    r"""Sharpness-Aware Minimization (SAM), and ASAM with ``adaptive=True``.
-
-    Place it first in a chain. The incoming updates are the caller's gradient
-    :math:`g_0 = \nabla L(\theta)`; the transformation evaluates one more
-    gradient of the same mini-batch loss and returns it as the direction:
-
-    .. math::
-      e = \rho\,\frac{g_0}{\|g_0\| + \xi}
-      \quad\text{or (ASAM)}\quad
-      e = \rho\,\frac{g_0 \odot \theta^2}{\|g_0 \odot |\theta|\| + \xi},
-      \qquad d = \nabla L(\theta + e)
-
-    with one global norm over the whole pytree.
-
-    Compared with ``optax.contrib.sam``: with ``eps=0`` this equals
-    ``optax.contrib.sam(opt, optax.chain(optax.contrib.normalize(),
-    optax.sgd(rho)), sync_period=2, opaque_mode=True)`` chained as
-    ``optax.chain(sam(rho, eps=0), opt)``. The differences: ``eps`` keeps a zero
-    gradient finite (optax divides by the bare norm, NaN); ``rho`` may be a
-    schedule (optax resets a schedule placed in its adversarial optimizer with
-    ``reset_state=True``); the state is a step count only, and the base
-    optimizer is whatever follows in the chain; ``grad_fn`` is called with
-    ``i = 1`` (optax: ``i = 0``); ``loss_fn`` (with ``has_aux``) may be passed
-    instead of ``grad_fn``; ``adaptive`` gives ASAM; ``average='gradients'``
-    gives exact large-batch SAM (optax's ``batch_axis_name`` is our default
-    ``'direction'`` mode).
-
-    Args:
-      rho: the radius, a number or an optax schedule of the step count (see
-        :func:`proportional_schedule`).
-      adaptive: ASAM's element-wise step, scaled by the parameters. Use a
-        larger ``rho`` (ASAM's authors suggest about 10x, e.g. 2.0 on CIFAR).
-      eps: ``xi``, added to the norm denominator.
-      has_aux: ``loss_fn`` returns ``(loss, aux)``; ``aux`` is discarded.
-      axis_name: the data-parallel axis inside ``jax.pmap`` / ``jax.shard_map``.
-        Not needed under ``jax.jit`` with a sharded batch.
-      average: with ``axis_name``: ``'direction'`` (default, the SAM paper's
-        m-sharpness) perturbs each device with its own shard's gradient and
-        averages only ``d``; ``'gradients'`` averages ``g0`` and ``g1`` (exact
-        large-batch SAM). Pass the per-device ``g0`` in both modes.
-      mask: the parameters the perturbations may move: a pytree of bools like the
-        params (or a prefix of it), or ``params -> such a tree``, as ``optax.masked``.
-        The gradients are still taken, and ``d`` returned, for every parameter; the
-        ascent steps move the selected leaves only, their length measured on them
-        (e.g. SAM-ON: perturb only the normalisation layers). None: all.
-
-    Returns:
-      An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
-      keyword argument ``loss_fn(params) -> loss`` (or ``grad_fn(params, i) ->
-      grads``).
-
-    Examples:
-      >>> import jax, jax.numpy as jnp, optax, gam_optax
-      >>> loss = lambda p: jnp.sum((p - 1.0) ** 2) + jnp.sum(p**4)
-      >>> tx = optax.chain(gam_optax.sam(rho=0.05), optax.sgd(0.1))
-      >>> params = jnp.array([2.0, -1.0])
-      >>> state = tx.init(params)
-      >>> @jax.jit
-      ... def step(params, state):
-      ...   grads = jax.grad(loss)(params)
-      ...   updates, state = tx.update(grads, state, params, loss_fn=loss)
-      ...   return optax.apply_updates(params, updates), state
-      >>> for _ in range(100):
-      ...   params, state = step(params, state)
-      >>> print(f"{loss(params):.2f}")  # the minimum is 0.578
-      0.58
-
-    References:
-      Foret, Kleiner, Mobahi and Neyshabur, "Sharpness-Aware Minimization for
-      Efficiently Improving Generalization", ICLR 2021,
-      https://arxiv.org/abs/2010.01412
-
-      Kwon, Kim, Park and Choi, "ASAM: Adaptive Sharpness-Aware Minimization for
-      Scale-Invariant Learning of Deep Neural Networks", ICML 2021,
-      https://arxiv.org/abs/2102.11600
-    """
-    name = "sam"
-    _perturb.check_nonnegative("rho", rho, name, schedule=True)
-    _perturb.check_common(
-        name, eps=eps, has_aux=has_aux, axis_name=axis_name, average=average, adaptive=adaptive
-    )
-
-    def update_fn(updates, state, params=None, *, loss_fn=None, grad_fn=None, **extra_args):
-        del extra_args
-        _perturb.check_state(state, SAMState, name)
-        oracle = _perturb.make_oracle(
-            name,
-            loss_fn=loss_fn,
-            grad_fn=grad_fn,
-            has_aux=has_aux,
-            axis_name=axis_name,
-            average=average,
-        )
-        r = _perturb.value_at(rho, state.count)
-        g0 = oracle.incoming(updates, params)
-        # theta1 = theta + e(g0); d = g1.
-        m = _perturb.resolve_mask(mask, params, name)
-        g1 = perturbed_gradient(oracle, params, g0, r, eps=eps, adaptive=adaptive, i=1, mask=m)
-        direction = cast_like(oracle.finish(g1), updates)
-        return direction, SAMState(count=optax.safe_increment(state.count))
-
-    return optax.GradientTransformationExtraArgs(_init, update_fn)
-
-
-def gsam(
-    rho: optax.ScalarOrSchedule = 0.05,
-    alpha: float | jax.Array = 0.1,
-    *,
-    eps: float | jax.Array = 1e-12,
-    adaptive: bool = False,
-    has_aux: bool = False,
-    axis_name: str | None = None,
-    average: _perturb.Average = "direction",
-    mask: _perturb.Mask | None = None,
-) -> optax.GradientTransformationExtraArgs:
-    r"""Surrogate Gap guided Sharpness-Aware Minimization (GSAM).
-
-    SAM's gradient :math:`g_1`, minus ``alpha`` times the part of the plain
-    gradient :math:`g_0` orthogonal to it (which descends the surrogate gap
-    :math:`L(\theta + e) - L(\theta)` without changing the SAM loss to first
-    order):
-
-    .. math::
-      g_1 &= \nabla L(\theta + e), \qquad e = \rho_t\,\frac{g_0}{\|g_0\| + \xi}
-        \quad(\text{ASAM step if adaptive}) \\
-      g_\perp &= g_0 - \cos(g_0, g_1)\,\|g_0\|\,\frac{g_1}{\|g_1\| + \xi},
-      \qquad d = g_1 - \alpha\,g_\perp
-
-    ``alpha = 0`` is :func:`sam`. The defaults (SAM's radius, a moderate
-    correction) are a starting point, not a published setting. The paper ties
-    :math:`\rho_t` to the learning rate: pass ``rho=gam_optax.proportional_schedule(
-    lr, lr_max, lr_min, rho_max, rho_min)``. :func:`gsam_preset` gives the
-    published settings.
-
-    Args:
-      rho: the radius of the SAM step, a number or an optax schedule.
-      alpha: the strength of the surrogate-gap correction.
-      eps: ``xi``, added to every norm denominator.
-      adaptive: ASAM's element-wise perturbation (the decomposition keeps plain
-        norms, as in the authors' PyTorch code).
-      has_aux: ``loss_fn`` returns ``(loss, aux)``; ``aux`` is discarded.
-      axis_name: the data-parallel axis inside ``jax.pmap`` / ``jax.shard_map``.
-      average: with ``axis_name``: ``'direction'`` (default, the released code)
-        decomposes per device and averages only ``d``; ``'gradients'``
-        averages ``g0`` and ``g1`` (exact large-batch GSAM).
-      mask: the parameters the perturbations may move: a pytree of bools like the
-        params (or a prefix of it), or ``params -> such a tree``, as ``optax.masked``.
-        The gradients are still taken, and ``d`` returned, for every parameter; the
-        ascent steps move the selected leaves only, their length measured on them
-        (e.g. SAM-ON: perturb only the normalisation layers). None: all.
-
-    Returns:
-      An ``optax.GradientTransformationExtraArgs``; ``update`` takes
-      ``loss_fn`` (or ``grad_fn``) like :func:`sam`.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp, optax, gam_optax
-      >>> loss = lambda p: jnp.sum((p - 1.0) ** 2) + jnp.sum(p**4)
-      >>> lr = optax.cosine_decay_schedule(0.1, decay_steps=100)
-      >>> rho = gam_optax.proportional_schedule(lr, 0.1, 0.0, max_value=0.1, min_value=0.01)
-      >>> tx = optax.chain(gam_optax.gsam(rho, alpha=0.3), optax.sgd(lr))
-      >>> params = jnp.array([2.0, -1.0])
-      >>> state = tx.init(params)
-      >>> @jax.jit
-      ... def step(params, state):
-      ...   updates, state = tx.update(jax.grad(loss)(params), state, params, loss_fn=loss)
-      ...   return optax.apply_updates(params, updates), state
-      >>> for _ in range(100):
-      ...   params, state = step(params, state)
-      >>> print(f"{loss(params):.2f}")  # the minimum is 0.578
-      0.58
-
-    References:
-      Zhuang, Gong, Yuan, Cui, Adam, Dvornek, Tatikonda, Duncan and Liu,
-      "Surrogate Gap Minimization Improves Sharpness-Aware Training", ICLR 2022,
-      https://arxiv.org/abs/2203.08065
-    """
-    name = "gsam"
-    _perturb.check_nonnegative("rho", rho, name, schedule=True)
-    _perturb.check_finite("alpha", alpha, name)
-    _perturb.check_common(
-        name, eps=eps, has_aux=has_aux, axis_name=axis_name, average=average, adaptive=adaptive
-    )
-
-    def update_fn(updates, state, params=None, *, loss_fn=None, grad_fn=None, **extra_args):
-        del extra_args
-        _perturb.check_state(state, SAMState, name)
-        oracle = _perturb.make_oracle(
-            name,
-            loss_fn=loss_fn,
-            grad_fn=grad_fn,
-            has_aux=has_aux,
-            axis_name=axis_name,
-            average=average,
-        )
-        r = _perturb.value_at(rho, state.count)
-        g0 = oracle.incoming(updates, params)
-        m = _perturb.resolve_mask(mask, params, name)
-        g1 = perturbed_gradient(oracle, params, g0, r, eps=eps, adaptive=adaptive, i=1, mask=m)
-        # The part of g0 orthogonal to g1 descends the surrogate gap.
-        g_perp = orthogonal_part(g0, g1, eps)
-        direction = add_scaled(g1, -alpha, g_perp)
-        direction = cast_like(oracle.finish(direction), updates)
-        return direction, SAMState(count=optax.safe_increment(state.count))
-
-    return optax.GradientTransformationExtraArgs(_init, update_fn)
-
-
-# ----------------------------------------------------------------------------
-# Published settings.
-# ----------------------------------------------------------------------------
-
-# name -> keyword arguments of sam().
-SAM_PRESETS: Mapping[str, Mapping[str, Any]] = {
-    # SAM paper (arXiv 2010.01412), CIFAR WideResNet/PyramidNet.
-    "sam_cifar10": dict(rho=0.05),
-    "sam_cifar100": dict(rho=0.1),
-    # ASAM, as suggested by its authors for CIFAR-10 WRN-16-8 (davda54/sam,
-    # whose element-wise step is the one implemented here, without ASAM's eta).
-    "asam_cifar10": dict(rho=2.0, adaptive=True),
+TRANSFORMATIONS = {
+    "gam": functools.partial(gam_optax.gam, rho=0.3, rho_prime=0.05),
+    "gam_exact_hvp": functools.partial(gam_optax.gam, rho=0.3, rho_prime=0.05, hessian=True),
+    "gam_adaptive": functools.partial(gam_optax.gam, rho=0.3, rho_prime=0.05, adaptive=True),
+    "gam_hessian": functools.partial(gam_optax.gam_hessian, 0.1, 0.5),
+    "sam_gam": functools.partial(gam_optax.gam_hessian, 0.1, 0.5, sam_rho=0.05, hvp_step=0.05),
+    "sam_gam_exact_hvp": functools.partial(gam_optax.gam_hessian, 0.1, 0.5, sam_rho=0.05),
+    "sam": functools.partial(gam_optax.sam, 0.1),
+    "asam": functools.partial(gam_optax.sam, 0.5, adaptive=True),
+    "gsam": functools.partial(gam_optax.gsam, 0.1, 0.2),
+    "looksam": functools.partial(gam_optax.looksam, 0.1, every=2, alpha=0.5),
+    "reuse_gam": _reuse_gam,
 }
-
-# name -> GSAM settings. rho_max/rho_min: rho follows the learning rate between
-# lr_min and lr_max (proportional_schedule); equal values mean a constant rho.
-GSAM_PRESETS: Mapping[str, Mapping[str, Any]] = {
-    # big_vision configs/proj/gsam/vit_i1k_gsam_no_aug.py: ViT-B/32, Adam,
-    # lr 0.003 linearly decayed to 0.01 * lr.
-    "gsam_imagenet_vit": dict(rho_max=0.6, rho_min=0.1, alpha=0.6, adaptive=False),
-    # The authors' PyTorch example (WRN-16-8, CIFAR-10, ASAM-style step),
-    # juntang-zhuang/GSAM example/train.py: its --alpha default was 0.2 until commit
-    # 704942d (2022-03-30) changed it to 0.4, the current default followed here.
-    "gsam_cifar10": dict(rho_max=2.0, rho_min=2.0, alpha=0.4, adaptive=True),
-}
+STEPS = 3  # covers the refresh and the reuse steps of the amortised ones (every=2)
+every_transformation = pytest.mark.parametrize("name", list(TRANSFORMATIONS))
 
 
-def sam_preset(name: str) -> dict[str, Any]:
-    """Published settings of SAM / ASAM, as keyword arguments of :func:`sam`.
-
-    Examples:
-      >>> import gam_optax
-      >>> gam_optax.sam_preset("asam_cifar10")
-      {'rho': 2.0, 'adaptive': True}
-      >>> tx = gam_optax.sam(**gam_optax.sam_preset("sam_cifar100"))
-    """
-    if not (isinstance(name, str) and name in SAM_PRESETS):
-        raise ValueError(
-            f"sam_preset: unknown SAM preset {name!r}; pass one of {sorted(SAM_PRESETS)} as name."
-        )
-    return dict(SAM_PRESETS[name])
+def make_problem(n=16, d=4, k=3, dtype=jnp.float64):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(n, d)), dtype)
+    y = jnp.asarray(np.eye(k)[rng.integers(0, k, size=n)], dtype)
+    params = {"w": jnp.asarray(rng.normal(size=(d, k)), dtype), "b": jnp.zeros(k, dtype)}
+    return x, y, params
 
 
-def gsam_preset(
-    name: str,
-    lr_schedule: optax.Schedule | None = None,
-    lr_max: float | None = None,
-    lr_min: float | None = None,
-) -> dict[str, Any]:
-    """Published settings of GSAM, as keyword arguments of :func:`gsam`.
+def softmax_loss(params, x, y):
+    logits = x @ params["w"] + params["b"]
+    return -jnp.mean(jnp.sum(y * jax.nn.log_softmax(logits), axis=-1))
 
-    Where the preset's ``rho`` follows the learning rate, pass the learning-rate
-    schedule and its extreme values; ``rho`` is then a
-    :func:`proportional_schedule`.
 
-    Examples:
-      >>> import optax, gam_optax
-      >>> gam_optax.gsam_preset("gsam_cifar10")
-      {'rho': 2.0, 'alpha': 0.4, 'adaptive': True}
-      >>> lr = optax.linear_schedule(3e-3, 3e-5, transition_steps=1000)
-      >>> kwargs = gam_optax.gsam_preset("gsam_imagenet_vit", lr, lr_max=3e-3, lr_min=3e-5)
-      >>> print(f"{kwargs['rho'](0):.2f} {kwargs['rho'](1000):.2f}")
-      0.60 0.10
-      >>> tx = gam_optax.gsam(**kwargs)
-    """
-    if not (isinstance(name, str) and name in GSAM_PRESETS):
-        raise ValueError(
-            f"gsam_preset: unknown GSAM preset {name!r}; "
-            f"pass one of {sorted(GSAM_PRESETS)} as name."
-        )
-    preset = dict(GSAM_PRESETS[name])
-    rho_max, rho_min = preset.pop("rho_max"), preset.pop("rho_min")
-    if rho_max == rho_min:
-        return {"rho": rho_max, **preset}
-    if lr_schedule is None or lr_max is None or lr_min is None:
-        raise ValueError(
-            f"gsam_preset({name!r}): rho follows the learning rate from {rho_max} at lr_max to "
-            f"{rho_min} at lr_min; pass lr_schedule, lr_max and lr_min."
-        )
-    rho = proportional_schedule(lr_schedule, lr_max, lr_min, max_value=rho_max, min_value=rho_min)
-    return {"rho": rho, **preset}
+def directions(tx, params, loss, steps=STEPS, **extra):
+    """The directions of ``steps`` updates at fixed params (state carried over)."""
+    state, out = tx.init(params), []
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p, **extra))
+    for _ in range(steps):
+        d, state = step(jax.grad(loss)(params), state, params)
+        out.append(d)
+    return out, state
+
+
+def assert_close(a, b, rtol=1e-12, atol=1e-14):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+@every_transformation
+def test_at_a_stationary_point_the_direction_is_zero(name):
+    """g0 = 0 (and every perturbation is then zero): d = 0 exactly, never NaN."""
+    tx = TRANSFORMATIONS[name]()
+    params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+    loss = lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 2)
+    for d in directions(tx, params, loss, loss_fn=loss)[0]:
+        assert all(bool(jnp.all(leaf == 0)) for leaf in jax.tree.leaves(d))
+
+
+@every_transformation
+def test_loss_fn_with_aux_and_grad_fn_give_the_same_direction(name, x64):
+    x, y, params = make_problem()
+    loss = lambda p: softmax_loss(p, x, y)
+    plain = directions(TRANSFORMATIONS[name](), params, loss, loss_fn=loss)[0]
+    with_aux = directions(
+        TRANSFORMATIONS[name](has_aux=True), params, loss, loss_fn=lambda p: (loss(p), {"a": 1.0})
+    )[0]
+    grad_fn = directions(
+        TRANSFORMATIONS[name](), params, loss, grad_fn=lambda p, i: jax.grad(loss)(p)
+    )[0]
+    assert_close(with_aux, plain)
+    assert_close(grad_fn, plain)
+    g0 = jax.grad(loss)(params)
+    gap = max(float(jnp.max(jnp.abs(d["w"] - g0["w"]))) for d in plain)
+    assert gap > 1e-6  # the transformation did change the gradient
+
+
+@every_transformation
+def test_a_chain_hands_the_direction_to_the_base_optimizer(name, x64):
+    x, y, params = make_problem()
+    loss = lambda p: softmax_loss(p, x, y)
+    chained = optax.chain(TRANSFORMATIONS[name](), optax.sgd(0.1))
+    got = directions(chained, params, loss, loss_fn=loss)[0]
+    expected = directions(TRANSFORMATIONS[name](), params, loss, loss_fn=loss)[0]
+    for u, d in zip(got, expected, strict=True):
+        assert_close(u, jax.tree.map(lambda v: -0.1 * v, d))
+
+
+@every_transformation
+def test_bfloat16_parameters_keep_their_dtype_in_the_direction_and_the_state(name):
+    x, y, params = make_problem(dtype=jnp.bfloat16)
+    loss = lambda p: softmax_loss(p, x, y)
+    tx = TRANSFORMATIONS[name]()
+    initial = jax.tree.map(lambda v: v.dtype, tx.init(params))
+    ds, state = directions(tx, params, loss, loss_fn=loss)
+    for d in ds:
+        assert {leaf.dtype for leaf in jax.tree.leaves(d)} == {jnp.dtype(jnp.bfloat16)}
+        assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(d))
+    assert jax.tree.map(lambda v: v.dtype, state) == initial
+
+
+@every_transformation
+@pytest.mark.parametrize(
+    "params_dtype, grads_dtype", [("bfloat16", "float32"), ("float32", "bfloat16")]
+)
+def test_the_direction_has_the_incoming_updates_dtype_and_the_state_keeps_its_own(
+    name, params_dtype, grads_dtype
+):
+    """Mixed precision: parameters in one dtype, the incoming gradient in another (e.g. a
+    float32 master gradient of bfloat16 parameters). The direction is cast back to the
+    incoming dtype, whatever dtype the evaluated gradients had; the state keeps its dtypes."""
+    x, y, params = make_problem(dtype=jnp.dtype(params_dtype))
+    loss = lambda p: softmax_loss(p, x, y)
+    tx = TRANSFORMATIONS[name]()
+    state = tx.init(params)
+    initial = jax.tree.map(lambda v: v.dtype, state)
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p, loss_fn=loss))
+    g0 = jax.tree.map(lambda v: v.astype(grads_dtype), jax.grad(loss)(params))
+    for _ in range(STEPS):
+        d, state = step(g0, state, params)
+        assert {leaf.dtype for leaf in jax.tree.leaves(d)} == {jnp.dtype(grads_dtype)}
+        assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(d))
+    assert jax.tree.map(lambda v: v.dtype, state) == initial
+
+
+@every_transformation
+def test_the_step_compiles_once(name):
+    x, y, params = make_problem(dtype=jnp.float32)
+    tx, traces = TRANSFORMATIONS[name](), []
+
+    @jax.jit
+    def step(params, state, x, y):
+        traces.append(None)
+        loss = lambda p: softmax_loss(p, x, y)
+        updates, state = tx.update(jax.grad(loss)(params), state, params, loss_fn=loss)
+        return optax.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    for i in range(4):  # new data every step
+        params, state = step(params, state, x + i, y)
+    assert len(traces) == 1
+
+
+@every_transformation
+def test_pmap_averaging_every_gradient_is_the_full_batch_step(name, x64):
+    """average='gradients' on 4 devices, each with a quarter of the batch, gives every device
+    the one-device direction on the whole batch (float64: the same computation, split)."""
+    assert jax.device_count() == 4, "the root conftest sets 4 fake CPU devices"
+    x, y, params = make_problem(n=16)
+    full = directions(
+        TRANSFORMATIONS[name](),
+        params,
+        lambda p: softmax_loss(p, x, y),
+        loss_fn=(lambda p: softmax_loss(p, x, y)),
+    )[0]
+    tx = TRANSFORMATIONS[name](axis_name="batch", average="gradients")
+
+    def per_device(params, x, y):
+        loss = lambda p: softmax_loss(p, x, y)
+        state, out = tx.init(params), []
+        for _ in range(STEPS):
+            d, state = tx.update(jax.grad(loss)(params), state, params, loss_fn=loss)
+            out.append(d)
+        return out
+
+    shard = lambda a: a.reshape(4, -1, *a.shape[1:])
+    split = jax.pmap(per_device, "batch", in_axes=(None, 0, 0))(params, shard(x), shard(y))
+    for got, want in zip(split, full, strict=True):
+        for device in range(4):
+            assert_close(jax.tree.map(lambda v, i=device: v[i], got), want, rtol=1e-10, atol=1e-12)

@@ -1,330 +1,388 @@
-"""SAM, ASAM and GSAM: the sharpness-aware family GAM is compared with."""
-
-from __future__ import annotations
-
-from collections.abc import Mapping
-from typing import Any, NamedTuple
+"""Tests of sam (and ASAM) and gsam: NumPy references, identities with gam and optax."""
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
+import pytest
 
-from gam_optax import _perturb
-from gam_optax._perturb import add_scaled, cast_like, orthogonal_part, perturbed_gradient
-from gam_optax._schedules import proportional_schedule
-
-
-class SAMState(NamedTuple):
-    """State of :func:`sam` and :func:`gsam`.
-
-    Attributes:
-      count: the number of updates so far (int32); a schedule of ``rho`` is
-        evaluated at it.
-    """
-
-    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
-
-
-def _init(params: optax.Params) -> SAMState:
-    del params
-    return SAMState(count=jax.numpy.zeros([], jax.numpy.int32))
-
-
-def sam(
-    rho: optax.ScalarOrSchedule = 0.05,
-    *,
-    adaptive: bool = False,
-    eps: float | jax.Array = 1e-12,
-    has_aux: bool = False,
-    axis_name: str | None = None,
-    average: _perturb.Average = "direction",
-    mask: _perturb.Mask | None = None,
-) -> optax.GradientTransformationExtraArgs:
-    r"""Sharpness-Aware Minimization (SAM), and ASAM with ``adaptive=True``.
-
-    Place it first in a chain. The incoming updates are the caller's gradient
-    :math:`g_0 = \nabla L(\theta)`; the transformation evaluates one more
-    gradient of the same mini-batch loss and returns it as the direction:
-
-    .. math::
-      e = \rho\,\frac{g_0}{\|g_0\| + \xi}
-      \quad\text{or (ASAM)}\quad
-      e = \rho\,\frac{g_0 \odot \theta^2}{\|g_0 \odot |\theta|\| + \xi},
-      \qquad d = \nabla L(\theta + e)
-
-    with one global norm over the whole pytree.
-
-    Compared with ``optax.contrib.sam``: with ``eps=0`` this equals
-    ``optax.contrib.sam(opt, optax.chain(optax.contrib.normalize(),
-    optax.sgd(rho)), sync_period=2, opaque_mode=True)`` chained as
-    ``optax.chain(sam(rho, eps=0), opt)``. The differences: ``eps`` keeps a zero
-    gradient finite (optax divides by the bare norm, NaN); ``rho`` may be a
-    schedule (optax resets a schedule placed in its adversarial optimizer with
-    ``reset_state=True``); the state is a step count only, and the base
-    optimizer is whatever follows in the chain; ``grad_fn`` is called with
-    ``i = 1`` (optax: ``i = 0``); ``loss_fn`` (with ``has_aux``) may be passed
-    instead of ``grad_fn``; ``adaptive`` gives ASAM; ``average='gradients'``
-    gives exact large-batch SAM (optax's ``batch_axis_name`` is our default
-    ``'direction'`` mode).
-
-    Args:
-      rho: the radius, a number or an optax schedule of the step count (see
-        :func:`proportional_schedule`).
-      adaptive: ASAM's element-wise step, scaled by the parameters. Use a
-        larger ``rho`` (ASAM's authors suggest about 10x, e.g. 2.0 on CIFAR).
-      eps: ``xi``, added to the norm denominator.
-      has_aux: ``loss_fn`` returns ``(loss, aux)``; ``aux`` is discarded.
-      axis_name: the data-parallel axis inside ``jax.pmap`` / ``jax.shard_map``.
-        Not needed under ``jax.jit`` with a sharded batch.
-      average: with ``axis_name``: ``'direction'`` (default, the SAM paper's
-        m-sharpness) perturbs each device with its own shard's gradient and
-        averages only ``d``; ``'gradients'`` averages ``g0`` and ``g1`` (exact
-        large-batch SAM). Pass the per-device ``g0`` in both modes.
-      mask: the parameters the perturbations may move: a pytree of bools like the
-        params (or a prefix of it), or ``params -> such a tree``, as ``optax.masked``.
-        The gradients are still taken, and ``d`` returned, for every parameter; the
-        ascent steps move the selected leaves only, their length measured on them
-        (e.g. SAM-ON: perturb only the normalisation layers). None: all.
-
-    Returns:
-      An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
-      keyword argument ``loss_fn(params) -> loss`` (or ``grad_fn(params, i) ->
-      grads``).
-
-    Examples:
-      >>> import jax, jax.numpy as jnp, optax, gam_optax
-      >>> loss = lambda p: jnp.sum((p - 1.0) ** 2) + jnp.sum(p**4)
-      >>> tx = optax.chain(gam_optax.sam(rho=0.05), optax.sgd(0.1))
-      >>> params = jnp.array([2.0, -1.0])
-      >>> state = tx.init(params)
-      >>> @jax.jit
-      ... def step(params, state):
-      ...   grads = jax.grad(loss)(params)
-      ...   updates, state = tx.update(grads, state, params, loss_fn=loss)
-      ...   return optax.apply_updates(params, updates), state
-      >>> for _ in range(100):
-      ...   params, state = step(params, state)
-      >>> print(f"{loss(params):.2f}")  # the minimum is 0.578
-      0.58
-
-    References:
-      Foret, Kleiner, Mobahi and Neyshabur, "Sharpness-Aware Minimization for
-      Efficiently Improving Generalization", ICLR 2021,
-      https://arxiv.org/abs/2010.01412
-
-      Kwon, Kim, Park and Choi, "ASAM: Adaptive Sharpness-Aware Minimization for
-      Scale-Invariant Learning of Deep Neural Networks", ICML 2021,
-      https://arxiv.org/abs/2102.11600
-    """
-    name = "sam"
-    _perturb.check_nonnegative("rho", rho, name, schedule=True)
-    _perturb.check_common(
-        name, eps=eps, has_aux=has_aux, axis_name=axis_name, average=average, adaptive=adaptive
-    )
-
-    def update_fn(updates, state, params=None, *, loss_fn=None, grad_fn=None, **extra_args):
-        del extra_args
-        _perturb.check_state(state, SAMState, name)
-        oracle = _perturb.make_oracle(
-            name,
-            loss_fn=loss_fn,
-            grad_fn=grad_fn,
-            has_aux=has_aux,
-            axis_name=axis_name,
-            average=average,
-        )
-        r = _perturb.value_at(rho, state.count)
-        g0 = oracle.incoming(updates, params)
-        # theta1 = theta + e(g0); d = g1.
-        m = _perturb.resolve_mask(mask, params, name)
-        g1 = perturbed_gradient(oracle, params, g0, r, eps=eps, adaptive=adaptive, i=1, mask=m)
-        direction = cast_like(oracle.finish(g1), updates)
-        return direction, SAMState(count=optax.safe_increment(state.count))
-
-    return optax.GradientTransformationExtraArgs(_init, update_fn)
-
-
-def gsam(
-    rho: optax.ScalarOrSchedule = 0.05,
-    alpha: float | jax.Array = 0.1,
-    *,
-    eps: float | jax.Array = 1e-12,
-    adaptive: bool = False,
-    has_aux: bool = False,
-    axis_name: str | None = None,
-    average: _perturb.Average = "direction",
-    mask: _perturb.Mask | None = None,
-) -> optax.GradientTransformationExtraArgs:
-    r"""Surrogate Gap guided Sharpness-Aware Minimization (GSAM).
-
-    SAM's gradient :math:`g_1`, minus ``alpha`` times the part of the plain
-    gradient :math:`g_0` orthogonal to it (which descends the surrogate gap
-    :math:`L(\theta + e) - L(\theta)` without changing the SAM loss to first
-    order):
-
-    .. math::
-      g_1 &= \nabla L(\theta + e), \qquad e = \rho_t\,\frac{g_0}{\|g_0\| + \xi}
-        \quad(\text{ASAM step if adaptive}) \\
-      g_\perp &= g_0 - \cos(g_0, g_1)\,\|g_0\|\,\frac{g_1}{\|g_1\| + \xi},
-      \qquad d = g_1 - \alpha\,g_\perp
-
-    ``alpha = 0`` is :func:`sam`. The defaults (SAM's radius, a moderate
-    correction) are a starting point, not a published setting. The paper ties
-    :math:`\rho_t` to the learning rate: pass ``rho=gam_optax.proportional_schedule(
-    lr, lr_max, lr_min, rho_max, rho_min)``. :func:`gsam_preset` gives the
-    published settings.
-
-    Args:
-      rho: the radius of the SAM step, a number or an optax schedule.
-      alpha: the strength of the surrogate-gap correction.
-      eps: ``xi``, added to every norm denominator.
-      adaptive: ASAM's element-wise perturbation (the decomposition keeps plain
-        norms, as in the authors' PyTorch code).
-      has_aux: ``loss_fn`` returns ``(loss, aux)``; ``aux`` is discarded.
-      axis_name: the data-parallel axis inside ``jax.pmap`` / ``jax.shard_map``.
-      average: with ``axis_name``: ``'direction'`` (default, the released code)
-        decomposes per device and averages only ``d``; ``'gradients'``
-        averages ``g0`` and ``g1`` (exact large-batch GSAM).
-      mask: the parameters the perturbations may move: a pytree of bools like the
-        params (or a prefix of it), or ``params -> such a tree``, as ``optax.masked``.
-        The gradients are still taken, and ``d`` returned, for every parameter; the
-        ascent steps move the selected leaves only, their length measured on them
-        (e.g. SAM-ON: perturb only the normalisation layers). None: all.
-
-    Returns:
-      An ``optax.GradientTransformationExtraArgs``; ``update`` takes
-      ``loss_fn`` (or ``grad_fn``) like :func:`sam`.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp, optax, gam_optax
-      >>> loss = lambda p: jnp.sum((p - 1.0) ** 2) + jnp.sum(p**4)
-      >>> lr = optax.cosine_decay_schedule(0.1, decay_steps=100)
-      >>> rho = gam_optax.proportional_schedule(lr, 0.1, 0.0, max_value=0.1, min_value=0.01)
-      >>> tx = optax.chain(gam_optax.gsam(rho, alpha=0.3), optax.sgd(lr))
-      >>> params = jnp.array([2.0, -1.0])
-      >>> state = tx.init(params)
-      >>> @jax.jit
-      ... def step(params, state):
-      ...   updates, state = tx.update(jax.grad(loss)(params), state, params, loss_fn=loss)
-      ...   return optax.apply_updates(params, updates), state
-      >>> for _ in range(100):
-      ...   params, state = step(params, state)
-      >>> print(f"{loss(params):.2f}")  # the minimum is 0.578
-      0.58
-
-    References:
-      Zhuang, Gong, Yuan, Cui, Adam, Dvornek, Tatikonda, Duncan and Liu,
-      "Surrogate Gap Minimization Improves Sharpness-Aware Training", ICLR 2022,
-      https://arxiv.org/abs/2203.08065
-    """
-    name = "gsam"
-    _perturb.check_nonnegative("rho", rho, name, schedule=True)
-    _perturb.check_finite("alpha", alpha, name)
-    _perturb.check_common(
-        name, eps=eps, has_aux=has_aux, axis_name=axis_name, average=average, adaptive=adaptive
-    )
-
-    def update_fn(updates, state, params=None, *, loss_fn=None, grad_fn=None, **extra_args):
-        del extra_args
-        _perturb.check_state(state, SAMState, name)
-        oracle = _perturb.make_oracle(
-            name,
-            loss_fn=loss_fn,
-            grad_fn=grad_fn,
-            has_aux=has_aux,
-            axis_name=axis_name,
-            average=average,
-        )
-        r = _perturb.value_at(rho, state.count)
-        g0 = oracle.incoming(updates, params)
-        m = _perturb.resolve_mask(mask, params, name)
-        g1 = perturbed_gradient(oracle, params, g0, r, eps=eps, adaptive=adaptive, i=1, mask=m)
-        # The part of g0 orthogonal to g1 descends the surrogate gap.
-        g_perp = orthogonal_part(g0, g1, eps)
-        direction = add_scaled(g1, -alpha, g_perp)
-        direction = cast_like(oracle.finish(direction), updates)
-        return direction, SAMState(count=optax.safe_increment(state.count))
-
-    return optax.GradientTransformationExtraArgs(_init, update_fn)
-
+import gam_optax
 
 # ----------------------------------------------------------------------------
-# Published settings.
+# Softmax regression, with gradients derived by hand in NumPy (float64).
 # ----------------------------------------------------------------------------
 
-# name -> keyword arguments of sam().
-SAM_PRESETS: Mapping[str, Mapping[str, Any]] = {
-    # SAM paper (arXiv 2010.01412), CIFAR WideResNet/PyramidNet.
-    "sam_cifar10": dict(rho=0.05),
-    "sam_cifar100": dict(rho=0.1),
-    # ASAM, as suggested by its authors for CIFAR-10 WRN-16-8 (davda54/sam,
-    # whose element-wise step is the one implemented here, without ASAM's eta).
-    "asam_cifar10": dict(rho=2.0, adaptive=True),
-}
-
-# name -> GSAM settings. rho_max/rho_min: rho follows the learning rate between
-# lr_min and lr_max (proportional_schedule); equal values mean a constant rho.
-GSAM_PRESETS: Mapping[str, Mapping[str, Any]] = {
-    # big_vision configs/proj/gsam/vit_i1k_gsam_no_aug.py: ViT-B/32, Adam,
-    # lr 0.003 linearly decayed to 0.01 * lr.
-    "gsam_imagenet_vit": dict(rho_max=0.6, rho_min=0.1, alpha=0.6, adaptive=False),
-    # The authors' PyTorch example (WRN-16-8, CIFAR-10, ASAM-style step),
-    # juntang-zhuang/GSAM example/train.py: its --alpha default was 0.2 until commit
-    # 704942d (2022-03-30) changed it to 0.4, the current default followed here.
-    "gsam_cifar10": dict(rho_max=2.0, rho_min=2.0, alpha=0.4, adaptive=True),
-}
+N, D, K = 12, 4, 3
 
 
-def sam_preset(name: str) -> dict[str, Any]:
-    """Published settings of SAM / ASAM, as keyword arguments of :func:`sam`.
+@pytest.fixture(scope="module")
+def problem():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(N, D))
+    y = np.eye(K)[rng.integers(0, K, size=N)]
+    params = {"w": rng.normal(size=(D, K)), "b": rng.normal(size=(K,)) * 0.5}
+    return x, y, params
 
-    Examples:
-      >>> import gam_optax
-      >>> gam_optax.sam_preset("asam_cifar10")
-      {'rho': 2.0, 'adaptive': True}
-      >>> tx = gam_optax.sam(**gam_optax.sam_preset("sam_cifar100"))
-    """
-    if not (isinstance(name, str) and name in SAM_PRESETS):
-        raise ValueError(
-            f"sam_preset: unknown SAM preset {name!r}; pass one of {sorted(SAM_PRESETS)} as name."
+
+def softmax_loss(params, x, y):
+    logits = x @ params["w"] + params["b"]
+    return -jnp.mean(jnp.sum(y * jax.nn.log_softmax(logits), axis=-1))
+
+
+def np_grad(params, x, y):
+    """d/dW mean CE = X^T (P - Y) / n, d/db = mean(P - Y)."""
+    z = x @ params["w"] + params["b"]
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    return {"w": x.T @ (p - y) / len(x), "b": (p - y).mean(axis=0)}
+
+
+def np_norm(tree):
+    return np.sqrt(sum(np.sum(v**2) for v in tree.values()))
+
+
+def np_sam(params, x, y, rho, eps, adaptive=False):
+    g0 = np_grad(params, x, y)
+    if adaptive:  # e = rho g theta^2 / (||g |theta| || + eps)
+        norm = np_norm({k: g0[k] * np.abs(params[k]) for k in g0})
+        e = {k: rho * g0[k] * params[k] ** 2 / (norm + eps) for k in g0}
+    else:
+        norm = np_norm(g0)
+        e = {k: rho * g0[k] / (norm + eps) for k in g0}
+    return np_grad({k: params[k] + e[k] for k in params}, x, y)
+
+
+def np_gsam(params, x, y, rho, alpha, eps, adaptive=False):
+    g0 = np_grad(params, x, y)
+    g1 = np_sam(params, x, y, rho, eps, adaptive)
+    n0, n1 = np_norm(g0), np_norm(g1)
+    cos = sum(np.sum(g0[k] * g1[k]) for k in g0) / (n0 * n1 + eps)
+    perp = {k: g0[k] - cos * n0 * g1[k] / (n1 + eps) for k in g0}
+    return {k: g1[k] - alpha * perp[k] for k in g0}
+
+
+def run(tx, params, x, y):
+    """One update of tx at params (eagerly: faster than compiling here); the direction as NumPy."""
+    loss_fn = lambda p: softmax_loss(p, x, y)
+    d, state = tx.update(jax.grad(loss_fn)(params), tx.init(params), params, loss_fn=loss_fn)
+    return jax.tree.map(np.asarray, d), state
+
+
+def assert_trees_close(a, b, rtol, atol=0.0):
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
+
+
+def as_jax(params):
+    return jax.tree.map(jnp.asarray, params)
+
+
+def test_hand_derived_gradient_is_right(problem):
+    """The NumPy reference's gradient equals jax.grad (the reference itself is right)."""
+    x, y, params = problem
+    with jax.enable_x64(True):
+        g = jax.grad(softmax_loss)(as_jax(params), x, y)
+        assert_trees_close(jax.tree.map(np.asarray, g), np_grad(params, x, y), rtol=1e-12)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_matches_numpy(problem, adaptive):
+    """sam (and ASAM) compute g(theta + e) with the published perturbation."""
+    x, y, params = problem
+    rho = 0.5 if adaptive else 0.1
+    with jax.enable_x64(True):
+        d, state = run(gam_optax.sam(rho, adaptive=adaptive), as_jax(params), x, y)
+    expected = np_sam(params, x, y, rho, 1e-12, adaptive)
+    assert_trees_close(d, expected, rtol=1e-11)
+    # A real perturbation: the SAM gradient differs from g0.
+    assert np_norm({k: d[k] - np_grad(params, x, y)[k] for k in d}) > 1e-3
+    assert int(state.count) == 1
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_gsam_matches_numpy(problem, adaptive):
+    x, y, params = problem
+    rho, alpha = (0.5 if adaptive else 0.1), 0.3
+    with jax.enable_x64(True):
+        d, _ = run(gam_optax.gsam(rho, alpha, adaptive=adaptive), as_jax(params), x, y)
+    assert_trees_close(d, np_gsam(params, x, y, rho, alpha, 1e-12, adaptive), rtol=1e-11)
+    sam_d = np_sam(params, x, y, rho, 1e-12, adaptive)
+    assert np_norm({k: d[k] - sam_d[k] for k in d}) > 1e-4  # the correction acts
+
+
+def test_gsam_alpha_zero_is_sam(problem):
+    x, y, params = problem
+    with jax.enable_x64(True):
+        d_gsam, _ = run(gam_optax.gsam(0.2, alpha=0.0), as_jax(params), x, y)
+        d_sam, _ = run(gam_optax.sam(0.2), as_jax(params), x, y)
+    assert_trees_close(d_gsam, d_sam, rtol=1e-14)
+
+
+def test_gsam_correction_is_orthogonal_to_sam_gradient(problem):
+    """d - g1 = -alpha g_perp is orthogonal to g1: GSAM keeps the SAM loss's first-order change."""
+    x, y, params = problem
+    with jax.enable_x64(True):
+        d, _ = run(gam_optax.gsam(0.2, alpha=0.5, eps=0.0), as_jax(params), x, y)
+        g1, _ = run(gam_optax.sam(0.2, eps=0.0), as_jax(params), x, y)
+    inner = sum(np.sum((d[k] - g1[k]) * g1[k]) for k in d)
+    assert abs(inner) < 1e-14 * np_norm(g1) ** 2
+    assert np_norm({k: d[k] - g1[k] for k in d}) > 1e-4
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.4])
+def test_gam_reduces_to_gsam_and_sam(problem, gamma):
+    """gam(alpha=1, beta=1, gamma) == gsam(rho_prime, alpha=gamma); gamma=0 == sam(rho_prime)."""
+    x, y, params = problem
+    rho_prime = 0.05
+    with jax.enable_x64(True):
+        tx_gam = gam_optax.gam(rho=0.3, rho_prime=rho_prime, alpha=1.0, beta=1.0, gamma=gamma)
+        d_gam, _ = run(tx_gam, as_jax(params), x, y)
+        d_gsam, _ = run(gam_optax.gsam(rho_prime, alpha=gamma), as_jax(params), x, y)
+        d_sam, _ = run(gam_optax.sam(rho_prime), as_jax(params), x, y)
+    assert_trees_close(d_gam, d_gsam, rtol=1e-12)
+    if gamma == 0.0:
+        assert_trees_close(d_gam, d_sam, rtol=1e-12)
+
+
+def test_sam_equals_optax_contrib_sam(problem):
+    """Opaque optax.contrib.sam with one adversarial step (sync_period=2) and a normalised
+    sgd(rho) adversary is sam(rho, eps=0) chained before the same outer optimizer."""
+    x, y, params = problem
+    rho, steps = 0.1, 5
+    with jax.enable_x64(True):
+        loss_fn = lambda p: softmax_loss(p, x, y)
+        grad_fn = lambda p, i: jax.grad(loss_fn)(p)
+        outer = lambda: optax.sgd(0.3, momentum=0.9)
+        theirs = optax.contrib.sam(
+            outer(),
+            optax.chain(optax.contrib.normalize(), optax.sgd(rho)),
+            sync_period=2,
+            opaque_mode=True,
         )
-    return dict(SAM_PRESETS[name])
+        ours = optax.chain(gam_optax.sam(rho, eps=0.0), outer())
+        trajectories = []
+        for tx, extra in ((theirs, {"grad_fn": grad_fn}), (ours, {"loss_fn": loss_fn})):
+            p, state = as_jax(params), tx.init(as_jax(params))
+            update = jax.jit(lambda g, s, p, tx=tx, extra=extra: tx.update(g, s, p, **extra))
+            path = []
+            for _ in range(steps):
+                updates, state = update(jax.grad(loss_fn)(p), state, p)
+                p = optax.apply_updates(p, updates)
+                path.append(jax.tree.map(np.asarray, p))
+            trajectories.append(path)
+    for a, b in zip(*trajectories, strict=True):
+        assert_trees_close(a, b, rtol=1e-12, atol=1e-14)
+    assert np_norm({k: trajectories[1][-1][k] - params[k] for k in params}) > 0.1
 
 
-def gsam_preset(
-    name: str,
-    lr_schedule: optax.Schedule | None = None,
-    lr_max: float | None = None,
-    lr_min: float | None = None,
-) -> dict[str, Any]:
-    """Published settings of GSAM, as keyword arguments of :func:`gsam`.
+def test_sam_reads_its_rho_schedule_at_the_count(problem):
+    """Step t perturbs with rho(t): a schedule read one step late fails at every t > 0."""
+    x, y, params = problem
+    rho = optax.linear_schedule(0.5, 0.0, transition_steps=4)  # exact in float32
+    with jax.enable_x64(True):
+        p = as_jax(params)
+        loss_fn = lambda q: softmax_loss(q, x, y)
+        tx = gam_optax.sam(rho)
+        state = tx.init(p)
+        update = jax.jit(lambda g, s, p: tx.update(g, s, p, loss_fn=loss_fn))
+        directions = []
+        for _ in range(4):
+            d, state = update(jax.grad(loss_fn)(p), state, p)
+            directions.append(jax.tree.map(np.asarray, d))
+    for t, d in enumerate(directions):
+        assert_trees_close(d, np_sam(params, x, y, 0.5 - 0.125 * t, 1e-12), rtol=1e-11)
 
-    Where the preset's ``rho`` follows the learning rate, pass the learning-rate
-    schedule and its extreme values; ``rho`` is then a
-    :func:`proportional_schedule`.
 
-    Examples:
-      >>> import optax, gam_optax
-      >>> gam_optax.gsam_preset("gsam_cifar10")
-      {'rho': 2.0, 'alpha': 0.4, 'adaptive': True}
-      >>> lr = optax.linear_schedule(3e-3, 3e-5, transition_steps=1000)
-      >>> kwargs = gam_optax.gsam_preset("gsam_imagenet_vit", lr, lr_max=3e-3, lr_min=3e-5)
-      >>> print(f"{kwargs['rho'](0):.2f} {kwargs['rho'](1000):.2f}")
-      0.60 0.10
-      >>> tx = gam_optax.gsam(**kwargs)
-    """
-    if not (isinstance(name, str) and name in GSAM_PRESETS):
-        raise ValueError(
-            f"gsam_preset: unknown GSAM preset {name!r}; "
-            f"pass one of {sorted(GSAM_PRESETS)} as name."
-        )
-    preset = dict(GSAM_PRESETS[name])
-    rho_max, rho_min = preset.pop("rho_max"), preset.pop("rho_min")
-    if rho_max == rho_min:
-        return {"rho": rho_max, **preset}
-    if lr_schedule is None or lr_max is None or lr_min is None:
-        raise ValueError(
-            f"gsam_preset({name!r}): rho follows the learning rate from {rho_max} at lr_max to "
-            f"{rho_min} at lr_min; pass lr_schedule, lr_max and lr_min."
-        )
-    rho = proportional_schedule(lr_schedule, lr_max, lr_min, max_value=rho_max, min_value=rho_min)
-    return {"rho": rho, **preset}
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_a_large_eps_enters_every_denominator(problem, adaptive):
+    """eps = 0.5 (comparable to the gradient norms) changes the direction well beyond
+    round-off: the reference's ``norm + eps`` denominators are the library's."""
+    x, y, params = problem
+    rho, eps = (0.5 if adaptive else 0.1), 0.5
+    with jax.enable_x64(True):
+        d_sam, _ = run(gam_optax.sam(rho, eps=eps, adaptive=adaptive), as_jax(params), x, y)
+        d_gsam, _ = run(gam_optax.gsam(rho, 0.3, eps=eps, adaptive=adaptive), as_jax(params), x, y)
+    assert_trees_close(d_sam, np_sam(params, x, y, rho, eps, adaptive), rtol=1e-11)
+    assert_trees_close(d_gsam, np_gsam(params, x, y, rho, 0.3, eps, adaptive), rtol=1e-11)
+    tiny = np_sam(params, x, y, rho, 1e-12, adaptive)
+    assert np_norm({k: d_sam[k] - tiny[k] for k in tiny}) > 1e-3 * np_norm(tiny)
+
+
+def test_rho_schedule_is_evaluated_at_the_count(problem):
+    """rho follows the learning rate through proportional_schedule, at state.count."""
+    x, y, params = problem
+    lr = optax.linear_schedule(0.1, 0.0, transition_steps=4)
+    rho = gam_optax.proportional_schedule(lr, 0.1, 0.0, max_value=0.2, min_value=0.02)
+    with jax.enable_x64(True):
+        p = as_jax(params)
+        loss_fn = lambda q: softmax_loss(q, x, y)
+        g = jax.grad(loss_fn)(p)
+        tx = gam_optax.gsam(rho, alpha=0.3)
+        state = tx.init(p)
+        update = jax.jit(lambda g, s, p: tx.update(g, s, p, loss_fn=loss_fn))
+        directions = []
+        for _ in range(4):
+            d, state = update(g, state, p)
+            directions.append(jax.tree.map(np.asarray, d))
+        assert int(state.count) == 4
+    for t, d in enumerate(directions):
+        rho_t = float(rho(t))  # the schedule computes in float32
+        np.testing.assert_allclose(rho_t, 0.02 + 0.18 * (0.1 - 0.025 * t) / 0.1, rtol=1e-6)
+        assert_trees_close(d, np_gsam(params, x, y, rho_t, 0.3, 1e-12), rtol=1e-11)
+
+
+def test_errors_are_early_and_clear(problem):
+    with pytest.raises(ValueError, match="rho must be a finite number >= 0"):
+        gam_optax.sam(-0.1)
+    with pytest.raises(ValueError, match="rho schedule at step 0 must be a finite number >= 0"):
+        gam_optax.gsam(rho=lambda t: -0.1 + 0 * t)
+    with pytest.raises(ValueError, match="alpha must be a finite number"):
+        gam_optax.gsam(0.1, alpha=float("nan"))
+    with pytest.raises(ValueError, match="alpha must be a finite number"):
+        gam_optax.gsam(0.1, alpha=float("inf"))
+    with pytest.raises(ValueError, match="eps"):
+        gam_optax.sam(0.1, eps=-1.0)
+    with pytest.raises(ValueError, match="average must be one of"):
+        gam_optax.gsam(0.1, average="mean")
+    x, y, params = problem
+    p = as_jax(params)
+    g = jax.grad(softmax_loss)(p, x, y)
+    tx = gam_optax.sam(0.1)
+    with pytest.raises(ValueError, match="exactly one of loss_fn or grad_fn; neither"):
+        tx.update(g, tx.init(p), p)
+    with pytest.raises(ValueError, match="needs params"):
+        tx.update(g, tx.init(p), None, loss_fn=lambda q: softmax_loss(q, x, y))
+    with pytest.raises(ValueError, match="scalar loss"):
+        tx.update(g, tx.init(p), p, loss_fn=lambda q: q["b"])
+    # Options, states and gradients of the wrong kind (tables of these in test_gam.py).
+    with pytest.raises(TypeError, match="sam: adaptive must be a Python bool"):
+        gam_optax.sam(2.0, adaptive="yes")
+    with pytest.raises(TypeError, match="gsam: alpha must be a number, not a schedule"):
+        gam_optax.gsam(0.1, alpha=lambda t: 0.1)
+    with pytest.raises(TypeError, match=r"sam\.update: state must be the SAMState.*got GAMState"):
+        tx.update(g, gam_optax.gam().init(p), p, loss_fn=lambda q: softmax_loss(q, x, y))
+    with pytest.raises(TypeError, match=r"sam: grad_fn\(params, 1\) has dtype int32"):
+        asam = gam_optax.sam(2.0, adaptive=True)
+        asam.update(g, asam.init(p), p, grad_fn=lambda q, i: jax.tree.map(jnp.int32, q))
+
+
+def test_chain_with_sgd_converges_and_ignores_unknown_extra_args():
+    loss_fn = lambda p: jnp.sum((p - 1.0) ** 2) + jnp.sum(p**4)
+    for sharp in (
+        gam_optax.sam(0.05),
+        gam_optax.gsam(0.05, 0.3),
+        gam_optax.sam(0.2, adaptive=True),
+    ):
+        tx = optax.chain(sharp, optax.sgd(0.05))
+        params = jnp.array([2.0, -1.0])
+        state = tx.init(params)
+
+        @jax.jit
+        def step(params, state, tx=tx):
+            grads = jax.grad(loss_fn)(params)
+            updates, state = tx.update(grads, state, params, loss_fn=loss_fn, unused=1.0)
+            return optax.apply_updates(params, updates), state
+
+        for _ in range(150):
+            params, state = step(params, state)
+        # The minimum of (p-1)^2 + p^4 is 0.28929 at p = 0.5898, per coordinate;
+        # SAM's fixed point is about rho from it.
+        assert float(loss_fn(params)) < 2 * 0.28929 + 2e-3
+
+
+def test_multisteps_and_state_structure():
+    """Inside optax.MultiSteps (which forwards loss_fn) the update is the mean of the
+    accumulated directions; the state keeps its structure and dtypes across updates."""
+    loss_fn = lambda p: jnp.sum(jnp.cos(p) + p**2)
+    params = jnp.array([0.3, -1.2, 2.0])
+    inner = gam_optax.gsam(0.1, 0.3)
+    tx = optax.MultiSteps(inner, every_k_schedule=2)
+    state = tx.init(params)
+    update = jax.jit(lambda g, s, p: tx.update(g, s, p, loss_fn=loss_fn))
+    g = jax.grad(loss_fn)(params)
+    updates1, state1 = update(g, state, params)
+    updates2, state2 = update(g, state1, params)
+    np.testing.assert_array_equal(updates1, np.zeros(3))
+    expected, _ = inner.update(g, inner.init(params), params, loss_fn=loss_fn)
+    np.testing.assert_allclose(updates2, expected, rtol=1e-6)
+    for s in (state1, state2):
+        assert jax.tree.structure(s) == jax.tree.structure(state)
+        assert [x.dtype for x in jax.tree.leaves(s)] == [x.dtype for x in jax.tree.leaves(state)]
+
+
+def test_inject_hyperparams(problem):
+    """rho and alpha become state entries; changing them gives gsam(new values)."""
+    x, y, params = problem
+    loss_fn = lambda q: softmax_loss(q, x, y)
+    p = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), params)
+    g = jax.grad(loss_fn)(p)
+    tx = optax.inject_hyperparams(gam_optax.gsam)(rho=0.1, alpha=0.2)
+    state = tx.init(p)
+    state.hyperparams["rho"] = jnp.asarray(0.3)
+    d, state = jax.jit(lambda g, s, p: tx.update(g, s, p, loss_fn=loss_fn))(g, state, p)
+    ref = gam_optax.gsam(0.3, 0.2)
+    expected, _ = ref.update(g, ref.init(p), p, loss_fn=loss_fn)
+    assert_trees_close(d, expected, rtol=1e-5, atol=1e-7)
+    tx_sam = optax.inject_hyperparams(gam_optax.sam)(rho=0.1, adaptive=True)
+    d_sam, _ = tx_sam.update(g, tx_sam.init(p), p, loss_fn=loss_fn)
+    ref = gam_optax.sam(0.1, adaptive=True)
+    assert_trees_close(d_sam, ref.update(g, ref.init(p), p, loss_fn=loss_fn)[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sam", "gsam"])
+def test_pmap_modes(problem, name):
+    """'gradients' equals one device on the full batch; 'direction' equals the mean of
+    per-shard results (each device perturbed by its own shard: m-sharpness)."""
+    x, y, params = problem
+    n_dev = 4
+    assert jax.local_device_count() >= n_dev
+    xs, ys = x.reshape(n_dev, N // n_dev, D), y.reshape(n_dev, N // n_dev, K)
+    rho, alpha = 0.1, 0.4
+    make = {
+        "sam": lambda **k: gam_optax.sam(rho, **k),
+        "gsam": lambda **k: gam_optax.gsam(rho, alpha, **k),
+    }[name]
+    reference = {
+        "sam": lambda x, y: np_sam(params, x, y, rho, 1e-12),
+        "gsam": lambda x, y: np_gsam(params, x, y, rho, alpha, 1e-12),
+    }[name]
+    with jax.enable_x64(True):
+
+        def per_device(tx):
+            def f(p, xb, yb):
+                loss_fn = lambda q: softmax_loss(q, xb, yb)
+                d, _ = tx.update(jax.grad(loss_fn)(p), tx.init(p), p, loss_fn=loss_fn)
+                return d
+
+            return jax.pmap(f, axis_name="batch", in_axes=(None, 0, 0))(as_jax(params), xs, ys)
+
+        d_grad = per_device(make(axis_name="batch", average="gradients"))
+        d_dir = per_device(make(axis_name="batch", average="direction"))
+    full = reference(x, y)
+    shards = [reference(xs[i], ys[i]) for i in range(n_dev)]
+    for k in full:
+        mean_of_shards = np.mean([s[k] for s in shards], axis=0)
+        for i in range(n_dev):  # replicated
+            np.testing.assert_allclose(d_grad[k][i], full[k], rtol=1e-11)
+            np.testing.assert_allclose(d_dir[k][i], mean_of_shards, rtol=1e-11)
+    assert np_norm({k: full[k] - mean_of_shards for k in full}) > 1e-4  # the modes differ
+
+
+def test_presets():
+    assert gam_optax.sam_preset("sam_cifar10") == {"rho": 0.05}
+    assert gam_optax.sam_preset("sam_cifar100") == {"rho": 0.1}
+    assert gam_optax.sam_preset("asam_cifar10") == {"rho": 2.0, "adaptive": True}
+    assert gam_optax.gsam_preset("gsam_cifar10") == {"rho": 2.0, "alpha": 0.4, "adaptive": True}
+    lr = optax.linear_schedule(3e-3, 3e-5, transition_steps=10)
+    kwargs = gam_optax.gsam_preset("gsam_imagenet_vit", lr, lr_max=3e-3, lr_min=3e-5)
+    np.testing.assert_allclose(
+        [kwargs["rho"](0), kwargs["rho"](5), kwargs["rho"](10)], [0.6, 0.35, 0.1], rtol=1e-5
+    )
+    assert kwargs["alpha"] == 0.6
+    gam_optax.gsam(**kwargs)
+    with pytest.raises(ValueError, match="pass lr_schedule, lr_max and lr_min"):
+        gam_optax.gsam_preset("gsam_imagenet_vit")
+    with pytest.raises(ValueError, match="unknown SAM preset"):
+        gam_optax.sam_preset("sam_imagenet")
+    with pytest.raises(ValueError, match="unknown GSAM preset"):
+        gam_optax.gsam_preset("gsam")
