@@ -49,7 +49,7 @@ SETTINGS = {
 # experiments/optimizers.py (but adamw, whose step costs what sgd's does), and variants.
 OPTIMIZERS = {
     **{name: (name, {}) for name in optimizers.NAMES if name not in ("adamw", "reuse")},
-    "gam_hessian": ("gam", {"hessian": True}),
+    "gam_exact_hvp": ("gam", {"hessian": True}),  # Algorithm 2, exact H v
     **{f"reuse_gam_{k}": ("reuse", {"inner": "gam", "every": k}) for k in (2, 5, 10)},
 }
 
