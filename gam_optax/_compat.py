@@ -9,7 +9,7 @@ newest spelling where the installed version has it and the older one otherwise:
   value varies over are ``jax.typeof(x).manual_axis_type.varying`` from jax 0.10 and
   ``jax.typeof(x).vma`` before; a value is marked as varying with
   ``jax.lax.pcast(x, axis, to="varying")`` from jax 0.8.2 and ``jax.lax.pvary(x, axis)``
-  before.
+  before. Under ``jax.pmap``, jax 0.9's ``pcast`` fails an assertion instead of marking.
 * ``nnx.merge(..., copy=True)`` (flax >= 0.11.2), which gives the merged module its own
   variables; older Flax always did.
 """
@@ -20,6 +20,7 @@ import inspect
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 # Looked up once, at import: what the installed jax provides (None where it lacks it).
 _AXIS_SIZE = getattr(jax.lax, "axis_size", None)
@@ -53,6 +54,16 @@ def to_varying(x: Any, axis_name: str) -> Any:
     if _PVARY is not None:
         return _PVARY(x, axis_name)
     return x  # no varying-axes types: nothing to mark
+
+
+def vma_checked(axis_name: str) -> bool:
+    """True inside ``jax.shard_map(..., check_vma=True)`` over ``axis_name``: there a value
+    marked as varying carries the axis in its type."""
+    try:
+        probe = to_varying(jnp.zeros(()), axis_name)
+    except AssertionError:  # jax 0.9's pcast under jax.pmap, which has no such types
+        return False
+    return axis_name in varying_axes(probe)
 
 
 def to_varying_spelling(axis_name: str) -> str:

@@ -477,7 +477,7 @@ def _is_varying(x: Any, axis_name: str) -> bool:
 
 def _vma_checked(axis_name: str) -> bool:
     """True inside ``jax.shard_map(..., check_vma=True)`` over ``axis_name``."""
-    return _is_varying(_compat.to_varying(jnp.zeros(()), axis_name), axis_name)
+    return _compat.vma_checked(axis_name)
 
 
 def _to_varying(tree: Params, axis_name: str) -> Params:

@@ -60,6 +60,7 @@ USER_FACING = [
     "experiments/RESULTS.md",
     *[str(p.relative_to(ROOT)) for p in sorted((ROOT / "docs").rglob("*.md"))],
     *[str(p.relative_to(ROOT)) for p in sorted((ROOT / "gam_optax").glob("*.py"))],
+    *[str(p.relative_to(ROOT)) for p in sorted((ROOT / "experiments").rglob("*.py"))],
 ]
 ISSUE_NUMBER = re.compile(r"\bissues?\s*#?\d+|(?<![\w&/])#\d+\b|\bissues/\d+", re.I)
 

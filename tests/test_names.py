@@ -140,6 +140,19 @@ def test_to_varying_uses_pcast_or_pvary(monkeypatch):
     assert calls == [("pcast", "data", "varying"), ("pvary", "data")]
 
 
+def test_vma_checked_is_false_where_marking_fails(monkeypatch):
+    """jax 0.9's pcast fails an assertion under jax.pmap, which has no varying types."""
+
+    def failing_pcast(x, axis_name, to):
+        raise AssertionError(frozenset({axis_name}))
+
+    monkeypatch.setattr(_compat, "_PCAST", failing_pcast)
+    assert _compat.vma_checked("data") is False
+    monkeypatch.setattr(_compat, "_PCAST", lambda x, a, to: x)
+    monkeypatch.setattr(_compat, "varying_axes", lambda x: frozenset({"data"}))
+    assert _compat.vma_checked("data") is True
+
+
 def test_axis_size_without_jax_lax_axis_size(monkeypatch):
     monkeypatch.setattr(_compat, "_AXIS_SIZE", None)  # jax < 0.6.1: psum(1, axis)
     sizes = jax.pmap(lambda x: x * _compat.axis_size("i"), axis_name="i")(jnp.ones(4))
