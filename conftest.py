@@ -9,6 +9,22 @@ import pytest
 
 jax.config.update("jax_num_cpu_devices", 4)
 
+# The tests use the newest spellings; older jax releases of the supported range (README,
+# "Supported versions") spell three of them differently. gam_optax itself uses
+# gam_optax._compat instead of patching jax.
+if not hasattr(jax, "enable_x64"):  # jax < 0.8
+    from jax.experimental import enable_x64
+
+    jax.enable_x64 = enable_x64
+if not hasattr(jax, "shard_map"):  # jax < 0.6.1
+    from jax.experimental.shard_map import shard_map
+
+    jax.shard_map = shard_map
+if not hasattr(jax.lax, "pcast"):  # jax < 0.8.2: pvary, or no varying types at all
+    from gam_optax import _compat
+
+    jax.lax.pcast = lambda x, axis_name, *, to: _compat.to_varying(x, axis_name)
+
 
 @pytest.fixture
 def x64():

@@ -1,16 +1,27 @@
 """Sphinx configuration of the gam-optax documentation.
 
-Build it with ``sphinx-build -W -b html docs docs/_build/html`` (warnings are errors). The
-guides are sections of the README, included so that there is one source; the API reference
-comes from the docstrings; the quick-start notebook is rendered without being executed (the
-test suite executes it).
+Build it with ``sphinx-build -W -b html docs docs/_build/html`` (warnings are errors, and
+none is suppressed). The guides are sections of the README, included so that there is one
+source; the API reference comes from the docstrings; the quick-start notebook is rendered
+without being executed (the test suite executes it).
+
+The build needs no network: the links to the jax, optax and flax documentation
+(intersphinx) come from the small inventories in ``docs/inventories/``, one line per name
+this documentation refers to, compiled here into the ``objects.inv`` format.
 """
 
+import inspect
 import pathlib
+import re
 import shutil
 import sys
+import tempfile
+import zlib
 
-ROOT = pathlib.Path(__file__).parents[1]
+import sphinx.util.inspect
+
+DOCS = pathlib.Path(__file__).parent
+ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))
 
 import gam_optax  # noqa: E402
@@ -22,28 +33,119 @@ release = gam_optax.__version__
 
 extensions = [
     "sphinx.ext.autodoc",
+    "sphinx.ext.intersphinx",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
     "myst_nb",
 ]
-exclude_patterns = ["_build", "jupyter_execute"]
+exclude_patterns = ["_build", "jupyter_execute", "inventories"]
 html_theme = "furo"
 html_title = f"gam-optax {release}"
 
 autodoc_typehints = "description"
+# Types for the documented parameters only: not the expanded field types of the Flax
+# TrainState that gam_optax.flax.TrainState extends.
+autodoc_typehints_description_target = "documented_params"
 autodoc_member_order = "bysource"
+# Signatures keep the names of type aliases (the modules use `from __future__ import
+# annotations`, so autodoc sees these strings) instead of expanding them.
+autodoc_type_aliases = {
+    "jax.Array": "jax.Array",
+    "optax.GradientTransformation": "optax.GradientTransformation",
+    "optax.GradientTransformationExtraArgs": "optax.GradientTransformationExtraArgs",
+    "optax.ScalarOrSchedule": "optax.ScalarOrSchedule",
+    "optax.Schedule": "optax.Schedule",
+    "optax.Params": "optax.Params",
+    "optax.Updates": "optax.Updates",
+    "optax.OptState": "optax.OptState",
+    "_perturb.Average": "Literal['direction', 'gradients']",
+    "_perturb.Mask": "Mask",
+    "HMinusWeighting": "Literal['released', 'paper']",
+    "nnx.Module": "flax.nnx.Module",
+}
+# An alias inside a union (``optax.ScalarOrSchedule | None``) is written with its repr by
+# Sphinx 9.0 ("TypeAliasForwardRef('optax.ScalarOrSchedule') | None"); its name reads better.
+sphinx.util.inspect.TypeAliasForwardRef.__repr__ = lambda self: self.name
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 
 myst_enable_extensions = ["dollarmath", "amsmath"]
 myst_heading_anchors = 3
 nb_execution_mode = "off"  # tests/test_notebook.py executes it
-# The README's sections are pages here: their links to repository files (not pages) and
-# their heading levels are the README's; both are fine on GitHub and here.
-suppress_warnings = ["myst.xref_missing", "myst.header"]
 
 # The notebook lives in experiments/; Sphinx reads only its own source folder.
-notebooks = pathlib.Path(__file__).parent / "notebooks"
+notebooks = DOCS / "notebooks"
 notebooks.mkdir(exist_ok=True)
 shutil.copy(ROOT / "experiments" / "notebooks" / "gam_quickstart.ipynb", notebooks)
+
+
+# -- Intersphinx, offline ----------------------------------------------------------------
+
+
+def _compile_inventory(source: pathlib.Path, target: pathlib.Path) -> None:
+    """``docs/inventories/NAME.txt`` -> a Sphinx ``objects.inv`` (version 2)."""
+    lines = [
+        line
+        for line in source.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    header = (
+        f"# Sphinx inventory version 2\n# Project: {source.stem}\n# Version: \n"
+        "# The remainder of this file is compressed using zlib.\n"
+    )
+    body = zlib.compress("".join(line + "\n" for line in lines).encode("utf-8"))
+    target.write_bytes(header.encode("utf-8") + body)
+
+
+_inventories = pathlib.Path(tempfile.mkdtemp(prefix="gam-optax-inventories-"))
+INTERSPHINX_SITES = {
+    "jax": "https://docs.jax.dev/en/latest/",
+    "optax": "https://optax.readthedocs.io/en/latest/",
+    "flax": "https://flax.readthedocs.io/en/latest/",
+    "python": "https://docs.python.org/3/",
+}
+intersphinx_mapping = {}
+for _name, _url in INTERSPHINX_SITES.items():
+    _compile_inventory(DOCS / "inventories" / f"{_name}.txt", _inventories / f"{_name}.inv")
+    intersphinx_mapping[_name] = (_url, str(_inventories / f"{_name}.inv"))
+
+
+# -- The README's sections as pages ------------------------------------------------------
+
+# The README's links to repository files that are pages here, from the README's folder.
+README_LINKS = {"experiments/RESULTS.md": "/results.md"}
+
+
+def _readme_as_guide(app, relative_path, parent_docname, content):
+    """The README included in a guide page: its ``###`` subsections become ``##`` (the page
+    title is the README's ``##``) and its links to repository files that are pages here
+    lead to those pages."""
+    if pathlib.Path(relative_path).name != "README.md":
+        return
+    text = content[0]
+    for file, page in README_LINKS.items():
+        text = text.replace(f"]({file})", f"]({page})")
+    if parent_docname != "index":
+        out, fenced = [], False
+        for line in text.splitlines():
+            if line.startswith("```"):
+                fenced = not fenced
+            if not fenced and re.match(r"###+ ", line):
+                line = line[1:]
+            out.append(line)
+        text = "\n".join(out) + "\n"
+    content[0] = text
+
+
+def _no_builtin_docstring(app, what, name, obj, options, lines):
+    """A module constant (``GAM_PRESETS``, a dict) has no docstring of its own: autodoc
+    would show ``dict``'s. Its description is in api.md."""
+    if what == "data" and lines and type(obj).__doc__:
+        if "\n".join(lines).split() == inspect.cleandoc(type(obj).__doc__).split():
+            lines.clear()
+
+
+def setup(app):
+    app.connect("include-read", _readme_as_guide)
+    app.connect("autodoc-process-docstring", _no_builtin_docstring)

@@ -1,6 +1,6 @@
-"""Closing the per-gradient CPU gap (issue 12): one gradient and one GAM step, several ways.
+"""Closing the per-gradient CPU gap: one gradient and one GAM step, several ways.
 
-The network is the one of issue 12's PyTorch comparison: six 3x3 convolutions without
+The network is the one of the PyTorch comparison in RESULTS.md: six 3x3 convolutions without
 bias, each followed by BatchNorm (training mode, batch statistics) and ReLU, widths
 32-32-64-64-128-128, a 2x2 max-pool after each pair, global average pool, linear to 10
 classes; batch 64 of 32x32x3, cross-entropy. For every variant this prints the median time

@@ -66,7 +66,8 @@ GRIDS = {
     "gam": ["rho_prime=0.02", "rho_prime=0.05", "rho_prime=0.1"],  # rho (0.2) fixed
     "sam_gam": [f"sam_rho={r},hvp_step={r}" for r in (0.05, 0.1, 0.2)],
 }
-# Amortised GAM: the reuse rule chosen on validation in issue 12, around GAM's choice.
+# Amortised GAM: the reuse rule chosen on validation (RESULTS.md, "Amortised GAM"), around
+# GAM's choice.
 FOLLOWERS = {"reuse": ("gam", "every=5,alpha=1.0,rescale=False")}
 OPTIMIZERS = (*GRIDS, *FOLLOWERS)
 TUNE_SEED = 100  # tuning seeds are 100, 101, ...: never a test run's

@@ -1,4 +1,8 @@
-"""GAM with exact Hessian-vector products: the paper's Algorithm 1."""
+"""The gradient of the GAM penalty (the paper's Algorithm 1) and SAM + GAM.
+
+The public names are :func:`gam_optax.gam_penalty` and :func:`gam_optax.sam_gam`
+(``gam_optax/_penalty.py``); ``gam_hessian`` here is their implementation.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +23,8 @@ from gam_optax._perturb import (
 )
 
 
-class GAMHessianState(NamedTuple):
-    """State of :func:`gam_hessian`.
+class GAMPenaltyState(NamedTuple):
+    """State of :func:`gam_penalty` and :func:`sam_gam`.
 
     Attributes:
       count: the number of updates so far (int32); a schedule of ``rho`` is
@@ -28,6 +32,9 @@ class GAMHessianState(NamedTuple):
     """
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
+
+
+GAMHessianState = GAMPenaltyState  # the name before 0.1.0 (deprecated: gam_optax/__init__.py)
 
 
 def gam_hessian(
@@ -42,8 +49,12 @@ def gam_hessian(
     sam_rho: optax.ScalarOrSchedule | None = None,
     hvp_step: optax.ScalarOrSchedule | None = None,
     unroll: bool = True,
+    _name: str = "gam_hessian",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Gradient norm Aware Minimization, the original form (Algorithm 1).
+
+    The implementation of :func:`gam_penalty` (``sam_rho=None``) and :func:`sam_gam`;
+    ``_name`` is the public name that error messages give.
 
     The gradient of :math:`L + \text{penalty}\cdot R_1`, where the first-order
     flatness :math:`R_1(\theta) = \rho \max_{\|\delta\| \le \rho}
@@ -130,7 +141,7 @@ def gam_hessian(
     Examples:
       >>> import jax, jax.numpy as jnp, optax, gam_optax
       >>> loss = lambda p: jnp.sum((p - 1.0) ** 2) + jnp.sum(p**4)
-      >>> tx = optax.chain(gam_optax.gam_hessian(rho=0.1, penalty=0.5), optax.sgd(0.05))
+      >>> tx = optax.chain(gam_optax.gam_penalty(rho=0.1, penalty=0.5), optax.sgd(0.05))
       >>> params = jnp.array([2.0, -1.0])
       >>> state = tx.init(params)
       >>> @jax.jit
@@ -145,7 +156,7 @@ def gam_hessian(
 
       SAM + GAM, with finite differences (three gradients beyond ``g0``):
 
-      >>> sam_gam = gam_optax.gam_hessian(0.1, 0.5, sam_rho=0.05, hvp_step=0.05)
+      >>> sam_gam = gam_optax.sam_gam(0.1, 0.5, sam_rho=0.05, hvp_step=0.05)
       >>> tx2 = optax.chain(sam_gam, optax.sgd(0.05))
       >>> @jax.jit
       ... def step2(params, state):
@@ -164,7 +175,7 @@ def gam_hessian(
       First-Order Flatness and Improves Generalization", CVPR 2023,
       https://arxiv.org/abs/2303.03108
     """
-    name = "gam_hessian"
+    name = _name
     _perturb.check_nonnegative("rho", rho, name, schedule=True)
     _perturb.check_nonnegative("penalty", penalty, name)
     if sam_rho is not None:

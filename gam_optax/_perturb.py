@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gam_optax import _compat
+
 Params = Any
 Average = Literal["direction", "gradients"]
 AVERAGE_MODES = ("direction", "gradients")
@@ -233,8 +235,8 @@ def _scalar(name: str, value: Any, transformation: str, remedy: str) -> float | 
         raise TypeError(
             f"{transformation}: {name} must be a real number, got {_describe(value)}. {remedy}"
         ) from None
-    if array.dtype == bool or not (
-        np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+    if array.dtype == bool or not (  # jnp's issubdtype also knows bfloat16
+        jnp.issubdtype(array.dtype, jnp.integer) or jnp.issubdtype(array.dtype, jnp.floating)
     ):
         raise TypeError(
             f"{transformation}: {name} must be a real number, got {type(value).__name__} of "
@@ -375,7 +377,7 @@ def check_axis_bound(axis_name: str | None, transformation: str) -> None:
     if axis_name is None:
         return
     try:
-        jax.lax.axis_size(axis_name)
+        _compat.axis_size(axis_name)
     except NameError:
         raise ValueError(
             f"{transformation}: axis_name={axis_name!r} is not bound here. Call update inside "
@@ -472,20 +474,18 @@ def value_at(hyperparameter: optax.ScalarOrSchedule, count: jax.Array) -> jax.Ar
 
 
 def _is_varying(x: Any, axis_name: str) -> bool:
-    manual = getattr(jax.typeof(x), "manual_axis_type", None)
-    return manual is not None and axis_name in manual.varying
+    return axis_name in _compat.varying_axes(x)
 
 
 def _vma_checked(axis_name: str) -> bool:
     """True inside ``jax.shard_map(..., check_vma=True)`` over ``axis_name``."""
-    probe = jax.lax.pcast(jnp.zeros(()), axis_name, to="varying")
-    return _is_varying(probe, axis_name)
+    return _compat.vma_checked(axis_name)
 
 
 def _to_varying(tree: Params, axis_name: str) -> Params:
     """Mark replicated leaves as per-device, so jax.grad does not sum them over devices."""
     return jax.tree.map(
-        lambda x: x if _is_varying(x, axis_name) else jax.lax.pcast(x, axis_name, to="varying"),
+        lambda x: x if _is_varying(x, axis_name) else _compat.to_varying(x, axis_name),
         tree,
     )
 
@@ -628,7 +628,7 @@ class GradientOracle:
                     f"gradient does not vary over axis {self.axis_name!r}. jax.grad of a "
                     "per-device loss with respect to replicated params is ALREADY SUMMED over "
                     "devices there (N times the mean). Pass the per-device gradient instead: "
-                    f"jax.grad(loss)(jax.lax.pcast(params, {self.axis_name!r}, to='varying')); "
+                    f"jax.grad(loss)({_compat.to_varying_spelling(self.axis_name)}); "
                     f"{self.transformation} averages it."
                 )
         return self._reduce(updates)

@@ -25,17 +25,17 @@ def proportional_schedule(
     ``max_value == min_value``, a constant). When ``lr_max == lr_min`` the value
     is ``max_value``.
 
+    Every value must be a finite number >= 0 (``v`` is a radius). Where
+    ``lr(t)`` leaves ``[lr_min, lr_max]`` the value is extrapolated; the
+    transformation that receives the schedule probes it (step 0 and a geometric
+    grid of later steps) and rejects it if it turns negative there.
+
     Args:
       lr_schedule: the learning-rate schedule ``lr(t)``.
       lr_max: the learning rate at which the value is ``max_value``.
       lr_min: the learning rate at which the value is ``min_value``.
       max_value: ``v_max``.
       min_value: ``v_min``.
-
-    Every value must be a finite number >= 0 (``v`` is a radius). Where
-    ``lr(t)`` leaves ``[lr_min, lr_max]`` the value is extrapolated; the
-    transformation that receives the schedule probes it (step 0 and a geometric
-    grid of later steps) and rejects it if it turns negative there.
 
     Returns:
       An optax schedule, e.g. for the ``rho`` of :func:`gam_optax.gam`.

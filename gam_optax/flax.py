@@ -50,6 +50,8 @@ import optax
 from flax import nnx
 from flax.training import train_state
 
+from gam_optax import _compat
+
 
 class TrainState(train_state.TrainState):
     """Flax's Linen ``TrainState`` whose ``apply_gradients`` forwards ``loss_fn`` /
@@ -83,6 +85,18 @@ class TrainState(train_state.TrainState):
         grad_fn: Callable[..., Any] | None = None,
         **kwargs: Any,
     ) -> TrainState:
+        """One step: ``tx.update(grads, opt_state, params, loss_fn=...)``, applied.
+
+        Args:
+          grads: ``g0``, your gradient at ``params``.
+          loss_fn: ``params -> loss`` (or ``(loss, aux)`` with ``has_aux=True``), for the
+            extra gradients of gam/sam/gsam; or
+          grad_fn: ``(params, i) -> grads``, instead of ``loss_fn``.
+          **kwargs: other fields to replace, e.g. ``batch_stats=`` from your own pass.
+
+        Returns:
+          The new state: ``step + 1``, the updated ``params`` and ``opt_state``.
+        """
         extra = {k: v for k, v in (("loss_fn", loss_fn), ("grad_fn", grad_fn)) if v is not None}
         tx = optax.with_extra_args_support(self.tx)
         updates, opt_state = tx.update(grads, self.opt_state, self.params, **extra)
@@ -118,6 +132,6 @@ def nnx_loss_fn(
     graphdef, _, rest = nnx.split(nnx.clone(model), wrt, ...)  # type: ignore[misc]
 
     def loss_fn(params: Any) -> jax.Array:
-        return loss(nnx.merge(graphdef, params, rest, copy=True))
+        return loss(_compat.nnx_merge_copy(nnx, graphdef, params, rest))
 
     return loss_fn

@@ -13,6 +13,7 @@ from flax import nnx
 
 import gam_optax
 import gam_optax.flax
+from gam_optax import _compat  # nnx.merge(..., copy=True) where flax has it
 
 ROOT = pathlib.Path(__file__).parents[1]
 HYPER = dict(rho=0.1, rho_prime=0.02, alpha=0.6, beta=0.5, gamma=0.1)
@@ -96,7 +97,7 @@ def test_nnx_optimizer_forwards_loss_fn():
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
         def loss_fn(p):
-            m = nnx.merge(graphdef, p, rest, copy=True)
+            m = _compat.nnx_merge_copy(nnx, graphdef, p, rest)
             return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
 
         grads = jax.grad(loss_fn)(params)
@@ -111,7 +112,7 @@ def test_nnx_optimizer_forwards_loss_fn():
     graphdef, params, rest = nnx.split(fresh, nnx.Param, ...)
 
     def loss_fn(p):
-        m = nnx.merge(graphdef, p, rest, copy=True)
+        m = _compat.nnx_merge_copy(nnx, graphdef, p, rest)
         return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
 
     gam = gam_optax.gam(**HYPER)
@@ -247,7 +248,7 @@ def test_nnx_loss_fn_keeps_batchnorm_statistics_dropout_masks_and_rng_right(x64)
     # copies that start from the same random state (so the same dropout masks as g0).
     before = nnx.clone(model)
     graphdef, params, rest = nnx.split(before, nnx.Param, ...)
-    at = lambda p: loss(nnx.merge(graphdef, p, rest, copy=True))
+    at = lambda p: loss(_compat.nnx_merge_copy(nnx, graphdef, p, rest))
     gam = gam_optax.gam(**HYPER)
     d, _ = gam.update(jax.grad(at)(params), gam.init(params), params, loss_fn=at)
     expected = jax.tree.map(lambda p, d: np.asarray(p) - 0.1 * np.asarray(d), params, d)

@@ -595,8 +595,12 @@ FACTORIES = {
     ),
     "sam": (gam_optax.sam, dict(rho=(True, True), eps=(True, False))),
     "gsam": (gam_optax.gsam, dict(rho=(True, True), alpha=(False, False), eps=(True, False))),
-    "gam_hessian": (
-        lambda **kw: gam_optax.gam_hessian(**{"rho": 0.1, "penalty": 0.5, **kw}),
+    "gam_penalty": (
+        lambda **kw: gam_optax.gam_penalty(**{"rho": 0.1, "penalty": 0.5, **kw}),
+        dict(rho=(True, True), penalty=(True, False), eps=(True, False), hvp_step=(">0", True)),
+    ),
+    "sam_gam": (
+        lambda **kw: gam_optax.sam_gam(**{"rho": 0.1, "penalty": 0.5, "sam_rho": 0.05, **kw}),
         dict(
             rho=(True, True),
             penalty=(True, False),
@@ -606,12 +610,13 @@ FACTORIES = {
         ),
     ),
 }
-OPTIONAL = ("sam_rho", "hvp_step")
+OPTIONAL = ("hvp_step",)
 FLAGS = {
     "gam": ("adaptive", "hessian", "has_aux"),
     "sam": ("adaptive", "has_aux"),
     "gsam": ("adaptive", "has_aux"),
-    "gam_hessian": ("has_aux",),
+    "gam_penalty": ("has_aux",),
+    "sam_gam": ("has_aux",),
 }
 # value -> (exception, message after "<transformation>: <argument> ")
 WRONG_NUMBERS = [
@@ -841,10 +846,10 @@ def test_legal_hyperparameter_forms_construct_and_run(f32_problem, form):
         ),
         (gam_optax.sam(quarter, adaptive=True), gam_optax.sam(0.25, adaptive=True)),
         (gam_optax.gsam(quarter, alpha=number), gam_optax.gsam(0.25, alpha=1.0)),
-        (gam_optax.gam_hessian(quarter, penalty=number), gam_optax.gam_hessian(0.25, 1.0)),
+        (gam_optax.gam_penalty(quarter, penalty=number), gam_optax.gam_penalty(0.25, 1.0)),
         (
-            gam_optax.gam_hessian(quarter, number, sam_rho=quarter, hvp_step=quarter),
-            gam_optax.gam_hessian(0.25, 1.0, sam_rho=0.25, hvp_step=0.25),
+            gam_optax.sam_gam(quarter, number, sam_rho=quarter, hvp_step=quarter),
+            gam_optax.sam_gam(0.25, 1.0, sam_rho=0.25, hvp_step=0.25),
         ),
     ]
     for tx, reference in pairs:
@@ -932,7 +937,7 @@ UPDATE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("transformation", ["gam", "sam", "gsam", "gam_hessian"])
+@pytest.mark.parametrize("transformation", ["gam", "sam", "gsam", "gam_penalty", "sam_gam"])
 @pytest.mark.parametrize(
     ("case", "change", "error", "message"), UPDATE_CASES, ids=[c[0] for c in UPDATE_CASES]
 )
@@ -959,11 +964,12 @@ def test_bad_update_inputs_fail_at_trace_time(
         (lambda p: gam_optax.sam().init(p), "gam", "GAMState.*got SAMState"),
         (lambda p: gam_optax.gam().init(p), "sam", "SAMState.*got GAMState"),
         (
-            lambda p: gam_optax.gam_hessian(0.1, 0.5).init(p),
+            lambda p: gam_optax.gam_penalty(0.1, 0.5).init(p),
             "gsam",
-            "SAMState.*got GAMHessianState",
+            "SAMState.*got GAMPenaltyState",
         ),
-        (lambda p: gam_optax.gam().init(p), "gam_hessian", "GAMHessianState.*got GAMState"),
+        (lambda p: gam_optax.gam().init(p), "gam_penalty", "GAMPenaltyState.*got GAMState"),
+        (lambda p: gam_optax.sam().init(p), "sam_gam", "GAMPenaltyState.*got SAMState"),
     ],
 )
 def test_a_state_from_another_transformation_is_named(f32_problem, make_state, wrong, right):

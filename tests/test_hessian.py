@@ -1,5 +1,5 @@
 """Tests of the Hessian side: finite differences vs exact Hessian-vector products,
-gam(hessian=True), and the paper's Algorithm 1 (gam_hessian)."""
+gam(hessian=True), and the paper's Algorithm 1 (gam_penalty)."""
 
 import jax
 import jax.numpy as jnp
@@ -107,13 +107,13 @@ def test_exact_gam_approaches_finite_gam_as_rho_prime_shrinks():
 # ----------------------------------------------------------------------------
 
 
-def test_gam_hessian_on_a_quadratic_is_the_closed_form(quadratic):
+def test_gam_penalty_on_a_quadratic_is_the_closed_form(quadratic):
     """d = g0 + penalty rho A unit(A theta_adv - b), theta_adv = theta + rho unit(A unit(g0))."""
     a, b, theta = quadratic
     rho, penalty = 0.3, 0.7
     with jax.enable_x64(True):
         loss = lambda x: 0.5 * x @ jnp.asarray(a) @ x - jnp.asarray(b) @ x
-        d = update(gam_optax.gam_hessian(rho, penalty), loss, jnp.asarray(theta))
+        d = update(gam_optax.gam_penalty(rho, penalty), loss, jnp.asarray(theta))
     g0 = a @ theta - b
     theta_adv = theta + rho * unit(a @ unit(g0))
     expected = g0 + penalty * rho * a @ unit(a @ theta_adv - b)
@@ -121,13 +121,13 @@ def test_gam_hessian_on_a_quadratic_is_the_closed_form(quadratic):
     assert np.linalg.norm(d - g0) > 0.1
 
 
-def test_gam_hessian_is_the_gradient_of_the_first_order_flatness_surrogate():
+def test_gam_penalty_is_the_gradient_of_the_first_order_flatness_surrogate():
     """On a non-quadratic: theta_adv from the dense Hessian, and the penalty gradient as
     rho * grad_theta ||grad L(theta + delta*)|| (reverse-over-reverse, delta* held fixed)."""
     rho, penalty = 0.2, 0.5
     with jax.enable_x64(True):
         theta = jnp.asarray(THETA)
-        d = update(gam_optax.gam_hessian(rho, penalty), nonquadratic, theta)
+        d = update(gam_optax.gam_penalty(rho, penalty), nonquadratic, theta)
         g0 = np.asarray(jax.grad(nonquadratic)(theta))
         f = np.asarray(jax.jit(jax.hessian(nonquadratic))(theta)) @ unit(g0)
         delta = rho * unit(f)
@@ -138,16 +138,16 @@ def test_gam_hessian_is_the_gradient_of_the_first_order_flatness_surrogate():
     np.testing.assert_allclose(d, g0 + penalty * penalty_gradient, rtol=1e-10)
 
 
-def test_gam_hessian_grad_fn_equals_loss_fn_and_penalty_zero_is_plain_gradient():
+def test_gam_penalty_grad_fn_equals_loss_fn_and_penalty_zero_is_plain_gradient():
     with jax.enable_x64(True):
         theta = jnp.asarray(THETA)
         g0 = jax.grad(nonquadratic)(theta)
-        tx = gam_optax.gam_hessian(0.2, 0.5)
+        tx = gam_optax.gam_penalty(0.2, 0.5)
         d_loss, _ = tx.update(g0, tx.init(theta), theta, loss_fn=nonquadratic)
         d_grad, _ = tx.update(
             g0, tx.init(theta), theta, grad_fn=lambda p, i: jax.grad(nonquadratic)(p)
         )
-        zero = gam_optax.gam_hessian(0.2, 0.0)
+        zero = gam_optax.gam_penalty(0.2, 0.0)
         d_zero, _ = zero.update(g0, zero.init(theta), theta, loss_fn=nonquadratic)
     np.testing.assert_allclose(d_loss, d_grad, rtol=1e-14)
     np.testing.assert_array_equal(d_zero, g0)
@@ -158,7 +158,7 @@ def test_zero_gradient_and_zero_hessian_give_finite_results():
     at_min = lambda x: jnp.sum((x - 1.0) ** 2) + jnp.sum((x - 1.0) ** 4)
     ones = jnp.ones(3)
     for tx in (
-        gam_optax.gam_hessian(0.2, 0.5, eps=0.0),
+        gam_optax.gam_penalty(0.2, 0.5, eps=0.0),
         gam_optax.gam(hessian=True, eps=0.0),
         gam_optax.gam(hessian=False, eps=0.0),
     ):
@@ -166,21 +166,21 @@ def test_zero_gradient_and_zero_hessian_give_finite_results():
         np.testing.assert_array_equal(d, np.zeros(3))
     # A linear loss: every Hessian-vector product is 0, so d = g0.
     linear = lambda x: jnp.sum(jnp.array([1.0, -2.0, 0.5]) * x)
-    for tx in (gam_optax.gam_hessian(0.2, 0.5, eps=0.0), gam_optax.gam(hessian=True, eps=0.0)):
+    for tx in (gam_optax.gam_penalty(0.2, 0.5, eps=0.0), gam_optax.gam(hessian=True, eps=0.0)):
         d, _ = tx.update(jax.grad(linear)(ones), tx.init(ones), ones, loss_fn=linear)
         np.testing.assert_allclose(d, [1.0, -2.0, 0.5], rtol=1e-6)
 
 
-def test_gam_hessian_errors():
+def test_gam_penalty_errors():
     with pytest.raises(ValueError, match="rho must be a finite number >= 0"):
-        gam_optax.gam_hessian(-0.1, 0.5)
+        gam_optax.gam_penalty(-0.1, 0.5)
     with pytest.raises(ValueError, match="penalty must be a finite number >= 0"):
-        gam_optax.gam_hessian(0.1, float("nan"))
+        gam_optax.gam_penalty(0.1, float("nan"))
     with pytest.raises(ValueError, match="penalty must be a finite number >= 0"):
-        gam_optax.gam_hessian(0.1, -1.0)
+        gam_optax.gam_penalty(0.1, -1.0)
     with pytest.raises(ValueError, match="average must be one of"):
-        gam_optax.gam_hessian(0.1, 0.5, average="all")
-    tx = gam_optax.gam_hessian(0.1, 0.5)
+        gam_optax.gam_penalty(0.1, 0.5, average="all")
+    tx = gam_optax.gam_penalty(0.1, 0.5)
     params = jnp.ones(2)
     with pytest.raises(ValueError, match="exactly one of loss_fn or grad_fn"):
         tx.update(params, tx.init(params), params)
@@ -190,17 +190,17 @@ def test_gam_hessian_errors():
             exact.update(params, exact.init(params), params, grad_fn=lambda p, i: p.astype(int))
     with pytest.raises(TypeError, match="gam: hessian must be a Python bool"):
         gam_optax.gam(hessian="exact")
-    with pytest.raises(TypeError, match="gam_hessian: penalty must be a real number, got str"):
-        gam_optax.gam_hessian(0.1, "0.5")
-    with pytest.raises(TypeError, match=r"gam_hessian\.update: state must be the GAMHessianState"):
+    with pytest.raises(TypeError, match="gam_penalty: penalty must be a real number, got str"):
+        gam_optax.gam_penalty(0.1, "0.5")
+    with pytest.raises(TypeError, match=r"gam_penalty\.update: state must be the GAMPenaltyState"):
         tx.update(params, optax.adam(0.1).init(params), params, loss_fn=jnp.sum)
 
 
-def test_gam_hessian_dtype_chain_and_inject_hyperparams():
+def test_gam_penalty_dtype_chain_and_inject_hyperparams():
     params = {"a": jnp.array([1.0, -2.0], jnp.bfloat16), "b": jnp.array([0.5], jnp.float32)}
     loss_fn = lambda p: jnp.sum(p["a"].astype(jnp.float32) ** 4) + jnp.sum(jnp.cos(p["b"]))
     tx = optax.chain(
-        optax.inject_hyperparams(gam_optax.gam_hessian)(rho=0.1, penalty=0.5), optax.sgd(0.1)
+        optax.inject_hyperparams(gam_optax.gam_penalty)(rho=0.1, penalty=0.5), optax.sgd(0.1)
     )
     state = tx.init(params)
 
@@ -215,8 +215,8 @@ def test_gam_hessian_dtype_chain_and_inject_hyperparams():
     assert bool(jnp.all(jnp.isfinite(updates["a"].astype(jnp.float32))))
     # Same numbers as the plain transformation, in float32.
     p32 = {"a": jnp.array([1.0, -2.0]), "b": jnp.array([0.5])}
-    tx32 = optax.inject_hyperparams(gam_optax.gam_hessian)(rho=0.1, penalty=0.5)
-    plain = gam_optax.gam_hessian(0.1, 0.5)
+    tx32 = optax.inject_hyperparams(gam_optax.gam_penalty)(rho=0.1, penalty=0.5)
+    plain = gam_optax.gam_penalty(0.1, 0.5)
     g = jax.grad(loss_fn)(p32)
     d1, _ = tx32.update(g, tx32.init(p32), p32, loss_fn=loss_fn)
     d2, _ = plain.update(g, plain.init(p32), p32, loss_fn=loss_fn)

@@ -98,12 +98,12 @@ def test_masked_gam_equals_numpy(problem):
 
 FAMILY = {
     "gam": functools.partial(gam_optax.gam, 0.4, 0.05),
-    "gam_exact": functools.partial(gam_optax.gam, 0.4, 0.05, hessian=True),
+    "gam_exact_hvp": functools.partial(gam_optax.gam, 0.4, 0.05, hessian=True),
     "sam": functools.partial(gam_optax.sam, 0.3),
     "asam": functools.partial(gam_optax.sam, 0.5, adaptive=True),
     "gsam": functools.partial(gam_optax.gsam, 0.3, 0.2),
-    "gam_hessian": functools.partial(gam_optax.gam_hessian, 0.3, 0.5),
-    "sam_gam": functools.partial(gam_optax.gam_hessian, 0.3, 0.5, sam_rho=0.05, hvp_step=0.05),
+    "gam_penalty": functools.partial(gam_optax.gam_penalty, 0.3, 0.5),
+    "sam_gam": functools.partial(gam_optax.sam_gam, 0.3, 0.5, sam_rho=0.05, hvp_step=0.05),
     "looksam": functools.partial(gam_optax.looksam, 0.3, every=2),
 }
 
@@ -121,7 +121,7 @@ def test_all_true_is_no_mask_and_a_function_or_prefix_is_the_same_mask(name, pro
     )
 
 
-@pytest.mark.parametrize("name", [n for n in FAMILY if n not in ("gam_hessian", "sam_gam")])
+@pytest.mark.parametrize("name", [n for n in FAMILY if n not in ("gam_penalty", "sam_gam")])
 def test_nothing_selected_gives_the_plain_gradient(name, problem):
     """No perturbation at all: every extra gradient is g0, and so is the direction."""
     x, y, params = problem

@@ -1,5 +1,5 @@
-"""SAM + GAM (``gam_hessian(sam_rho=...)``) and finite-difference Hessian-vector products
-(``gam_hessian(hvp_step=...)``): a NumPy reference, the identities, the gradient count.
+"""SAM + GAM (``sam_gam``) and finite-difference Hessian-vector products (``hvp_step=`` of
+``gam_penalty`` and ``sam_gam``): a NumPy reference, the identities, the gradient count.
 
 The loss is a quartic plus a quadratic in five parameters (two leaves: the norms are global),
 with its gradient and Hessian written out in NumPy.
@@ -15,6 +15,14 @@ import optax
 import pytest
 
 import gam_optax
+
+
+def penalty_tx(rho, penalty, sam_rho=None, **kwargs):
+    """``gam_penalty``, or ``sam_gam`` when ``sam_rho`` is given: one name per algorithm."""
+    if sam_rho is None:
+        return gam_optax.gam_penalty(rho, penalty, **kwargs)
+    return gam_optax.sam_gam(rho, penalty, sam_rho=sam_rho, **kwargs)
+
 
 RNG = np.random.default_rng(7)
 M = RNG.normal(size=(5, 5))
@@ -88,7 +96,7 @@ RHO, PENALTY = 0.3, 0.7
 
 @pytest.mark.parametrize("sam_rho", [None, 0.07])
 def test_exact_mode_equals_numpy(x64, sam_rho):
-    got = flat(direction(gam_optax.gam_hessian(RHO, PENALTY, sam_rho=sam_rho)))
+    got = flat(direction(penalty_tx(RHO, PENALTY, sam_rho=sam_rho)))
     expected = np_sam_gam(THETA, RHO, PENALTY, sam_rho)
     np.testing.assert_allclose(got, expected, rtol=1e-10)
     if sam_rho is not None:  # SAM's gradient did change the direction
@@ -97,7 +105,7 @@ def test_exact_mode_equals_numpy(x64, sam_rho):
 
 @pytest.mark.parametrize("sam_rho", [None, 0.05, 0.07])  # 0.05: the shared point
 def test_finite_difference_mode_equals_numpy(x64, sam_rho):
-    tx = gam_optax.gam_hessian(RHO, PENALTY, sam_rho=sam_rho, hvp_step=0.05)
+    tx = penalty_tx(RHO, PENALTY, sam_rho=sam_rho, hvp_step=0.05)
     expected = np_sam_gam(THETA, RHO, PENALTY, sam_rho, hvp_step=0.05)
     np.testing.assert_allclose(flat(direction(tx)), expected, rtol=1e-10)
     exact = np_sam_gam(THETA, RHO, PENALTY, sam_rho)
@@ -108,9 +116,7 @@ def test_finite_difference_mode_equals_numpy(x64, sam_rho):
 def test_mask_moves_the_ascent_and_sam_steps_only(x64, hvp_step):
     """mask: the steps on ||g|| and SAM's move the selected leaves; H v (or its finite
     difference) is still taken along the whole unit vector."""
-    tx = gam_optax.gam_hessian(
-        RHO, PENALTY, sam_rho=0.05, hvp_step=hvp_step, mask={"w": True, "b": False}
-    )
+    tx = penalty_tx(RHO, PENALTY, sam_rho=0.05, hvp_step=hvp_step, mask={"w": True, "b": False})
     m = np.array([1.0, 1.0, 1.0, 0.0, 0.0])
     expected = np_sam_gam(THETA, RHO, PENALTY, 0.05, hvp_step, mask=m)
     np.testing.assert_allclose(flat(direction(tx)), expected, rtol=1e-10)
@@ -124,25 +130,23 @@ def test_mask_moves_the_ascent_and_sam_steps_only(x64, hvp_step):
 
 @pytest.mark.parametrize("hvp_step", [None, 0.05, 0.02])
 def test_penalty_zero_is_sam(x64, hvp_step):
-    tx = gam_optax.gam_hessian(RHO, 0.0, sam_rho=0.05, hvp_step=hvp_step)
+    tx = penalty_tx(RHO, 0.0, sam_rho=0.05, hvp_step=hvp_step)
     expected = direction(gam_optax.sam(0.05))
     np.testing.assert_array_equal(flat(direction(tx)), flat(expected))
 
 
 def test_the_defaults_are_algorithm_1_unchanged(x64):
-    plain = direction(gam_optax.gam_hessian(RHO, PENALTY))
-    explicit = direction(gam_optax.gam_hessian(RHO, PENALTY, sam_rho=None, hvp_step=None))
+    plain = direction(penalty_tx(RHO, PENALTY))
+    explicit = direction(penalty_tx(RHO, PENALTY, sam_rho=None, hvp_step=None))
     np.testing.assert_array_equal(flat(plain), flat(explicit))
     np.testing.assert_allclose(flat(plain), np_sam_gam(THETA, RHO, PENALTY), rtol=1e-10)
 
 
 def test_finite_differences_converge_linearly_to_the_exact_direction(x64):
     """The error is O(hvp_step): halving the step halves it."""
-    exact = flat(direction(gam_optax.gam_hessian(RHO, PENALTY, sam_rho=0.05)))
+    exact = flat(direction(penalty_tx(RHO, PENALTY, sam_rho=0.05)))
     errors = [
-        np.linalg.norm(
-            flat(direction(gam_optax.gam_hessian(RHO, PENALTY, sam_rho=0.05, hvp_step=r))) - exact
-        )
+        np.linalg.norm(flat(direction(penalty_tx(RHO, PENALTY, sam_rho=0.05, hvp_step=r))) - exact)
         for r in (2e-3, 1e-3)
     ]
     assert errors[0] / errors[1] == pytest.approx(2.0, abs=0.1)
@@ -198,15 +202,15 @@ SCHEDULE = optax.linear_schedule(0.05, 0.01, 10)
     ],
 )
 def test_gradient_evaluations(kwargs, indices):
-    tx = gam_optax.gam_hessian(RHO, PENALTY, **kwargs)
+    tx = penalty_tx(RHO, PENALTY, **kwargs)
     assert grad_fn_indices(tx) == indices
     assert traced_gradients(tx) == len(indices)
 
 
 def test_the_shared_point_gives_the_unshared_numbers(x64):
     """inject_hyperparams passes two arrays: not shared, one more gradient, the same d."""
-    shared = gam_optax.gam_hessian(RHO, PENALTY, sam_rho=0.05, hvp_step=0.05)
-    injected = optax.inject_hyperparams(gam_optax.gam_hessian)(
+    shared = penalty_tx(RHO, PENALTY, sam_rho=0.05, hvp_step=0.05)
+    injected = optax.inject_hyperparams(gam_optax.sam_gam)(
         rho=RHO, penalty=PENALTY, sam_rho=0.05, hvp_step=0.05
     )
     assert traced_gradients(shared) == 3 and traced_gradients(injected) == 4
@@ -223,7 +227,7 @@ def test_schedules_are_evaluated_at_the_step_count(x64, hvp_step):
     sam_rho = lambda count: 0.1 / (1 + count)  # float64 arithmetic under x64
     hvp = (lambda count: 0.05 / (1 + count)) if hvp_step == "schedule" else hvp_step
     for steps in (1, 3):
-        tx = gam_optax.gam_hessian(RHO, PENALTY, sam_rho=sam_rho, hvp_step=hvp)
+        tx = penalty_tx(RHO, PENALTY, sam_rho=sam_rho, hvp_step=hvp)
         got = direction(tx, steps=steps)
         at = lambda v, k=steps - 1: v(k) if callable(v) else v
         expected = np_sam_gam(THETA, RHO, PENALTY, float(at(sam_rho)), at(hvp) and float(at(hvp)))
@@ -232,7 +236,7 @@ def test_schedules_are_evaluated_at_the_step_count(x64, hvp_step):
 
 @pytest.mark.parametrize("kwargs", [dict(sam_rho=0.05, hvp_step=0.05), dict(sam_rho=0.05)])
 def test_float32_params_give_float32_updates(kwargs):
-    tx = optax.chain(gam_optax.gam_hessian(RHO, PENALTY, **kwargs), optax.sgd(0.1))
+    tx = optax.chain(penalty_tx(RHO, PENALTY, **kwargs), optax.sgd(0.1))
     params = jax.tree.map(lambda v: v.astype(jnp.float32), tree(THETA))
     updates, _ = tx.update(jax.grad(loss)(params), tx.init(params), params, loss_fn=loss)
     assert {v.dtype for v in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
@@ -243,21 +247,21 @@ def test_float32_params_give_float32_updates(kwargs):
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        (dict(sam_rho=-0.05), ValueError, "gam_hessian: sam_rho must be a finite number >= 0"),
-        (dict(sam_rho="0.05"), TypeError, "gam_hessian: sam_rho must be a real number"),
-        (dict(hvp_step=0.0), ValueError, r"gam_hessian: hvp_step must be a finite number > 0"),
-        (dict(hvp_step=-1e-3), ValueError, r"gam_hessian: hvp_step must be a finite number > 0"),
-        (dict(hvp_step=float("nan")), ValueError, "gam_hessian: hvp_step must be a finite"),
+        (dict(sam_rho=-0.05), ValueError, "sam_gam: sam_rho must be a finite number >= 0"),
+        (dict(sam_rho="0.05"), TypeError, "sam_gam: sam_rho must be a real number"),
+        (dict(hvp_step=0.0), ValueError, r"gam_penalty: hvp_step must be a finite number > 0"),
+        (dict(hvp_step=-1e-3), ValueError, r"gam_penalty: hvp_step must be a finite number > 0"),
+        (dict(hvp_step=float("nan")), ValueError, "gam_penalty: hvp_step must be a finite"),
         (
             dict(hvp_step=optax.linear_schedule(0.05, 0.0, 100)),
             ValueError,
-            "gam_hessian: the hvp_step schedule at step 100 must be a finite number > 0",
+            "gam_penalty: the hvp_step schedule at step 100 must be a finite number > 0",
         ),
     ],
 )
 def test_bad_sam_rho_and_hvp_step_raise_at_construction(kwargs, error, message):
     with pytest.raises(error, match=message) as raised:
-        gam_optax.gam_hessian(RHO, PENALTY, **kwargs)
+        penalty_tx(RHO, PENALTY, **kwargs)
     if error is ValueError:
         assert "Pass a finite Python float" in str(raised.value)
 
@@ -283,7 +287,8 @@ def test_the_readme_example_builds_and_descends():
     assert float(loss(params)) < before
 
 
-def test_the_experiments_sam_gam_entry_is_gam_hessian_with_its_section():
+def test_the_experiments_sam_gam_entry_is_sam_gam_with_its_section():
+    pytest.importorskip("ml_collections")  # the experiments' extra; not in the lowest CI stage
     from experiments import optimizers
     from experiments.configs import default
 
@@ -293,7 +298,7 @@ def test_the_experiments_sam_gam_entry_is_gam_hessian_with_its_section():
     assert section["sam_rho"] == section["hvp_step"]  # the shared point
     tx = optimizers.create(config, lambda count: 0.1)
     want = optax.chain(
-        gam_optax.gam_hessian(**section, has_aux=True),
+        gam_optax.sam_gam(**section, has_aux=True),
         optax.chain(optax.add_decayed_weights(0.0), optax.sgd(0.1, momentum=config.momentum)),
     )
     params = tree(THETA)

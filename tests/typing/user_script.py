@@ -18,7 +18,8 @@ amortised = gam_optax.reuse(gam_optax.gam(), every=5, alpha=0.7, rescale=False)
 family = [
     gam_optax.sam(0.05, adaptive=True),
     gam_optax.gsam(0.05, 0.1),
-    gam_optax.gam_hessian(0.1, 0.5),
+    gam_optax.gam_penalty(0.1, 0.5),
+    gam_optax.sam_gam(0.1, 0.5, sam_rho=0.05),
     gam_optax.looksam(0.05, every=5),
 ]
 radii: dict[str, float] = gam_optax.gam_preset("cifar100_resnet")
