@@ -364,13 +364,23 @@ def _eval_batches(
     return jax.tree.map(lambda x: x.reshape(-1, batch_size, *x.shape[1:]), batches)
 
 
-def _check_resumable(meta: dict[str, Any], config: ml_collections.ConfigDict, where) -> None:
+def _check_resumable(
+    meta: dict[str, Any], config: ml_collections.ConfigDict, where, allow_changes=()
+) -> None:
     """Refuses to continue a checkpoint written with a config that computes something else:
-    any field but ``checkpoints.MAY_CHANGE_ON_RESUME`` (``num_epochs``, bookkeeping)."""
+    any field but ``checkpoints.MAY_CHANGE_ON_RESUME`` (``num_epochs``, bookkeeping) and the
+    fields the caller deliberately changes (``allow_changes``)."""
+    wanted = json.loads(config.to_json_best_effort())
+    unknown = sorted(set(allow_changes) - set(checkpoints.flat_config(wanted)))
+    if unknown:
+        raise ConfigError(
+            f"--allow_changes names {', '.join(unknown)}, which the config does not have; "
+            f"name config fields as in --config.FIELD (e.g. learning_rate, gam.rho)."
+        )
     differ = checkpoints.changed_fields(
         meta["config"],
-        json.loads(config.to_json_best_effort()),
-        may_change=checkpoints.MAY_CHANGE_ON_RESUME,
+        wanted,
+        may_change=checkpoints.MAY_CHANGE_ON_RESUME | set(allow_changes),
         defaults=json.loads(default_config.get_config().to_json_best_effort()),
     )
     if differ:
@@ -380,8 +390,9 @@ def _check_resumable(meta: dict[str, Any], config: ml_collections.ConfigDict, wh
         raise ConfigError(
             f"cannot resume {where}: it was written with a different configuration ({diffs}). "
             f"Nothing was changed: resume with the checkpoint's settings (only "
-            f"{', '.join(sorted(checkpoints.MAY_CHANGE_ON_RESUME))} may change), choose another "
-            f"--workdir, or pass --overwrite instead of --resume to start over."
+            f"{', '.join(sorted(checkpoints.MAY_CHANGE_ON_RESUME))} may change), pass "
+            f"--allow_changes={','.join(differ)} to change them deliberately from here on, "
+            f"choose another --workdir, or pass --overwrite instead of --resume to start over."
         )
 
 
@@ -461,6 +472,7 @@ def train_and_evaluate(
     *,
     resume: bool = False,
     overwrite: bool = False,
+    allow_changes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Trains and evaluates every epoch; returns the final metrics (best and final accuracy).
 
@@ -479,6 +491,9 @@ def train_and_evaluate(
       resume: continue from the latest checkpoint in ``workdir`` (or start if there is none).
       overwrite: delete a previous run in ``workdir`` first; without it (or ``resume``) a
         workdir that already holds a run is refused.
+      allow_changes: with ``resume``, config fields (``"learning_rate"``, ``"gam.rho"``)
+        that may differ from the checkpoint's, deliberately (e.g. a lower learning rate
+        after a divergence); any other difference that changes the computation is refused.
 
     Returns:
       The last epoch's record of ``metrics.jsonl`` plus ``best_test_accuracy``, ``best_epoch``
@@ -493,10 +508,10 @@ def train_and_evaluate(
     with _workdir_lock(workdir):
         # Again, now that no other run can start or change the workdir.
         checkpoints.check_workdir(workdir, resume, overwrite)
-        return _train(config, workdir, dp, resume, overwrite, start)
+        return _train(config, workdir, dp, resume, overwrite, start, allow_changes)
 
 
-def _train(config, workdir, dp, resume, overwrite, start) -> dict[str, Any]:
+def _train(config, workdir, dp, resume, overwrite, start, allow_changes=()) -> dict[str, Any]:
     main_process = parallel.is_main_process()
     ds = input_pipeline.for_run(config)  # label noise, validation hold-out ("test" = it)
     num_train, batch_size = len(ds.train_labels), config.batch_size
@@ -525,7 +540,7 @@ def _train(config, workdir, dp, resume, overwrite, start) -> dict[str, Any]:
         state = program.state
         if epochs:
             meta = store.meta(epochs[-1])
-            _check_resumable(meta, config, store.directory / str(epochs[-1]))
+            _check_resumable(meta, config, store.directory / str(epochs[-1]), allow_changes)
             state = store.restore(epochs[-1], program.state, meta)
             records = meta.get("records") or [  # checkpoints from before records were kept
                 r for r in checkpoints.read_metrics(metrics_path) if r["epoch"] <= epochs[-1]
@@ -697,7 +712,8 @@ def _diverged(where: str, store, bar) -> TrainingDiverged:
     epochs = store.epochs()
     kept = (
         f"the last good checkpoint, {store.directory / str(epochs[-1])} (epoch {epochs[-1]}), "
-        f"is kept: lower --config.learning_rate (or the radii) and rerun with --resume"
+        f"is kept: lower --config.learning_rate (or the radii) and rerun with --resume "
+        f"--allow_changes=learning_rate"
         if epochs
         else "no checkpoint was written yet: lower --config.learning_rate (or the radii) and "
         "rerun with --overwrite"
@@ -733,7 +749,11 @@ def main(argv: Sequence[str]) -> None:
         if FLAGS.distributed or FLAGS.coordinator_address or FLAGS.num_processes:
             parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         summary = train_and_evaluate(
-            config, FLAGS.workdir, resume=FLAGS.resume, overwrite=FLAGS.overwrite
+            config,
+            FLAGS.workdir,
+            resume=FLAGS.resume,
+            overwrite=FLAGS.overwrite,
+            allow_changes=FLAGS.allow_changes or (),
         )
     except ConfigError as e:  # bad input, a damaged checkpoint, a diverged run
         sys.exit(f"error: {e}")
@@ -753,6 +773,12 @@ def run() -> None:
     """Defines the flags and runs ``main``."""
     flags.DEFINE_string("workdir", None, "Where checkpoints and metrics.jsonl go.", required=True)
     flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir.")
+    flags.DEFINE_list(
+        "allow_changes",
+        None,
+        "With --resume: config fields that may differ from the checkpoint's (e.g. "
+        "learning_rate after a divergence).",
+    )
     flags.DEFINE_bool("overwrite", False, "Delete a previous run in --workdir first.")
     flags.DEFINE_bool(
         "distributed", False, "Join a multi-process job (jax.distributed.initialize)."

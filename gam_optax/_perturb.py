@@ -544,7 +544,7 @@ class GradientOracle:
       transformation: the calling transformation's name, for error messages.
     """
 
-    gradient: Callable[[Params, int], Params]
+    gradient: Callable[[Params, int | jax.Array], Params]  # i is traced under unroll=False
     axis_name: str | None
     average: Average
     exact: bool

@@ -117,7 +117,7 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(finished_run, 
     workdir = copy_of(finished_run, tmp_path)
     diverging = tiny_config(num_epochs=6, keep_checkpoints=1, learning_rate=1e30)
     with pytest.raises(TrainingDiverged) as error:
-        train.train_and_evaluate(diverging, workdir, resume=True)
+        train.train_and_evaluate(diverging, workdir, resume=True, allow_changes=["learning_rate"])
     message = str(error.value)
     assert message.startswith("training diverged at epoch 4")
     assert f"the last good checkpoint, {workdir / 'checkpoints' / '3'} (epoch 3), is kept" in (
@@ -130,8 +130,13 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(finished_run, 
     assert [r["epoch"] for r in strict_records(workdir)] == [1, 2, 3]
 
     # The command line: the same one line, and a non-zero exit.
-    result = run_cli(*cli_flags(workdir, num_epochs=6, learning_rate=1e30), "--resume")
+    result = run_cli(
+        *cli_flags(workdir, num_epochs=6, learning_rate=1e30),
+        "--resume",
+        "--allow_changes=learning_rate",
+    )
     assert_one_line_error(result, "error: training diverged at epoch 4")
+    assert "--resume --allow_changes=learning_rate" in result.stderr
     assert [r["epoch"] for r in strict_records(workdir)] == [1, 2, 3]
 
 
@@ -317,6 +322,26 @@ def test_a_resume_that_would_change_the_run_is_refused_and_changes_nothing(
             assert f"{field}: {old[field]!r} in the checkpoint, {value!r} now" in message
     assert "num_epochs" not in message.split("(only")[0]  # may change: not a difference
     assert files(workdir) == before
+
+
+def test_a_deliberate_change_on_resume_is_named_and_checked(finished_run, tmp_path):
+    workdir = copy_of(finished_run, tmp_path)
+    before = files(workdir)
+    lower = tiny_config(num_epochs=4, learning_rate=0.05, seed=1)
+    with pytest.raises(ConfigError) as error:  # the seed is not among the allowed changes
+        train.train_and_evaluate(lower, workdir, resume=True, allow_changes=["learning_rate"])
+    assert "seed: 0 in the checkpoint, 1 now)" in str(error.value)
+    assert "--allow_changes=seed" in str(error.value)
+    with pytest.raises(ConfigError, match=r"--allow_changes names lerning_rate, which the"):
+        train.train_and_evaluate(lower, workdir, resume=True, allow_changes=["lerning_rate"])
+    assert files(workdir) == before
+    train.train_and_evaluate(
+        tiny_config(num_epochs=4, learning_rate=0.05),
+        workdir,
+        resume=True,
+        allow_changes=["learning_rate"],
+    )
+    assert [r["epoch"] for r in strict_records(workdir)] == [1, 2, 3, 4]
 
 
 def test_a_resume_may_extend_the_run_and_change_its_bookkeeping(finished_run, tmp_path):
