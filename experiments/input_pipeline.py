@@ -32,7 +32,7 @@ CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
 }
-NUM_CLASSES = {"digits": 10, "mnist1d": 10, "cifar10": 10, "cifar100": 100}
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "mnist1d": 10}
 DATASETS = tuple(NUM_CLASSES)
 DIGITS_TEST_SIZE = 899  # a fixed, seeded, stratified half of the 1,797 digits
 # MNIST-1D: the package's standard training set (make_dataset's defaults: 5,000 samples from

@@ -227,7 +227,6 @@ class CNN1D(nn.Module):
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": SmallCNN,
-    "cnn1d": CNN1D,
     "resnet18": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock),
     "resnet34": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock),
     "resnet50": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=Bottleneck),
@@ -235,6 +234,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet152": functools.partial(ResNet, stage_sizes=(3, 8, 36, 3), block_cls=Bottleneck),
     "wrn28_10": functools.partial(WideResNet, depth=28, width=10),
     "pyramidnet110": functools.partial(PyramidNet, depth=110, alpha=270),
+    "cnn1d": CNN1D,
 }
 
 
