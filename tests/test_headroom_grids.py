@@ -132,3 +132,24 @@ def test_a_choice_left_at_the_grid_end_is_marked():
         {"sam": {"rho=0.1": [0.5], "rho=0.2": [0.6]}}, {"sam": "rho=0.2"}, 1, {"sam": False}
     )
     assert "| sam | rho=0.2 | 0.6000 ± 0.0000 | chosen (grid end) |" in table
+
+
+def test_verdicts_of_the_claims():
+    ci = lambda low, high: {"mean": (low + high) / 2, "low": low, "high": high, "n": 10}
+    assert headroom.verdict(ci(0.001, 0.02), "improves") == "confirmed"
+    assert headroom.verdict(ci(-0.004, 0.002), "improves") == "not confirmed"  # < 0.3 points
+    assert headroom.verdict(ci(-0.004, 0.01), "improves") == "inconclusive"
+    assert headroom.verdict(ci(-3.0, -1.0), "lowers") == "confirmed"
+    assert headroom.verdict(ci(0.0, 1.0), "lowers") == "not confirmed"
+    assert headroom.verdict(ci(-1.0, 1.0), "lowers") == "inconclusive"
+    assert headroom.verdict(ci(-0.004, 0.003), "comparable") == "confirmed"
+    assert headroom.verdict(ci(0.006, 0.02), "comparable") == "not confirmed"
+    assert headroom.verdict(ci(-0.002, 0.01), "comparable") == "inconclusive"
+    table = headroom.claims_table(
+        {"mnist1d": {"gam - sgd": {"final_test_accuracy": ci(0.01, 0.03)}}}
+    )
+    assert (
+        "| GAM improves SGD | mnist1d | gam - sgd | test acc, points | +2.00 [+1.00, +3.00] |"
+        in table
+    )
+    assert table.endswith("| 10 | confirmed here |")
