@@ -1,27 +1,37 @@
-"""Does flatness buy accuracy? The SAM family against SGD where digits has headroom.
+"""Does flatness buy accuracy? The SAM family against SGD and AdamW where there is headroom.
 
-Three settings, each a config of the training program (the default CNN):
+Settings, each a config of the training program:
 
-- ``noise20``, ``noise40``: ``configs/digits_noisy.py:0.2`` / ``:0.4``, symmetric label noise
-  on the training split (the test labels are clean), 30 epochs;
+- ``mnist1d``, ``mnist1d_noise40``: ``configs/mnist1d.py`` / ``:0.4``, MNIST-1D (4,000
+  generated training signals, a 10,000-signal test set generated apart from them) and the
+  paper's 1-D CNN, clean or with 40% symmetric label noise on the training split, 40 epochs;
+- ``noise20``, ``noise40``: ``configs/digits_noisy.py:0.2`` / ``:0.4``, digits with symmetric
+  label noise on the training split (the test labels are clean), 30 epochs;
 - ``lowdata``: ``configs/digits_lowdata.py``, 180 of the 898 training examples, 30 epochs.
 
 The protocol, per setting:
 
-1. **Radius on validation.** Each optimizer's radius is chosen from a small grid
-   (:data:`GRIDS`) by the mean final accuracy on a validation split -- the last
-   ``validation_examples`` training examples held out, the test set unused -- over
-   ``--tune-seeds`` seeds. ``reuse`` (amortised GAM) takes GAM's choice.
+1. **Radius on validation.** Each optimizer's radius (GAM-Hessian's penalty) is chosen from
+   a grid of at least 5 values spanning 10x or more (:data:`AXES`) by the mean final
+   accuracy on a validation split -- the last ``validation_examples`` training examples held
+   out, the test set unused -- over ``--tune-seeds`` seeds. **The choice must be interior**:
+   while the best value is at an end of the grid, the grid is extended past that end by the
+   ratio of its two outermost values (at most ``--max-extensions`` times; a choice still at
+   an end is marked so). ``reuse`` (amortised GAM) takes GAM's choice; ``adamw`` runs at the
+   fixed AdamW recipe of :data:`ADAMW`, and ``gam_adamw`` (GAM before AdamW) tunes its own
+   radius with it.
 2. **Test.** Each optimizer at its chosen radius trains on the whole training split for
    ``--seeds`` seeds: seed ``i`` fixes the initialisation, the data order and the label noise
    for every optimizer, so runs are paired by seed.
 3. **Tables.** Mean +- std of the final test accuracy and of the flatness of the final
-   training objective (as ``experiments.reproduce``), and the paired difference to sgd with
-   its 95% confidence interval (Student t over seeds).
+   training objective (as ``experiments.reproduce``), the paired difference to sgd with its
+   95% confidence interval (Student t over seeds), and the paired comparisons of
+   :data:`COMPARISONS` (GAM vs SGD, vs SAM, SAM+GAM vs SAM, reuse vs GAM, GAM+AdamW vs
+   AdamW, GAM vs GAM-Hessian) with the half-width of each interval.
 
 ::
 
-    python -m experiments.headroom --setting noise40 --workdir runs/headroom --seeds 5
+    python -m experiments.headroom --setting mnist1d_noise40 --workdir runs/headroom --seeds 10
     python -m experiments.headroom --plot --workdir runs/headroom   # every finished setting
 
 Finished runs are reused, so an interrupted benchmark continues, and more seeds extend it.
@@ -42,7 +52,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from experiments import ConfigError, reproduce, tables, xla_options
-from experiments.configs import digits_lowdata, digits_noisy
+from experiments.configs import digits_lowdata, digits_noisy, mnist1d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,32 +63,91 @@ class Setting:
 
 
 SETTINGS = {
+    "mnist1d": Setting(lambda: mnist1d.get_config("0.0"), 1000, "MNIST-1D"),
+    "mnist1d_noise40": Setting(
+        lambda: mnist1d.get_config("0.4"), 1000, "MNIST-1D, 40% label noise"
+    ),
     "noise20": Setting(lambda: digits_noisy.get_config("0.2"), 200, "20% label noise"),
     "noise40": Setting(lambda: digits_noisy.get_config("0.4"), 200, "40% label noise"),
     "lowdata": Setting(digits_lowdata.get_config, 60, "180 training examples"),
 }
 
-# optimizer -> the radius settings tried on validation (``experiments.reproduce`` overrides).
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+    """One hyperparameter tried on validation: ``template.format(value)`` for each value."""
+
+    template: str  # e.g. "rho={}"; "sam_rho={0},hvp_step={0}" sets two fields to one value
+    values: tuple[float, ...]  # increasing, positive
+
+    def choice(self, value: float) -> str:
+        return self.template.format(value)
+
+
+# optimizer -> its axis; >= 5 values spanning >= 10x, extended until the choice is interior.
+RADII = (0.02, 0.05, 0.1, 0.2, 0.5)
+AXES = {
+    "sam": Axis("rho={}", RADII),
+    "gsam": Axis("rho={}", RADII),
+    "gam": Axis("rho_prime={}", (0.01, 0.02, 0.05, 0.1, 0.2)),  # rho (0.2) fixed
+    "sam_gam": Axis("sam_rho={0},hvp_step={0}", RADII),  # rho 0.1, penalty 0.3 fixed
+    "gam_penalty": Axis("penalty={}", (0.03, 0.1, 0.3, 1.0, 3.0)),  # rho 0.1 fixed
+    "gam_adamw": Axis("rho_prime={}", (0.01, 0.02, 0.05, 0.1, 0.2)),
+}
+# optimizer -> the radius settings first tried on validation (``experiments.reproduce``
+# overrides); sgd and adamw have none.
 GRIDS = {
     "sgd": [""],
-    "sam": ["rho=0.05", "rho=0.1", "rho=0.2"],
-    "gsam": ["rho=0.05", "rho=0.1", "rho=0.2"],
-    "gam": ["rho_prime=0.02", "rho_prime=0.05", "rho_prime=0.1"],  # rho (0.2) fixed
-    "sam_gam": [f"sam_rho={r},hvp_step={r}" for r in (0.05, 0.1, 0.2)],
+    **{name: [axis.choice(v) for v in axis.values] for name, axis in AXES.items()},
+    "adamw": [""],
 }
 # Amortised GAM: the reuse rule chosen on validation (RESULTS.md, "Amortised GAM"), around
 # GAM's choice.
 FOLLOWERS = {"reuse": ("gam", "every=5,alpha=1.0,rescale=False")}
+# The AdamW recipe (decoupled weight decay; the cosine schedule and label smoothing of the
+# setting), chosen on MNIST-1D's validation split (RESULTS.md), and the methods that use it.
+ADAMW = {"learning_rate": 0.01, "weight_decay": 0.01}
+BASES = {"adamw": ADAMW, "gam_adamw": {**ADAMW, "base_optimizer": "adamw"}}
+ALIASES = {"gam_adamw": "gam"}  # method -> its name in experiments/optimizers.py
 OPTIMIZERS = (*GRIDS, *FOLLOWERS)
+DEFAULT_OPTIMIZERS = ("sgd", "sam", "gam", "sam_gam", "reuse", "gam_penalty", "adamw", "gam_adamw")
+# (method, baseline): the paired comparisons the benchmark answers.
+COMPARISONS = (
+    ("gam", "sgd"),
+    ("gam", "sam"),
+    ("sam_gam", "sam"),
+    ("reuse", "gam"),
+    ("gam_adamw", "adamw"),
+    ("gam", "gam_penalty"),
+)
 TUNE_SEED = 100  # tuning seeds are 100, 101, ...: never a test run's
+# The seed's five claims (the GAM paper's README): (claim, comparison, measure, kind).
+CLAIMS = (
+    ("GAM improves SGD", "gam - sgd", "final_test_accuracy", "improves"),
+    ("GAM improves AdamW", "gam_adamw - adamw", "final_test_accuracy", "improves"),
+    ("GAM improves SAM", "sam_gam - sam", "final_test_accuracy", "improves"),
+    ("GAM helps SAM find flatter minima", "sam_gam - sam", "top_eigenvalue", "lowers"),
+    (
+        "Algorithm 2 (gam) comparable to Algorithm 1 (gam_penalty)",
+        "gam - gam_penalty",
+        "final_test_accuracy",
+        "comparable",
+    ),
+)
+# An accuracy gain whose 95% interval lies below this is "not confirmed" (too small to
+# matter here: the issue's precision target); "comparable" means within +-EQUIVALENCE.
+MARGIN = 0.003
+EQUIVALENCE = 0.005
 
 
 def spec(optimizer: str, choice: str) -> str:
-    """``('gam', 'rho_prime=0.05')`` -> ``'gam:rho_prime=0.05'``; ``reuse`` wraps GAM's."""
+    """``('gam', 'rho_prime=0.05')`` -> ``'gam:rho_prime=0.05'``; ``reuse`` wraps GAM's;
+    ``gam_adamw`` is ``gam`` (its base optimizer is set by :data:`BASES`)."""
     if optimizer in FOLLOWERS:
         inner, rule = FOLLOWERS[optimizer]
         inner_overrides = ",".join(f"{inner}.{item}" for item in filter(None, choice.split(",")))
         return f"{optimizer}:{rule}" + (f",{inner_overrides}" if inner_overrides else "")
+    optimizer = ALIASES.get(optimizer, optimizer)
     return f"{optimizer}:{choice}" if choice else optimizer
 
 
@@ -87,13 +156,58 @@ def choose(accuracies: dict[str, list[float]]) -> str:
     return max(accuracies, key=lambda choice: np.mean(accuracies[choice]))
 
 
-def paired_differences(results: Sequence[dict[str, Any]], key: str) -> dict[str, list[float]]:
-    """optimizer -> per-seed ``key`` minus sgd's on the same seed."""
-    sgd = {r["seed"]: r[key] for r in results if r["optimizer"] == "sgd"}
+def bracketed(means: Sequence[float]) -> tuple[int, int | None]:
+    """Where the best mean lies in a grid ordered by value: ``(index, None)`` when a best
+    value is interior (the first such), else ``(index, end)`` with ``end`` 0 (low) or -1
+    (high), the end to extend (the high one when both ends tie for best)."""
+    best = max(means)
+    interior = [i for i in range(1, len(means) - 1) if means[i] == best]
+    if interior:
+        return interior[0], None
+    if means[-1] == best:
+        return len(means) - 1, -1
+    return 0, 0
+
+
+def beyond(values: Sequence[float], end: int) -> float:
+    """The next value past ``end`` of a geometric-ish grid: the outermost value times the
+    ratio of the two outermost ones (0.2 after 0.1, 0.2 -> 0.4; 0.02 before 0.05 -> 0.008),
+    to two significant digits."""
+    outer, inner = (values[0], values[1]) if end == 0 else (values[-1], values[-2])
+    return float(f"{outer * outer / inner:.2g}")
+
+
+def tune(
+    axis: Axis, evaluate: Callable[[str], list[float]], max_extensions: int
+) -> tuple[dict[str, list[float]], str, bool]:
+    """Validation accuracies of every value of ``axis`` (extended while the best is at an
+    end), the choice, and whether it is interior.
+
+    ``evaluate(choice)`` returns the validation accuracies of one grid value (one per
+    tuning seed). The returned dict is ordered by value.
+    """
+    values = list(axis.values)
+    scores = {v: evaluate(axis.choice(v)) for v in values}
+    for extension in range(max_extensions + 1):
+        index, end = bracketed([float(np.mean(scores[v])) for v in values])
+        if end is None or extension == max_extensions:
+            break
+        new = beyond(values, end)
+        values.insert(len(values) if end == -1 else 0, new)
+        scores[new] = evaluate(axis.choice(new))
+    accuracies = {axis.choice(v): scores[v] for v in values}
+    return accuracies, axis.choice(values[index]), end is None
+
+
+def paired_differences(
+    results: Sequence[dict[str, Any]], key: str, baseline: str = "sgd"
+) -> dict[str, list[float]]:
+    """method -> per-seed ``key`` minus ``baseline``'s on the same seed."""
+    base = {r["seed"]: r[key] for r in results if r["name"] == baseline}
     differences: dict[str, list[float]] = {}
     for r in results:
-        if r["seed"] in sgd:
-            differences.setdefault(r["name"], []).append(r[key] - sgd[r["seed"]])
+        if r["seed"] in base:
+            differences.setdefault(r["name"], []).append(r[key] - base[r["seed"]])
     return differences
 
 
@@ -101,11 +215,15 @@ def run_setting(args: argparse.Namespace, name: str) -> dict[str, Any]:
     """Chooses each optimizer's radius on validation, then runs the test seeds; prints the
     tables and writes ``WORKDIR/NAME/summary.json``."""
     setting, workdir = SETTINGS[name], args.workdir / name
-    base = setting.config()
-    epochs = args.epochs or base.num_epochs
+    epochs = args.epochs or setting.config().num_epochs
 
-    def run(optimizer_spec, seed, folder, validation=None):
+    def run(method, choice, seed, folder, validation=None):
+        optimizer_spec = spec(method, choice)
         label = optimizer_spec.translate(str.maketrans(":,", "--", "="))
+        if optimizer_spec.partition(":")[0] != method and method not in FOLLOWERS:
+            label = f"{method}-{label}"  # gam_adamw's runs apart from gam's
+        base = setting.config()
+        base.update(BASES.get(method, {}))
         result = reproduce.run_one(
             optimizer_spec,
             seed,
@@ -118,50 +236,163 @@ def run_setting(args: argparse.Namespace, name: str) -> dict[str, Any]:
             measure=validation is None,  # choosing a radius needs the accuracy alone
         )
         print(f"done {name}/{folder}/{label}-seed{seed}", file=sys.stderr, flush=True)
-        return result
+        # The method's name in the tables (gam_adamw's spec names gam).
+        shown = method + optimizer_spec[len(optimizer_spec.partition(":")[0]) :]
+        return {**result, "optimizer": shown, "name": method}
 
     # 1. The radius of each optimizer, on the validation split (tuning seeds).
     tune_seeds = range(TUNE_SEED, TUNE_SEED + args.tune_seeds)
     validation: dict[str, dict[str, list[float]]] = {}  # optimizer -> choice -> accuracies
-    for optimizer in (o for o in args.optimizers if o in GRIDS and len(GRIDS[o]) > 1):
-        validation[optimizer] = {
-            choice: [
-                run(spec(optimizer, choice), s, "tune", setting.validation_examples)[
-                    "final_test_accuracy"
-                ]
-                for s in tune_seeds
-            ]
-            for choice in GRIDS[optimizer]
-        }
-    choices = {o: choose(validation[o]) if o in validation else GRIDS[o][0] for o in GRIDS}
+    choices = {o: GRIDS[o][0] for o in GRIDS}
+    interior: dict[str, bool] = {}
+    for optimizer in (o for o in args.optimizers if o in AXES):
+        evaluate = lambda choice, o=optimizer: [
+            run(o, choice, s, "tune", setting.validation_examples)["final_test_accuracy"]
+            for s in tune_seeds
+        ]
+        validation[optimizer], choices[optimizer], interior[optimizer] = tune(
+            AXES[optimizer], evaluate, args.max_extensions
+        )
     choices.update({follower: choices[inner] for follower, (inner, _) in FOLLOWERS.items()})
 
     # 2. Every optimizer at its radius on the test set, the same seeds for all.
     results = [
-        {**run(spec(optimizer, choices[optimizer]), seed, "test"), "name": optimizer}
+        run(optimizer, choices[optimizer], seed, "test")
         for seed in range(args.seeds)
         for optimizer in args.optimizers
     ]
 
     print(f"\n## {name}: {setting.label}, {epochs} epochs\n")
     if validation:
-        print(tuning_table(validation, choices, args.tune_seeds))
+        print(tuning_table(validation, choices, args.tune_seeds, interior))
         print(f"\nvalidation: the last {setting.validation_examples} training examples.\n")
     print(reproduce.markdown_table(reproduce.summarise(results), args.seeds))
     print()
     print(difference_table(results))
+    comparisons = compare(results)
+    if comparisons:
+        print()
+        print(comparison_table(comparisons))
+        print()
+        print(claims_table({name: comparisons}))
     choices = {o: choices[o] for o in args.optimizers}
-    summary = {"setting": name, "epochs": epochs, "choices": choices, "results": results}
+    summary = {
+        "setting": name,
+        "epochs": epochs,
+        "choices": choices,
+        "interior": interior,
+        "validation": validation,
+        "comparisons": comparisons,
+        "results": results,
+    }
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
+def compare(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The paired comparisons of :data:`COMPARISONS` whose two methods both ran: per key
+    (test accuracy, top eigenvalue, trace, R1) the mean difference, its 95% interval and
+    the number of seeds."""
+    names = {r["name"] for r in results}
+    out: dict[str, dict[str, Any]] = {}
+    for method, baseline in COMPARISONS:
+        if method not in names or baseline not in names:
+            continue
+        row: dict[str, Any] = {}
+        for key in ("final_test_accuracy", "top_eigenvalue", "trace", "first_order_flatness"):
+            if not all(key in r for r in results if r["name"] in (method, baseline)):
+                continue
+            diffs = paired_differences(results, key, baseline)[method]
+            low, high = reproduce.interval(diffs)
+            row[key] = {"mean": float(np.mean(diffs)), "low": low, "high": high, "n": len(diffs)}
+        out[f"{method} - {baseline}"] = row
+    return out
+
+
+def verdict(interval: dict[str, float], kind: str) -> str:
+    """A claim's verdict from the 95% interval of its paired difference.
+
+    ``improves`` (accuracy): confirmed if the interval is above 0, not confirmed if it is
+    below :data:`MARGIN`, else inconclusive. ``lowers`` (top eigenvalue): confirmed if below
+    0, not confirmed if at or above 0, else inconclusive. ``comparable`` (accuracy):
+    confirmed inside +-:data:`EQUIVALENCE`, not confirmed entirely outside it, else
+    inconclusive.
+    """
+    low, high = interval["low"], interval["high"]
+    if kind == "improves":
+        return "confirmed" if low > 0 else "not confirmed" if high < MARGIN else "inconclusive"
+    if kind == "lowers":
+        return "confirmed" if high < 0 else "not confirmed" if low >= 0 else "inconclusive"
+    if kind == "comparable":
+        if -EQUIVALENCE <= low and high <= EQUIVALENCE:
+            return "confirmed"
+        return "not confirmed" if low > EQUIVALENCE or high < -EQUIVALENCE else "inconclusive"
+    raise ValueError(f"unknown kind of claim {kind!r}")
+
+
+def claims_table(comparisons_by_setting: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """One row per claim of :data:`CLAIMS` and setting whose comparison ran: its interval
+    and :func:`verdict` (accuracy in points)."""
+    rows = []
+    for claim, comparison, key, kind in CLAIMS:
+        for setting, comparisons in comparisons_by_setting.items():
+            interval = comparisons.get(comparison, {}).get(key)
+            if interval is None:
+                continue
+            scale, f = (100, "{:+.2f}") if key == "final_test_accuracy" else (1, "{:+.2f}")
+            cells = [scale * interval[k] for k in ("mean", "low", "high")]
+            text = f"{f.format(cells[0])} [{f.format(cells[1])}, {f.format(cells[2])}]"
+            measure = "test acc, points" if scale == 100 else "top eig"
+            rows.append(
+                [
+                    claim,
+                    setting,
+                    comparison,
+                    measure,
+                    text,
+                    str(interval["n"]),
+                    verdict(interval, kind) + " here",
+                ]
+            )
+    header = ["claim", "setting", "comparison", "measure", "mean [95% CI]", "seeds", "verdict"]
+    return tables.table(header, rows, markdown=True)
+
+
+def comparison_table(comparisons: dict[str, dict[str, Any]]) -> str:
+    """Test accuracy (in points) and flatness differences of each comparison, with 95% CIs."""
+    fmt = lambda d, f, scale=1.0: (
+        f"{f.format(scale * d['mean'])} [{f.format(scale * d['low'])}, "
+        f"{f.format(scale * d['high'])}]"
+    )
+    rows = []
+    for label, row in comparisons.items():
+        accuracy = row["final_test_accuracy"]
+        half = 100 * (accuracy["high"] - accuracy["low"]) / 2
+        cells = [label, str(accuracy["n"]), fmt(accuracy, "{:+.2f}", 100), f"{half:.2f}"]
+        for key, f in (("top_eigenvalue", "{:+.2f}"), ("trace", "{:+.1f}")):
+            cells.append(fmt(row[key], f) if key in row else "-")
+        rows.append(cells)
+    header = ["comparison", "seeds", "test acc, points, 95% CI", "half-width", "top eig", "trace"]
+    return (
+        tables.table(header, rows, markdown=True) + "\n\npaired by seed (same data, order, noise)"
+    )
+
+
 def tuning_table(
-    validation: dict[str, dict[str, list[float]]], choices: dict[str, str], seeds: int
+    validation: dict[str, dict[str, list[float]]],
+    choices: dict[str, str],
+    seeds: int,
+    interior: dict[str, bool] | None = None,
 ) -> str:
-    """Mean +- std validation accuracy of every grid value, the choice marked."""
-    mark = lambda optimizer, choice: "chosen" if choice == choices[optimizer] else ""
+    """Mean +- std validation accuracy of every grid value, the choice marked (and marked as
+    at the grid's end when extending did not make it interior)."""
+
+    def mark(optimizer, choice):
+        if choice != choices[optimizer]:
+            return ""
+        return "chosen" if (interior or {}).get(optimizer, True) else "chosen (grid end)"
+
     rows = [
         [
             optimizer,
@@ -233,16 +464,23 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("runs/headroom"))
     parser.add_argument("--setting", nargs="*", default=[], choices=list(SETTINGS))
-    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    parser.add_argument(
+        "--optimizers", nargs="+", default=list(DEFAULT_OPTIMIZERS), choices=OPTIMIZERS
+    )
     parser.add_argument("--seeds", type=int, default=5, help="test runs per optimizer")
     parser.add_argument("--tune-seeds", type=int, default=2, help="validation runs per grid value")
     parser.add_argument("--epochs", type=int, default=None, help="default: the setting's config")
+    parser.add_argument(
+        "--max-extensions", type=int, default=3, help="grid extensions while the best is an end"
+    )
     parser.add_argument("--rho", type=float, default=0.05, help="radius of R1")
     parser.add_argument("--flatness-examples", type=int, default=512)
     parser.add_argument("--plot", action="store_true", help="plot every finished setting")
     args = parser.parse_args(argv)
     if args.seeds < 2 or args.tune_seeds < 1 or (args.epochs is not None and args.epochs < 1):
         parser.error("--seeds must be >= 2 (for intervals), --tune-seeds and --epochs >= 1")
+    if args.max_extensions < 0:
+        parser.error("--max-extensions must be >= 0")
     if "sgd" not in args.optimizers:
         parser.error("--optimizers must include sgd, the baseline of the paired differences")
     if not args.setting and not args.plot:

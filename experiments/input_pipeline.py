@@ -5,12 +5,20 @@ training loop gathers this process's rows of the batch with NumPy, moves them to
 and augments and normalises them inside its jitted step, so the input pipeline is never the
 bottleneck. CIFAR-10/100 come from tensorflow-datasets through
 ``tfds.data_source`` (array_record files, no TensorFlow needed); the offline default is
-scikit-learn's 8x8 digits, which ships inside the package.
+scikit-learn's 8x8 digits, which ships inside the package. MNIST-1D (Greydanus & Kobak,
+ICML 2024) is generated offline from the ``mnist1d`` package's templates
+(:func:`make_mnist1d`; its downloading ``get_dataset`` is never called).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
+import pathlib
+import random
+import tempfile
 from typing import NamedTuple
 
 import jax
@@ -24,16 +32,23 @@ CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
 }
-NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "mnist1d": 10}
 DATASETS = tuple(NUM_CLASSES)
 DIGITS_TEST_SIZE = 899  # a fixed, seeded, stratified half of the 1,797 digits
+# MNIST-1D: the package's standard training set (make_dataset's defaults: 5,000 samples from
+# seed 42, the first 80% = 4,000 to train), and a test set of 10,000 generated apart from it
+# (its own seed; the standard set's 1,000 test examples are not used). Same generator
+# arguments otherwise: 40-sample signals, 10 balanced classes.
+MNIST1D_TRAIN = {"num_samples": 5000, "seed": 42, "train_split": 0.8}
+MNIST1D_TEST = {"num_samples": 10_000, "seed": 20_240_000, "train_split": 0.0}
 
 
 class Dataset(NamedTuple):
     """A whole data set in host memory.
 
     Attributes:
-      train_images, test_images: uint8 arrays of shape (N, H, W, C).
+      train_images, test_images: uint8 arrays of shape (N, H, W, C); for MNIST-1D float32
+        signals of shape (N, 40, 1) (see :func:`_load_mnist1d` for their scale).
       train_labels, test_labels: int32 arrays of shape (N,).
       num_classes: the number of classes.
       mean, std: per-channel normalisation on the [0, 1] scale.
@@ -54,9 +69,12 @@ def load(
     num_train_examples: int | None = None,
     num_test_examples: int | None = None,
 ) -> Dataset:
-    """Loads ``name`` ('digits', 'cifar10' or 'cifar100'), optionally only its first examples."""
+    """Loads ``name`` ('digits', 'mnist1d', 'cifar10' or 'cifar100'), optionally only its
+    first examples."""
     if name == "digits":
         ds = _load_digits()
+    elif name == "mnist1d":
+        ds = _load_mnist1d(data_dir)
     elif name in CIFAR_STATS:
         ds = _load_cifar(name, data_dir)
     else:
@@ -147,6 +165,86 @@ def _load_digits() -> Dataset:
     mean = float(x_train.mean() / 255)
     std = float(x_train.std() / 255)
     return Dataset(x_train, y_train, x_test, y_test, 10, (mean,), (std,))
+
+
+def make_mnist1d(num_samples: int, seed: int, train_split: float) -> dict[str, np.ndarray]:
+    """``mnist1d.data.make_dataset`` with these arguments (the package's defaults otherwise):
+    arrays ``x`` (float64, (N, 40)), ``y``, ``x_test``, ``y_test``, offline.
+
+    The generator builds every example from the package's ten templates (pad, dilate, scale,
+    translate, correlated and iid noise, shear), seeded by ``seed``, then standardises the
+    whole generated set to mean 0, std 1; ``num_samples // 10`` examples of each class, then
+    shuffled, the first ``train_split`` of them as ``x``. It seeds NumPy's and Python's
+    global generators (``mnist1d.utils.set_seed``); their states are restored afterwards.
+    No network: ``make_dataset`` only computes (``get_dataset``, which downloads, is not used).
+    """
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise ConfigError(
+            "dataset 'mnist1d' needs the mnist1d package: pip install 'gam-optax[experiments]' "
+            "(or pip install mnist1d)."
+        ) from None
+    args = get_dataset_args()
+    args.num_samples, args.seed, args.train_split = num_samples, seed, train_split
+    numpy_state, python_state = np.random.get_state(), random.getstate()  # noqa: NPY002
+    try:
+        data = make_dataset(args)
+    finally:
+        np.random.set_state(numpy_state)  # noqa: NPY002
+        random.setstate(python_state)
+    return {k: np.asarray(data[k]) for k in ("x", "y", "x_test", "y_test")}
+
+
+def _mnist1d_cache_path(data_dir: str | None) -> pathlib.Path:
+    """Where the generated arrays are cached: DATA_DIR/mnist1d, or ~/.cache/gam-optax/mnist1d
+    ($XDG_CACHE_HOME), one file per generator version and arguments."""
+    import mnist1d
+
+    key = json.dumps([getattr(mnist1d, "__version__", "?"), MNIST1D_TRAIN, MNIST1D_TEST])
+    key += np.__version__  # the generator draws from NumPy's legacy global generator
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    root = data_dir or os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    sub = "mnist1d" if data_dir else "gam-optax/mnist1d"
+    return pathlib.Path(os.path.expanduser(root)) / sub / f"mnist1d-{digest}.npz"
+
+
+@functools.lru_cache(maxsize=2)
+def _load_mnist1d(data_dir: str | None = None) -> Dataset:
+    """MNIST-1D: 4,000 training and 10,000 test signals (:data:`MNIST1D_TRAIN`,
+    :data:`MNIST1D_TEST`), generated once (about 7 s on one core) and cached on disk.
+
+    The signals stay float32 (already standardised by the generator, shape (N, 40, 1));
+    ``mean`` and ``std`` are the training set's, divided by 255, so that :func:`normalize`
+    (``(x / 255 - mean) / std``) standardises them with the training statistics exactly.
+    """
+    path = _mnist1d_cache_path(data_dir)
+    if path.exists():
+        with np.load(path) as cached:
+            arrays = {k: cached[k] for k in cached.files}
+    else:
+        train = make_mnist1d(**MNIST1D_TRAIN)
+        test = make_mnist1d(**MNIST1D_TEST)
+        arrays = {
+            "x_train": train["x"].astype(np.float32)[..., None],
+            "y_train": train["y"].astype(np.int32),
+            "x_test": test["x_test"].astype(np.float32)[..., None],
+            "y_test": test["y_test"].astype(np.int32),
+        }
+        try:  # atomically: parallel runs may write the same file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as f:
+                np.savez(f, **arrays)
+            os.replace(f.name, path)
+        except OSError:  # a read-only place: generate each time
+            pass
+    for array in arrays.values():  # shared by every run of this process: never modified
+        array.setflags(write=False)
+    x_train = arrays["x_train"]
+    mean, std = float(x_train.mean()) / 255, float(x_train.std()) / 255
+    return Dataset(
+        x_train, arrays["y_train"], arrays["x_test"], arrays["y_test"], 10, (mean,), (std,)
+    )
 
 
 def _load_cifar(name: str, data_dir: str | None) -> Dataset:

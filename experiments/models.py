@@ -1,4 +1,4 @@
-"""Flax Linen models of the GAM experiments: CIFAR ResNets, WideResNet, PyramidNet, a small CNN.
+"""Flax Linen models of the GAM experiments: CIFAR ResNets, WideResNet, PyramidNet, small CNNs.
 
 Each model maps NHWC images to float32 logits (float64 for a float64 model) and keeps BatchNorm
 running statistics in the ``batch_stats`` collection:
@@ -201,6 +201,30 @@ class SmallCNN(nn.Module):
         return _logits(nn.Dense(self.num_classes, dtype=self.dtype)(x), self.dtype)
 
 
+class CNN1D(nn.Module):
+    """The MNIST-1D paper's CNN (Greydanus & Kobak 2024, ``ConvBase``) with BatchNorm.
+
+    Three convolutions of ``channels`` filters (kernel 5, 3, 3; stride 2; padding 1; ReLU),
+    flattened, linear: a 40-sample signal (N, 40, 1) becomes 19, 10, then 5 positions.
+    The paper's network has biases and no normalisation; here each convolution is followed
+    by BatchNorm (the trainer keeps BatchNorm statistics for every model), 5.2k parameters.
+    """
+
+    num_classes: int
+    channels: int = 25
+    dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        conv, norm = _conv(self.dtype), _norm(train, self.dtype, self.axis_name)
+        x = x.astype(self.dtype)
+        for kernel in (5, 3, 3):
+            x = nn.relu(norm()(conv(self.channels, (kernel,), 2, padding=1)(x)))
+        x = x.reshape(x.shape[0], -1)
+        return _logits(nn.Dense(self.num_classes, dtype=self.dtype)(x), self.dtype)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": SmallCNN,
     "resnet18": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock),
@@ -210,6 +234,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet152": functools.partial(ResNet, stage_sizes=(3, 8, 36, 3), block_cls=Bottleneck),
     "wrn28_10": functools.partial(WideResNet, depth=28, width=10),
     "pyramidnet110": functools.partial(PyramidNet, depth=110, alpha=270),
+    "cnn1d": CNN1D,
 }
 
 

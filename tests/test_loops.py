@@ -77,7 +77,7 @@ def test_plain_update_without_loss_fn_lists_every_fix():
     params, loss = _quadratic()
     for tx, alternative in (
         (gam_optax.gam(), "transparent_gam"),
-        (gam_optax.gam_hessian(0.1, 0.5), None),
+        (gam_optax.gam_penalty(0.1, 0.5), None),
     ):
         with pytest.raises(ValueError) as error:
             tx.update(jax.grad(loss)(params), tx.init(params), params)

@@ -50,8 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.label_smoothing = 0.1
 
     # Optimizer: a name of experiments/optimizers.py: 'sgd', 'adamw', or a gam_optax
-    # transformation ('gam', 'sam', 'gsam', 'sam_gam', 'looksam', 'reuse') placed before the
-    # base optimizer, whose keyword arguments are the section of its name (config.gam, ...).
+    # transformation ('gam', 'sam', 'gsam', 'sam_gam', 'gam_penalty', 'looksam', 'reuse')
+    # placed before the base optimizer, whose keyword arguments are the section of its name
+    # (config.gam, ...).
     # 'sgd' is coupled weight decay + SGD with momentum (PyTorch's SGD); 'adamw' decouples it.
     config.optimizer = "gam"
     config.base_optimizer = "sgd"
