@@ -14,9 +14,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gam_optax import _perturb
+from gam_optax._builder import value_at
 from gam_optax._gam import GAMState, HMinusWeighting, gam
-from gam_optax._perturb import add_scaled, ascent_step, cast_like
+from gam_optax._tree_math import add, add_scaled, ascent_step, cast_like, subtract
+from gam_optax._validation import (
+    Mask,
+    check_float_params,
+    check_like_params,
+    check_state,
+    describe,
+    resolve_mask,
+)
 
 CALLS_PER_STEP = 4  # g0 at theta, g1 at theta1, g2 at theta2, g3 at theta3
 
@@ -51,7 +59,7 @@ def transparent_gam(
     eps: float | jax.Array = 1e-12,
     adaptive: bool = False,
     h_minus_weighting: HMinusWeighting = "released",
-    mask: _perturb.Mask | None = None,
+    mask: Mask | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""GAM for a training loop that cannot pass ``loss_fn``: one gradient per ``update``.
 
@@ -152,7 +160,7 @@ def transparent_gam(
     ):
         raise TypeError(
             f"{name}: optimizer must be an optax GradientTransformation (the outer optimizer, "
-            f"e.g. optax.sgd(0.1, momentum=0.9)), got {_perturb._describe(optimizer)}."
+            f"e.g. optax.sgd(0.1, momentum=0.9)), got {describe(optimizer)}."
         )
 
     def init_fn(params: optax.Params) -> TransparentGAMState:
@@ -167,29 +175,29 @@ def transparent_gam(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args  # a loop that passes loss_fn should use gam() itself
-        _perturb.check_state(state, TransparentGAMState, name)
+        check_state(state, TransparentGAMState, name)
         if params is None:
             raise ValueError(
                 f"{name}: update needs params, the point the gradient was computed at: "
                 "tx.update(grads, state, params)."
             )
-        _perturb.check_float_params(params, name)
-        _perturb.check_like_params(updates, params, "updates (the gradient)", name)
-        m = _perturb.resolve_mask(mask, params, name)
-        r = _perturb.value_at(rho, state.gam_state.count)
-        r_prime = _perturb.value_at(rho_prime, state.gam_state.count)
+        check_float_params(params, name)
+        check_like_params(updates, params, "updates (the gradient)", name)
+        m = resolve_mask(mask, params, name)
+        r = value_at(rho, state.gam_state.count)
+        r_prime = value_at(rho_prime, state.gam_state.count)
         theta = state.params
         g0, g1, g2 = state.grads
 
         def ascend(direction, at, radius):
             step = ascent_step(direction, at, radius, eps=eps, adaptive=adaptive, mask=m)
-            return jax.tree.map(jnp.add, at, step)
+            return add(at, step)
 
         def theta2_of(g0, g1):  # theta + rho u(g1 - g0): the gradient-norm ascent
             return ascend(add_scaled(g1, -1.0, g0), theta, r)
 
         def move_to(point):  # the update that takes the caller's params to point
-            return cast_like(jax.tree.map(jnp.subtract, point, params), params)
+            return cast_like(subtract(point, params), params)
 
         def call_1(grads):  # g0 at theta: go to theta1
             state_1 = state._replace(params=params, grads=(grads, g1, g2))

@@ -5,6 +5,7 @@ softmax regression with a hand-derived gradient.
 """
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gam_optax
-from gam_optax import _perturb
+from gam_optax import _tree_math
 
 HYPER = dict(rho=0.3, rho_prime=0.05, alpha=0.6, beta=0.4, gamma=0.2)
 
@@ -184,9 +185,9 @@ def test_orthogonal_part_decomposes_any_tree(x64):
     keys = jax.random.split(jax.random.key(0), 4)
     v = {"a": jax.random.normal(keys[0], (3, 4)), "b": jax.random.normal(keys[1], (5,))}
     u = {"a": jax.random.normal(keys[2], (3, 4)), "b": jax.random.normal(keys[3], (5,))}
-    perp = _perturb.orthogonal_part(v, u, 1e-12)
-    norms = _perturb.global_norm(perp) * _perturb.global_norm(u)
-    assert abs(_perturb.vdot(perp, u)) < 1e-12 * norms
+    perp = _tree_math.orthogonal_part(v, u, 1e-12)
+    norms = _tree_math.global_norm(perp) * _tree_math.global_norm(u)
+    assert abs(_tree_math.vdot(perp, u)) < 1e-12 * norms
     parallel = flat({"w": v["a"] - perp["a"], "b": v["b"] - perp["b"]})
     u_flat = flat({"w": u["a"], "b": u["b"]})
     assert abs(abs(parallel @ u_flat) - np.linalg.norm(parallel) * np.linalg.norm(u_flat)) < 1e-10
@@ -958,26 +959,29 @@ def test_bad_update_inputs_fail_at_trace_time(
         jax.jit(run)(args["updates"], args["state"], args["params"])
 
 
-@pytest.mark.parametrize(
-    ("make_state", "wrong", "right"),
-    [
-        (lambda p: gam_optax.sam().init(p), "gam", "GAMState.*got SAMState"),
-        (lambda p: gam_optax.gam().init(p), "sam", "SAMState.*got GAMState"),
-        (
-            lambda p: gam_optax.gam_penalty(0.1, 0.5).init(p),
-            "gsam",
-            "SAMState.*got GAMPenaltyState",
-        ),
-        (lambda p: gam_optax.gam().init(p), "gam_penalty", "GAMPenaltyState.*got GAMState"),
-        (lambda p: gam_optax.sam().init(p), "sam_gam", "GAMPenaltyState.*got SAMState"),
-    ],
-)
-def test_a_state_from_another_transformation_is_named(f32_problem, make_state, wrong, right):
+def test_the_step_count_state_is_one_class_under_its_old_names():
+    assert gam_optax.SAMState is gam_optax.GAMState is gam_optax.PerturbationState
+    assert gam_optax.GAMPenaltyState is gam_optax.PerturbationState
+
+
+@pytest.mark.parametrize("transformation", ["gam", "sam", "gsam", "gam_penalty", "sam_gam"])
+def test_a_count_state_serves_every_perturbation_and_a_foreign_one_is_named(
+    f32_problem, transformation
+):
     x, y, params = f32_problem
     loss_fn = lambda p: softmax_loss(p, x, y)
-    tx = FACTORIES[wrong][0]()
-    with pytest.raises(TypeError, match=f"{wrong}.update: state must be the {right}"):
-        tx.update(jax.grad(loss_fn)(params), make_state(params), params, loss_fn=loss_fn)
+    tx = FACTORIES[transformation][0]()
+    grads = jax.grad(loss_fn)(params)
+    own = tx.update(grads, tx.init(params), params, loss_fn=loss_fn)
+    other = "sam" if transformation != "sam" else "gam"
+    shared = tx.update(grads, FACTORIES[other][0]().init(params), params, loss_fn=loss_fn)
+    assert jax.tree.structure(shared) == jax.tree.structure(own)
+    for a, b in zip(jax.tree.leaves(shared), jax.tree.leaves(own), strict=True):
+        np.testing.assert_array_equal(a, b)
+    adam = optax.adam(0.1).init(params)
+    message = f"{transformation}.update: state must be the PerturbationState returned by "
+    with pytest.raises(TypeError, match=re.escape(message) + ".*got tuple"):
+        tx.update(grads, adam, params, loss_fn=loss_fn)
 
 
 def test_unbound_axis_name_says_how_to_fix(sharded_problem):

@@ -166,8 +166,8 @@ def test_sam_on_perturbs_only_batchnorm_parameters_of_a_linen_model():
     x = jnp.ones((3, 5))
     params = Net().init(jax.random.key(0), x)["params"]
     mask = lambda p: traverse_util.path_aware_map(lambda path, _: "BatchNorm" in path[-2], p)
-    flags = gam_optax._perturb.resolve_mask(mask, params, "sam")
+    flags = gam_optax._validation.resolve_mask(mask, params, "sam")
     g0 = jax.tree.map(jnp.ones_like, params)
-    step = gam_optax._perturb.ascent_step(g0, params, 0.1, eps=0.0, mask=flags)
+    step = gam_optax._tree_math.ascent_step(g0, params, 0.1, eps=0.0, mask=flags)
     for path, leaf in traverse_util.flatten_dict(step).items():
         assert bool(jnp.any(leaf != 0)) == ("BatchNorm" in path[-2]), path
