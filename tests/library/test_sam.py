@@ -254,7 +254,7 @@ def test_errors_are_early_and_clear(problem):
         tx.update(g, tx.init(p), None, loss_fn=lambda q: softmax_loss(q, x, y))
     with pytest.raises(ValueError, match="scalar loss"):
         tx.update(g, tx.init(p), p, loss_fn=lambda q: q["b"])
-    # Options, states and gradients of the wrong kind (tables of these in test_gam.py).
+    # Options, states and gradients of the wrong kind (tables of these in test_validation.py).
     with pytest.raises(TypeError, match="sam: adaptive must be a Python bool"):
         gam_optax.sam(2.0, adaptive="yes")
     with pytest.raises(TypeError, match="gsam: alpha must be a number, not a schedule"):
