@@ -64,13 +64,7 @@ def every_gradient(
     """
     name = "every_gradient"
     for what, value in (("transform", transform), ("inner", inner)):
-        if not (
-            callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))
-        ):
-            raise TypeError(
-                f"{name}: {what} must be an optax GradientTransformation, got "
-                f"{_validation.describe(value)}."
-            )
+        _validation.check_transformation(what, value, name)
     inner = optax.with_extra_args_support(inner)
 
     def apply(grads: Any, point: Any) -> Any:

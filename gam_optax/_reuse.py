@@ -67,6 +67,42 @@ def _check_every(every) -> None:
         )
 
 
+def _check_options(inner, every, alpha, rescale, eps, axis_name, average) -> None:
+    """The checks of :func:`reuse`'s arguments, at construction."""
+    name = "reuse"
+    if not (hasattr(inner, "init") and hasattr(inner, "update")):
+        raise TypeError(
+            f"reuse: inner must be an optax transformation such as gam_optax.gam(), "
+            f"got {type(inner).__name__}."
+        )
+    _check_every(every)
+    check_nonnegative("alpha", alpha, name, schedule=True)
+    check_bool("rescale", rescale, name)
+    check_nonnegative("eps", eps, name)
+    check_axis_name(axis_name, name)
+    check_average(average, name)
+
+
+def _check_update(updates, state, params, refresh, axis_name) -> None:
+    """The checks of ``reuse(...).update``'s arguments, when it is traced."""
+    name = "reuse"
+    if params is None:
+        raise ValueError(
+            "reuse: update needs params, the point g0 was computed at: "
+            "tx.update(grads, state, params, loss_fn=loss_fn)."
+        )
+    if refresh is not None and not isinstance(refresh, bool):
+        raise TypeError(
+            f"reuse.update: refresh must be a Python bool (True: run the inner "
+            f"transformation), chosen outside jax.jit, or None; got {refresh!r}. Pass it "
+            f"as a static argument: jax.jit(step, static_argnames='refresh')."
+        )
+    check_state(state, ReuseState, name)
+    check_float_params(params, name)
+    check_like_params(updates, params, "updates (g0)", name)
+    check_axis_bound(axis_name, name)
+
+
 def _advance_counts(state: optax.OptState) -> optax.OptState:
     """Every step counter (a field named ``count``) of an optax state, plus one."""
 
@@ -171,18 +207,7 @@ def reuse(
       Liu, Mai, Chen, Hsieh and You, "Towards Efficient and Scalable
       Sharpness-Aware Minimization", CVPR 2022, https://arxiv.org/abs/2203.02714
     """
-    name = "reuse"
-    if not (hasattr(inner, "init") and hasattr(inner, "update")):
-        raise TypeError(
-            f"reuse: inner must be an optax transformation such as gam_optax.gam(), "
-            f"got {type(inner).__name__}."
-        )
-    _check_every(every)
-    check_nonnegative("alpha", alpha, name, schedule=True)
-    check_bool("rescale", rescale, name)
-    check_nonnegative("eps", eps, name)
-    check_axis_name(axis_name, name)
-    check_average(average, name)
+    _check_options(inner, every, alpha, rescale, eps, axis_name, average)
     inner = optax.with_extra_args_support(inner)
     # The refresh takes v against the device-averaged g0 in both modes (a replicated state).
     averaged = Averaging(axis_name, "gradients")
@@ -196,21 +221,7 @@ def reuse(
         )
 
     def update_fn(updates, state, params=None, *, refresh=None, **extra_args):
-        if params is None:
-            raise ValueError(
-                "reuse: update needs params, the point g0 was computed at: "
-                "tx.update(grads, state, params, loss_fn=loss_fn)."
-            )
-        if refresh is not None and not isinstance(refresh, bool):
-            raise TypeError(
-                f"reuse.update: refresh must be a Python bool (True: run the inner "
-                f"transformation), chosen outside jax.jit, or None; got {refresh!r}. Pass it "
-                f"as a static argument: jax.jit(step, static_argnames='refresh')."
-            )
-        check_state(state, ReuseState, name)
-        check_float_params(params, name)
-        check_like_params(updates, params, "updates (g0)", name)
-        check_axis_bound(axis_name, name)
+        _check_update(updates, state, params, refresh, axis_name)
         a = value_at(alpha, state.count)
 
         def do_refresh(_):

@@ -180,6 +180,15 @@ def check_bool(name: str, value: Any, transformation: str) -> None:
         )
 
 
+def check_transformation(name: str, value: Any, transformation: str, example: str = "") -> None:
+    """Raise TypeError unless ``value`` has callable ``init`` and ``update`` (optax's kind)."""
+    if not (callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))):
+        raise TypeError(
+            f"{transformation}: {name} must be an optax GradientTransformation{example}, got "
+            f"{describe(value)}."
+        )
+
+
 def check_choice(
     name: str, value: Any, choices: tuple[str, ...], transformation: str, hint: str = ""
 ) -> None:
