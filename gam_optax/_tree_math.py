@@ -47,11 +47,6 @@ def add_scaled(a: Params, factor: jax.Array | float, b: Params) -> Params:
     return jax.tree.map(lambda x, y: (upcast(x) + factor * upcast(y)).astype(x.dtype), a, b)
 
 
-def combine(wa: jax.Array | float, a: Params, wb: jax.Array | float, b: Params) -> Params:
-    """``wa * a + wb * b``, in the dtypes of ``a``."""
-    return jax.tree.map(lambda x, y: (wa * upcast(x) + wb * upcast(y)).astype(x.dtype), a, b)
-
-
 def unit(tree: Params, eps: jax.Array | float) -> Params:
     """``v / (||v|| + eps)``; a zero vector gives zeros (never NaN, even at eps=0)."""
     return scale(tree, safe_inverse(global_norm(tree), eps))

@@ -430,12 +430,20 @@ def test_pmap_per_device_mode_averages_per_shard_directions(sharded_problem):
     assert relative_error(flat(mean), flat(full)) > 1e-3  # the two modes really differ
 
 
+def _on_mesh(x, y, params):
+    """A mesh of the 4 devices, with the batch split over it and the params replicated."""
+    mesh = jax.make_mesh((4,), ("data",))
+    split, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    return mesh, (
+        jax.device_put(x, split),
+        jax.device_put(y, split),
+        jax.device_put(params, replicated),
+    )
+
+
 def test_jit_with_sharded_batch_equals_single_device(sharded_problem):
     x, y, params = sharded_problem
-    mesh = jax.make_mesh((4,), ("data",))
-    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
-    ys = jax.device_put(y, NamedSharding(mesh, P("data")))
-    ps = jax.device_put(params, NamedSharding(mesh, P()))
+    _, (xs, ys, ps) = _on_mesh(x, y, params)
     tx = gam_optax.gam(**HYPER)
 
     @jax.jit
@@ -450,10 +458,7 @@ def test_jit_with_sharded_batch_equals_single_device(sharded_problem):
 
 def test_shard_map_per_device_gradients_and_the_summed_gradient_guard(sharded_problem):
     x, y, params = sharded_problem
-    mesh = jax.make_mesh((4,), ("data",))
-    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
-    ys = jax.device_put(y, NamedSharding(mesh, P("data")))
-    ps = jax.device_put(params, NamedSharding(mesh, P()))
+    mesh, (xs, ys, ps) = _on_mesh(x, y, params)
     tx = gam_optax.gam(**HYPER, axis_name="data", average="gradients")
 
     def run(local_params):

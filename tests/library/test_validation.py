@@ -1,19 +1,17 @@
 """Bad input, the whole family: each error names the transformation and the argument.
 
-The tables hold one row per perturbation (:data:`FAMILY`); each row's hyperparameters,
-options, states and gradients are checked against the same wrong values, at construction
-or when ``update`` is traced. A new perturbation adds its row to ``FAMILY``.
+Every row of ``perturbations.FAMILY`` meets the same wrong values: its hyperparameters,
+options, states and gradients, at construction or when ``update`` is traced.
 """
 
 import re
-from collections.abc import Callable
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from perturbations import FAMILY, OPTIONAL
 from test_gam import flat, gam_direction, relative_error, softmax_loss
 
 import gam_optax
@@ -22,60 +20,6 @@ import gam_optax
 # transformation and the argument, and (for hyperparameters) says what to pass.
 
 
-class Entry(NamedTuple):
-    """One perturbation's row: how to build it, and what its arguments take."""
-
-    factory: Callable[..., optax.GradientTransformationExtraArgs]  # defaults for the rest
-    # number-typed argument -> (bound, may be a schedule); bound: True ">= 0", False any
-    # finite number, ">0" "> 0". The arguments in OPTIONAL take None (their default).
-    numbers: dict[str, tuple[bool | str, bool]]
-    flags: tuple[str, ...]  # the options that must be Python bools
-
-
-# The family. A new perturbation adds its row here, and its checks follow.
-FAMILY = {
-    "gam": Entry(
-        gam_optax.gam,
-        numbers=dict(
-            rho=(True, True),
-            rho_prime=(True, True),
-            alpha=(False, False),
-            beta=(False, False),
-            gamma=(False, False),
-            eps=(True, False),
-        ),
-        flags=("adaptive", "hessian", "has_aux"),
-    ),
-    "sam": Entry(
-        gam_optax.sam,
-        numbers=dict(rho=(True, True), eps=(True, False)),
-        flags=("adaptive", "has_aux"),
-    ),
-    "gsam": Entry(
-        gam_optax.gsam,
-        numbers=dict(rho=(True, True), alpha=(False, False), eps=(True, False)),
-        flags=("adaptive", "has_aux"),
-    ),
-    "gam_penalty": Entry(
-        lambda **kw: gam_optax.gam_penalty(**{"rho": 0.1, "penalty": 0.5, **kw}),
-        numbers=dict(
-            rho=(True, True), penalty=(True, False), eps=(True, False), hvp_step=(">0", True)
-        ),
-        flags=("has_aux",),
-    ),
-    "sam_gam": Entry(
-        lambda **kw: gam_optax.sam_gam(**{"rho": 0.1, "penalty": 0.5, "sam_rho": 0.05, **kw}),
-        numbers=dict(
-            rho=(True, True),
-            penalty=(True, False),
-            eps=(True, False),
-            sam_rho=(True, True),
-            hvp_step=(">0", True),
-        ),
-        flags=("has_aux",),
-    ),
-}
-OPTIONAL = ("hvp_step",)
 # value -> (exception, message after "<transformation>: <argument> ")
 WRONG_NUMBERS = [
     ("0.1", TypeError, "must be a real number, got str '0.1'"),
