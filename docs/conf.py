@@ -59,8 +59,8 @@ autodoc_type_aliases = {
     "optax.Params": "optax.Params",
     "optax.Updates": "optax.Updates",
     "optax.OptState": "optax.OptState",
-    "_perturb.Average": "Literal['direction', 'gradients']",
-    "_perturb.Mask": "Mask",
+    "Average": "Literal['direction', 'gradients']",
+    "Mask": "Mask",
     "HMinusWeighting": "Literal['released', 'paper']",
     "nnx.Module": "flax.nnx.Module",
 }

@@ -4,11 +4,11 @@ import warnings as _warnings
 from typing import Any as _Any
 
 from gam_optax import flatness
+from gam_optax._builder import PerturbationState
 from gam_optax._every_gradient import every_gradient
 from gam_optax._gam import GAMState, gam
-from gam_optax._gam_hessian import GAMPenaltyState
+from gam_optax._penalty import GAMPenaltyState, gam_penalty, sam_gam
 from gam_optax._penalty import gam_hessian as gam_hessian  # deprecated, not in __all__
-from gam_optax._penalty import gam_penalty, sam_gam
 from gam_optax._presets import GAM_PRESETS, RELEASED_NAMES, from_released_names, gam_preset
 from gam_optax._reuse import ReuseState, looksam, reuse
 from gam_optax._sam import GSAM_PRESETS, SAM_PRESETS, SAMState, gsam, gsam_preset, sam, sam_preset
@@ -31,6 +31,7 @@ __all__ = [
     "SAM_PRESETS",
     "GAMPenaltyState",
     "GAMState",
+    "PerturbationState",
     "ReuseState",
     "SAMState",
     "TransparentGAMState",

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import optax
 
-from gam_optax import _perturb
+from gam_optax import _validation
 
 
 def every_gradient(
@@ -51,32 +51,20 @@ def every_gradient(
     gradients are averaged.
 
     Examples:
+      SAM of the clipped gradient, on ``L = ||theta||^2`` (whose gradients here are longer
+      than 1):
+
       >>> import jax, jax.numpy as jnp, optax, gam_optax
-      >>> loss = lambda p: jnp.sum((p - 1.0) ** 2) + jnp.sum(p**4)
-      >>> tx = optax.chain(
-      ...     gam_optax.every_gradient(optax.clip_by_global_norm(10.0), gam_optax.gam(0.1, 0.01)),
-      ...     optax.sgd(0.1))
-      >>> params = jnp.array([2.0, -1.0])
-      >>> state = tx.init(params)
-      >>> @jax.jit
-      ... def step(params, state):
-      ...     grads = jax.grad(loss)(params)
-      ...     updates, state = tx.update(grads, state, params, loss_fn=loss)
-      ...     return optax.apply_updates(params, updates), state
-      >>> for _ in range(100):
-      ...     params, state = step(params, state)
-      >>> print(f"{loss(params):.2f}")  # the minimum is 0.578
-      0.58
+      >>> tx = gam_optax.every_gradient(optax.clip_by_global_norm(1.0), gam_optax.sam(0.5))
+      >>> loss = lambda p: jnp.sum(p**2)
+      >>> params = jnp.array([3.0, 4.0])
+      >>> d, state = tx.update(jax.grad(loss)(params), tx.init(params), params, loss_fn=loss)
+      >>> print(f"{optax.tree.norm(d):.2f}")
+      1.00
     """
     name = "every_gradient"
     for what, value in (("transform", transform), ("inner", inner)):
-        if not (
-            callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))
-        ):
-            raise TypeError(
-                f"{name}: {what} must be an optax GradientTransformation, got "
-                f"{_perturb._describe(value)}."
-            )
+        _validation.check_transformation(what, value, name)
     inner = optax.with_extra_args_support(inner)
 
     def apply(grads: Any, point: Any) -> Any:

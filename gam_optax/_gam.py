@@ -3,34 +3,28 @@
 from __future__ import annotations
 
 import functools
-from typing import Literal, NamedTuple
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from gam_optax import _perturb
-from gam_optax._perturb import (
+from gam_optax._builder import PerturbationState, Step, perturbation
+from gam_optax._tree_math import (
     Params,
-    _upcast,
+    add,
     add_scaled,
     ascent_step,
     cast_like,
     orthogonal_part,
+    upcast,
+    where,
 )
+from gam_optax._validation import Average, Mask, check_choice, check_finite, check_nonnegative
 
 HMinusWeighting = Literal["released", "paper"]
 
-
-class GAMState(NamedTuple):
-    """State of :func:`gam`.
-
-    Attributes:
-      count: the number of updates so far (int32); schedules of ``rho`` and
-        ``rho_prime`` are evaluated at it.
-    """
-
-    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
+GAMState = PerturbationState  # the state of gam: the step count
 
 
 def gam(
@@ -46,8 +40,8 @@ def gam(
     hessian: bool = False,
     has_aux: bool = False,
     axis_name: str | None = None,
-    average: _perturb.Average = "direction",
-    mask: _perturb.Mask | None = None,
+    average: Average = "direction",
+    mask: Mask | None = None,
     unroll: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Gradient norm Aware Minimization, the accelerated form (Algorithm 2).
@@ -154,73 +148,34 @@ def gam(
     First-Order Flatness and Improves Generalization", CVPR 2023,
     https://arxiv.org/abs/2303.03108
   """
-    name = "gam"
     for arg, value in (("rho", rho), ("rho_prime", rho_prime)):
-        _perturb.check_nonnegative(arg, value, name, schedule=True)
+        check_nonnegative(arg, value, "gam", schedule=True)
     for arg, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
-        _perturb.check_finite(arg, value, name)
-    _perturb.check_choice(
+        check_finite(arg, value, "gam")
+    check_choice(
         "h_minus_weighting",
         h_minus_weighting,
         ("released", "paper"),
-        name,
+        "gam",
         " 'released': h_minus = g0 + |1 - beta| g2 (the published runs); 'paper': "
         "h_minus = beta g0 + (1 - beta) g2 (Algorithm 2).",
     )
-    _perturb.check_common(
-        name,
-        eps=eps,
-        has_aux=has_aux,
-        axis_name=axis_name,
-        average=average,
-        adaptive=adaptive,
-        hessian=hessian,
-        unroll=unroll,
-    )
+    # h_minus = w0 g0 + w2 g2: g0 + |1 - beta| g2 as released, beta g0 + (1 - beta) g2 in the paper.
+    w0, w2 = (1.0, abs(1.0 - beta)) if h_minus_weighting == "released" else (beta, 1.0 - beta)
 
-    def init_fn(params: optax.Params) -> GAMState:
-        del params
-        return GAMState(count=jnp.zeros([], jnp.int32))
-
-    def update_fn(updates, state, params=None, *, loss_fn=None, grad_fn=None, **extra_args):
-        del extra_args
-        _perturb.check_state(state, GAMState, name)
-        oracle = _perturb.make_oracle(
-            name,
-            loss_fn=loss_fn,
-            grad_fn=grad_fn,
-            has_aux=has_aux,
-            axis_name=axis_name,
-            average=average,
-            exact=hessian,
-        )
-        r = _perturb.value_at(rho, state.count)
-        r_prime = _perturb.value_at(rho_prime, state.count)
-        m = _perturb.resolve_mask(mask, params, name)
-
-        g0 = oracle.incoming(updates, params)
-        if h_minus_weighting == "released":  # g0 + |1 - beta| g2, as in the released code
-            w0, w2 = 1.0, abs(1.0 - beta)
-        else:  # beta g0 + (1 - beta) g2, Algorithm 2
-            w0, w2 = beta, 1.0 - beta
-        extra_gradients = _unrolled if unroll else _scanned
-        h_plus, h_minus = extra_gradients(
-            oracle,
-            params,
-            g0,
-            r,
-            r_prime,
-            alpha=alpha,
-            w0=w0,
-            w2=w2,
-            step=functools.partial(ascent_step, eps=eps, adaptive=adaptive, mask=m),
+    def direction(step: Step) -> optax.Updates:
+        ascend = functools.partial(ascent_step, eps=eps, adaptive=adaptive, mask=step.mask)
+        h_plus, h_minus = (_unrolled if unroll else _scanned)(
+            step, step.value(rho), step.value(rho_prime), alpha=alpha, w0=w0, w2=w2, ascend=ascend
         )
         h_perp = orthogonal_part(h_minus, h_plus, eps)
-        direction = add_scaled(h_plus, -gamma, h_perp)
-        direction = cast_like(oracle.finish(direction), updates)
-        return direction, GAMState(count=optax.safe_increment(state.count))
+        return add_scaled(h_plus, -gamma, h_perp)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    frame: dict[str, Any] = dict(
+        eps=eps, has_aux=has_aux, axis_name=axis_name, average=average, mask=mask
+    )
+    flags = dict(adaptive=adaptive, hessian=hessian, unroll=unroll)
+    return perturbation("gam", direction, exact=hessian, **flags, **frame)
 
 
 # ----------------------------------------------------------------------------
@@ -233,44 +188,37 @@ def gam(
 
 
 def _up(tree: Params) -> Params:
-    return jax.tree.map(_upcast, tree)
+    return jax.tree.map(upcast, tree)
 
 
 def _axpy(a, x: Params, y: Params | None = None) -> Params:
     """``a * x (+ y)``, in at least float32 (the running sums)."""
     if y is None:
-        return jax.tree.map(lambda u: a * _upcast(u), x)
-    return jax.tree.map(lambda u, v: v + a * _upcast(u), x, y)
+        return jax.tree.map(lambda u: a * upcast(u), x)
+    return jax.tree.map(lambda u, v: v + a * upcast(u), x, y)
 
 
-def _add(a: Params, b: Params) -> Params:
-    return jax.tree.map(jnp.add, a, b)
-
-
-def _where(pred: jax.Array, a: Params, b: Params) -> Params:
-    return jax.tree.map(lambda u, v: jnp.where(pred, u, v), a, b)
-
-
-def _finish(h_plus: Params, h_minus: Params, params: Params, g0: Params) -> tuple[Params, Params]:
+def _finish(h_plus: Params, h_minus: Params, step: Step) -> tuple[Params, Params]:
     """The sums in the dtypes of the gradients they add up: ``g1, g3`` (params'), ``g0``."""
-    return cast_like(h_plus, params), cast_like(h_minus, g0)
+    return cast_like(h_plus, step.params), cast_like(h_minus, step.g0)
 
 
-def _unrolled(oracle, params, g0, r, r_prime, *, alpha, w0, w2, step):
+def _unrolled(step, r, r_prime, *, alpha, w0, w2, ascend):
     """``(h_+, h_-)`` with the model's gradient traced three times (``unroll=True``)."""
+    oracle, params, g0 = step.oracle, step.params, step.g0
     # theta1 = theta + rho' u(g0): a SAM step.
-    g1 = oracle.after_step(params, g0, step(g0, params, r_prime), 1)
+    g1 = oracle.after_step(params, g0, ascend(g0, params, r_prime), 1)
     # h0 = g1 - g0 ~ rho' H u(g0): theta2 ascends the gradient norm.
-    theta2 = _add(params, step(add_scaled(g1, -1.0, g0), params, r))
+    theta2 = add(params, ascend(add_scaled(g1, -1.0, g0), params, r))
     h_plus = _axpy(alpha, g1)
     g2 = oracle.at(theta2, 2)
     h_minus = _axpy(w2, g2, _axpy(w0, g0))
     # theta3 = theta2 + rho' u(g2): a SAM step from theta2 (exact mode: g2 + H(theta2) e3).
-    g3 = oracle.after_step(theta2, g2, step(g2, theta2, r_prime), 3)
-    return _finish(_axpy(1.0 - alpha, g3, h_plus), h_minus, params, g0)
+    g3 = oracle.after_step(theta2, g2, ascend(g2, theta2, r_prime), 3)
+    return _finish(_axpy(1.0 - alpha, g3, h_plus), h_minus, step)
 
 
-def _scanned(oracle, params, g0, r, r_prime, *, alpha, w0, w2, step):
+def _scanned(step, r, r_prime, *, alpha, w0, w2, ascend):
     """``(h_+, h_-)`` with the model's gradient traced once (``unroll=False``).
 
     A ``jax.lax.scan`` over ``i = 0, 1, 2`` evaluates ``g_{i+1}`` at the point in its carry,
@@ -281,14 +229,15 @@ def _scanned(oracle, params, g0, r, r_prime, *, alpha, w0, w2, step):
     ``(x, e)`` and the pass gives ``g(x)`` and ``H(x) e``: ``(theta, e1)``, ``(theta2, 0)``,
     ``(theta2, e3)``; ``g1 = g0 + H e1``, ``g3 = g2 + H e3``.
     """
+    oracle, params, g0 = step.oracle, step.params, step.g0
     g0_up = _up(g0)
 
     def transition(i, g, a, b, at):
         """The next point (from ``at``, the current base point), and the next sums."""
-        theta2 = _add(params, step(add_scaled(g, -1.0, a), params, r))  # i = 0: g = g1
-        e3 = step(g, at, r_prime)  # i = 1: g = g2, at = theta2
-        a = _where(i == 0, _axpy(alpha, g), _where(i == 2, _axpy(1.0 - alpha, g, a), a))
-        b = _where(i == 0, _axpy(w0, b), _where(i == 1, _axpy(w2, g, b), b))
+        theta2 = add(params, ascend(add_scaled(g, -1.0, a), params, r))  # i = 0: g = g1
+        e3 = ascend(g, at, r_prime)  # i = 1: g = g2, at = theta2
+        a = where(i == 0, _axpy(alpha, g), where(i == 2, _axpy(1.0 - alpha, g, a), a))
+        b = where(i == 0, _axpy(w0, b), where(i == 1, _axpy(w2, g, b), b))
         return theta2, e3, a, b
 
     if not oracle.exact:
@@ -297,22 +246,20 @@ def _scanned(oracle, params, g0, r, r_prime, *, alpha, w0, w2, step):
             point, a, b = carry
             g = oracle.at(point, i + 1)
             theta2, e3, a, b = transition(i, g, a, b, point)
-            return (_where(i == 0, theta2, _add(point, e3)), a, b), None
+            return (where(i == 0, theta2, add(point, e3)), a, b), None
 
-        theta1 = _add(params, step(g0, params, r_prime))
-        carry = (theta1, g0_up, g0_up)
+        carry = (add(params, ascend(g0, params, r_prime)), g0_up, g0_up)
     else:
 
         def body(carry, i):
             x, e, a, b = carry
             g_x, hessian_e = oracle.gradient_and_hessian_product(x, e, i + 1)
-            base = _where(i == 0, cast_like(a, g0), g_x)  # g0 at i = 0, else g(x) = g2
-            g = _where(i == 1, g_x, _add(base, hessian_e))
+            base = where(i == 0, cast_like(a, g0), g_x)  # g0 at i = 0, else g(x) = g2
+            g = where(i == 1, g_x, add(base, hessian_e))
             theta2, e3, a, b = transition(i, g, a, b, x)
             zero = jax.tree.map(jnp.zeros_like, e3)
-            return (_where(i == 0, theta2, x), _where(i == 0, zero, e3), a, b), None
+            return (where(i == 0, theta2, x), where(i == 0, zero, e3), a, b), None
 
-        e1 = step(g0, params, r_prime)
-        carry = (params, e1, g0_up, g0_up)
+        carry = (params, ascend(g0, params, r_prime), g0_up, g0_up)
     carry, _ = jax.lax.scan(body, carry, jnp.arange(3, dtype=jnp.int32))
-    return _finish(carry[-2], carry[-1], params, g0)
+    return _finish(carry[-2], carry[-1], step)

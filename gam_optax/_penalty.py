@@ -1,4 +1,4 @@
-r"""The public names of the paper's Algorithm 1 and of SAM + GAM.
+r"""GAM's original form, the paper's Algorithm 1, and SAM + GAM.
 
 One name per algorithm:
 
@@ -13,12 +13,29 @@ kept for one release with a ``DeprecationWarning``.
 
 from __future__ import annotations
 
+import inspect
 import warnings
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from gam_optax import _gam_hessian, _perturb
+from gam_optax._builder import PerturbationState, Step, perturbation
+from gam_optax._tree_math import (
+    add,
+    add_scaled,
+    ascent_step,
+    cast_like,
+    scale,
+    subtract,
+    unit,
+    where,
+)
+from gam_optax._validation import Average, Mask, check_nonnegative, check_positive
+
+GAMPenaltyState = PerturbationState  # the state of gam_penalty and sam_gam: the step count
+GAMHessianState = GAMPenaltyState  # the name before 0.1.0 (deprecated: gam_optax/__init__.py)
 
 
 def gam_penalty(
@@ -28,8 +45,8 @@ def gam_penalty(
     eps: float | jax.Array = 1e-12,
     has_aux: bool = False,
     axis_name: str | None = None,
-    average: _perturb.Average = "direction",
-    mask: _perturb.Mask | None = None,
+    average: Average = "direction",
+    mask: Mask | None = None,
     hvp_step: optax.ScalarOrSchedule | None = None,
     unroll: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
@@ -87,15 +104,12 @@ def gam_penalty(
       >>> import jax, jax.numpy as jnp, optax, gam_optax
       >>> loss = lambda p: jnp.sum((p - 1.0) ** 2) + jnp.sum(p**4)
       >>> tx = optax.chain(gam_optax.gam_penalty(rho=0.1, penalty=0.5), optax.sgd(0.05))
+      >>> update = jax.jit(lambda g, s, p: tx.update(g, s, p, loss_fn=loss))
       >>> params = jnp.array([2.0, -1.0])
       >>> state = tx.init(params)
-      >>> @jax.jit
-      ... def step(params, state):
-      ...   grads = jax.grad(loss)(params)
-      ...   updates, state = tx.update(grads, state, params, loss_fn=loss)
-      ...   return optax.apply_updates(params, updates), state
       >>> for _ in range(200):
-      ...   params, state = step(params, state)
+      ...   updates, state = update(jax.grad(loss)(params), state, params)
+      ...   params = optax.apply_updates(params, updates)
       >>> print(f"{loss(params):.2f}")  # the minimum of the loss alone is 0.578
       0.58
 
@@ -103,18 +117,7 @@ def gam_penalty(
       Zhang, Xu, Yu, Zou and Cui, "Gradient Norm Aware Minimization Seeks First-Order
       Flatness and Improves Generalization", CVPR 2023, https://arxiv.org/abs/2303.03108
     """
-    return _gam_hessian.gam_hessian(
-        rho,
-        penalty,
-        eps=eps,
-        has_aux=has_aux,
-        axis_name=axis_name,
-        average=average,
-        mask=mask,
-        hvp_step=hvp_step,
-        unroll=unroll,
-        _name="gam_penalty",
-    )
+    return _algorithm_1("gam_penalty", sam_rho=None, **locals())
 
 
 def sam_gam(
@@ -125,8 +128,8 @@ def sam_gam(
     eps: float | jax.Array = 1e-12,
     has_aux: bool = False,
     axis_name: str | None = None,
-    average: _perturb.Average = "direction",
-    mask: _perturb.Mask | None = None,
+    average: Average = "direction",
+    mask: Mask | None = None,
     hvp_step: optax.ScalarOrSchedule | None = None,
     unroll: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
@@ -175,21 +178,16 @@ def sam_gam(
       when not shared). Its state is a :class:`GAMPenaltyState`.
 
     Examples:
-      >>> import jax, jax.numpy as jnp, optax, gam_optax
+      ``penalty=0`` is SAM:
+
+      >>> import jax, jax.numpy as jnp, gam_optax
       >>> loss = lambda p: jnp.sum((p - 1.0) ** 2) + jnp.sum(p**4)
-      >>> tx = optax.chain(
-      ...     gam_optax.sam_gam(0.1, 0.5, sam_rho=0.05, hvp_step=0.05), optax.sgd(0.05))
       >>> params = jnp.array([2.0, -1.0])
-      >>> state = tx.init(params)
-      >>> @jax.jit
-      ... def step(params, state):
-      ...   grads = jax.grad(loss)(params)
-      ...   updates, state = tx.update(grads, state, params, loss_fn=loss)
-      ...   return optax.apply_updates(params, updates), state
-      >>> for _ in range(200):
-      ...   params, state = step(params, state)
-      >>> print(f"{loss(params):.2f}")
-      0.58
+      >>> def direction(tx):
+      ...   return tx.update(jax.grad(loss)(params), tx.init(params), params, loss_fn=loss)[0]
+      >>> sam_gam = gam_optax.sam_gam(0.1, penalty=0.0, sam_rho=0.05, hvp_step=0.05)
+      >>> bool(jnp.allclose(direction(sam_gam), direction(gam_optax.sam(0.05))))
+      True
     """
     if sam_rho is None:
         raise TypeError(
@@ -197,33 +195,15 @@ def sam_gam(
             "float >= 0 (SAM's radius, e.g. sam_rho=0.05) or an optax schedule; for GAM's "
             "penalty without SAM's step use gam_optax.gam_penalty(rho, penalty)."
         )
-    return _gam_hessian.gam_hessian(
-        rho,
-        penalty,
-        eps=eps,
-        has_aux=has_aux,
-        axis_name=axis_name,
-        average=average,
-        mask=mask,
-        sam_rho=sam_rho,
-        hvp_step=hvp_step,
-        unroll=unroll,
-        _name="sam_gam",
-    )
+    return _algorithm_1("sam_gam", **locals())
 
 
 def gam_hessian(
     rho: optax.ScalarOrSchedule,
     penalty: float | jax.Array,
     *,
-    eps: float | jax.Array = 1e-12,
-    has_aux: bool = False,
-    axis_name: str | None = None,
-    average: _perturb.Average = "direction",
-    mask: _perturb.Mask | None = None,
     sam_rho: optax.ScalarOrSchedule | None = None,
-    hvp_step: optax.ScalarOrSchedule | None = None,
-    unroll: bool = True,
+    **options: Any,
 ) -> optax.GradientTransformationExtraArgs:
     """Deprecated: :func:`gam_penalty`, or :func:`sam_gam` when ``sam_rho`` is given.
 
@@ -239,15 +219,130 @@ def gam_hessian(
         DeprecationWarning,
         stacklevel=2,
     )
-    return _gam_hessian.gam_hessian(
-        rho,
-        penalty,
-        eps=eps,
-        has_aux=has_aux,
-        axis_name=axis_name,
-        average=average,
-        mask=mask,
-        sam_rho=sam_rho,
-        hvp_step=hvp_step,
-        unroll=unroll,
-    )
+    try:
+        arguments = inspect.signature(gam_penalty).bind(rho, penalty, **options)
+    except TypeError as error:
+        raise TypeError(f"gam_hessian() {error}") from None
+    arguments.apply_defaults()  # gam_penalty's defaults, which are sam_gam's
+    return _algorithm_1("gam_hessian", sam_rho=sam_rho, **arguments.arguments)
+
+
+def _algorithm_1(
+    name: str,
+    rho: optax.ScalarOrSchedule,
+    penalty: float | jax.Array,
+    sam_rho: optax.ScalarOrSchedule | None,
+    *,
+    hvp_step: optax.ScalarOrSchedule | None,
+    unroll: bool,
+    eps: float | jax.Array,
+    **options,
+) -> optax.GradientTransformationExtraArgs:
+    r"""The transformation behind the three public names; ``name`` is the one errors give.
+
+    .. math::
+      f = H(\theta)\,u(g_0), \quad \theta_{adv} = \theta + \rho\,u(f), \quad
+      h_{norm} = \rho\,H(\theta_{adv})\,u(\nabla L(\theta_{adv})), \quad
+      d = g + \text{penalty}\cdot h_{norm}
+
+    with :math:`g = g_0`, or SAM's gradient :math:`\nabla L(\theta + \rho_s\,u(g_0))`
+    (``sam_rho``); with ``hvp_step=r`` each :math:`H v` is a finite difference of gradients.
+    ``options``: ``has_aux``, ``axis_name``, ``average``, ``mask``, checked by the frame.
+    """
+    check_nonnegative("rho", rho, name, schedule=True)
+    check_nonnegative("penalty", penalty, name)
+    if sam_rho is not None:
+        check_nonnegative("sam_rho", sam_rho, name, schedule=True)
+    if hvp_step is not None:
+        check_positive("hvp_step", hvp_step, name, schedule=True)
+    same_step = sam_rho is not None and _same_value(sam_rho, hvp_step)
+
+    def direction(step: Step) -> optax.Updates:
+        r_fd = None if hvp_step is None else step.value(hvp_step)
+        g_fd, h_norm = (_unrolled if unroll else _scanned)(step, step.value(rho), r_fd, eps)
+        # The loss part: g0, or SAM's gradient g(theta + sam_rho u(g0)).
+        if sam_rho is None:
+            loss_gradient = step.g0
+        elif same_step and (step.mask is None or all(jax.tree.leaves(step.mask))):
+            loss_gradient = g_fd  # the same point: theta + r_fd u(g0)
+        else:
+            loss_gradient = step.sam_gradient(step.value(sam_rho), eps=eps, i=4)
+        return add_scaled(loss_gradient, penalty, h_norm)
+
+    return perturbation(name, direction, eps=eps, unroll=unroll, **options)
+
+
+def _unrolled(step, r, r_fd, eps):
+    """``(g_fd, h_norm)`` (``g_fd``: None in the exact mode), one trace per evaluation."""
+    oracle, params, g0, m = step.oracle, step.params, step.g0, step.mask
+    if r_fd is None:
+        # f = H(theta) u(g0): the gradient of the gradient norm.
+        g_fd, f = None, oracle.hessian_product(params, unit(g0, eps), 1)
+    else:
+        # f = g(theta + r_fd u(g0)) - g0 = r_fd H(theta) u(g0) + O(r_fd^2).
+        g_fd = oracle.at(add(params, ascent_step(g0, params, r_fd, eps=eps)), 1)
+        f = subtract(g_fd, g0)
+    # theta_adv = theta + rho u(f): one ascent step on ||grad L||.
+    theta_adv = add(params, ascent_step(f, params, r, eps=eps, mask=m))
+    g_adv = oracle.at(theta_adv, 2)
+    # h_norm = rho H(theta_adv) u(g_adv): the gradient of R1.
+    if r_fd is None:
+        return g_fd, scale(oracle.hessian_product(theta_adv, unit(g_adv, eps), 3), r)
+    e = ascent_step(g_adv, theta_adv, r_fd, eps=eps)
+    g_fd_adv = oracle.at(add(theta_adv, e), 3)
+    return g_fd, scale(subtract(g_fd_adv, g_adv), r / r_fd)
+
+
+def _scanned(step, r, r_fd, eps):
+    """:func:`_unrolled` with the model's gradient traced once: a ``jax.lax.scan`` over the
+    three evaluations ``i = 0, 1, 2``, the transitions chosen with ``jnp.where``.
+
+    Exact: the carry ``(x, v)`` runs ``(theta, u(g0)) -> (theta_adv, 0) -> (theta_adv,
+    u(g_adv))``; each pass gives ``g(x)`` and ``H(x) v``. Finite: the carry holds the point,
+    ``theta + r_fd u(g0) -> theta_adv -> theta_adv + r_fd u(g_adv)``, and the gradient before.
+    """
+    oracle, params, g0, m = step.oracle, step.params, step.g0, step.mask
+
+    def theta_adv(f):
+        return add(params, ascent_step(f, params, r, eps=eps, mask=m))
+
+    if r_fd is None:
+
+        def body(carry, i):
+            x, v, _ = carry
+            g_x, hessian_v = oracle.gradient_and_hessian_product(x, cast_like(v, x), i + 1)
+            zero = jax.tree.map(jnp.zeros_like, v)
+            x_next = where(i == 0, theta_adv(hessian_v), x)  # i = 0: hessian_v = f
+            v_next = where(i == 0, zero, unit(g_x, eps))  # i = 1: g_x = g_adv
+            return (x_next, v_next, hessian_v), None
+
+        carry = (params, unit(g0, eps), g0)
+        (_, _, hessian_v), _ = jax.lax.scan(body, carry, jnp.arange(3, dtype=jnp.int32))
+        return None, scale(hessian_v, r)
+
+    def body(carry, i):
+        point, before, g_fd, _ = carry
+        g = oracle.at(point, i + 1)
+        difference = subtract(g, before)  # i = 0: f; i = 2: g_fd_adv - g_adv
+        e = ascent_step(g, point, r_fd, eps=eps)  # i = 1: from theta_adv along g_adv
+        point = where(i == 0, theta_adv(difference), add(point, e))
+        return (point, g, where(i == 0, g, g_fd), difference), None
+
+    theta_fd = add(params, ascent_step(g0, params, r_fd, eps=eps))
+    carry = (theta_fd, g0, g0, g0)
+    (_, _, g_fd, difference), _ = jax.lax.scan(body, carry, jnp.arange(3, dtype=jnp.int32))
+    return g_fd, scale(difference, r / r_fd)
+
+
+def _same_value(a: optax.ScalarOrSchedule, b: optax.ScalarOrSchedule | None) -> bool:
+    """``a`` and ``b`` are the same object, or equal concrete numbers (never tracers)."""
+    if a is b:
+        return True
+    if b is None or callable(a) or callable(b):
+        return False
+    if isinstance(a, jax.core.Tracer) or isinstance(b, jax.core.Tracer):
+        return False
+    try:
+        return float(a) == float(b)  # type: ignore[arg-type]
+    except Exception:  # e.g. an array not addressable from this process
+        return False

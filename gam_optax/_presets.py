@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from gam_optax import _perturb
+from gam_optax import _validation
 
 # main_cifar.py of the authors' release: (dataset, network) -> hyperparameters.
 GAM_PRESETS: Mapping[str, Mapping[str, float]] = {
@@ -59,9 +59,9 @@ def from_released_names(**released: Any) -> dict[str, Any]:
     for key, value in released.items():
         ours = RELEASED_NAMES[key]
         check = (
-            _perturb.check_nonnegative
+            _validation.check_nonnegative
             if ours in ("rho", "rho_prime", "eps")
-            else (_perturb.check_finite)
+            else (_validation.check_finite)
         )
         check(key, value, "from_released_names", schedule=ours in ("rho", "rho_prime"))
     return {RELEASED_NAMES[key]: value for key, value in released.items()}

@@ -4,16 +4,29 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gam_optax import _perturb
-from gam_optax._perturb import add_scaled, cast_like, global_norm, orthogonal_part
+from gam_optax._builder import value_at
+from gam_optax._oracle import Averaging
 from gam_optax._sam import sam
+from gam_optax._tree_math import add_scaled, cast_like, global_norm, orthogonal_part, safe_inverse
+from gam_optax._validation import (
+    Average,
+    Mask,
+    check_average,
+    check_axis_bound,
+    check_axis_name,
+    check_bool,
+    check_float_params,
+    check_like_params,
+    check_nonnegative,
+    check_state,
+)
 
 CPU_CONDITIONAL_WARNING = (
     "reuse: the refresh steps are chosen on device with jax.lax.cond. XLA:CPU compiles "
@@ -54,6 +67,42 @@ def _check_every(every) -> None:
         )
 
 
+def _check_options(inner, every, alpha, rescale, eps, axis_name, average) -> None:
+    """The checks of :func:`reuse`'s arguments, at construction."""
+    name = "reuse"
+    if not (hasattr(inner, "init") and hasattr(inner, "update")):
+        raise TypeError(
+            f"reuse: inner must be an optax transformation such as gam_optax.gam(), "
+            f"got {type(inner).__name__}."
+        )
+    _check_every(every)
+    check_nonnegative("alpha", alpha, name, schedule=True)
+    check_bool("rescale", rescale, name)
+    check_nonnegative("eps", eps, name)
+    check_axis_name(axis_name, name)
+    check_average(average, name)
+
+
+def _check_update(updates, state, params, refresh, axis_name) -> None:
+    """The checks of ``reuse(...).update``'s arguments, when it is traced."""
+    name = "reuse"
+    if params is None:
+        raise ValueError(
+            "reuse: update needs params, the point g0 was computed at: "
+            "tx.update(grads, state, params, loss_fn=loss_fn)."
+        )
+    if refresh is not None and not isinstance(refresh, bool):
+        raise TypeError(
+            f"reuse.update: refresh must be a Python bool (True: run the inner "
+            f"transformation), chosen outside jax.jit, or None; got {refresh!r}. Pass it "
+            f"as a static argument: jax.jit(step, static_argnames='refresh')."
+        )
+    check_state(state, ReuseState, name)
+    check_float_params(params, name)
+    check_like_params(updates, params, "updates (g0)", name)
+    check_axis_bound(axis_name, name)
+
+
 def _advance_counts(state: optax.OptState) -> optax.OptState:
     """Every step counter (a field named ``count``) of an optax state, plus one."""
 
@@ -74,7 +123,7 @@ def reuse(
     rescale: bool = True,
     eps: float | jax.Array = 1e-12,
     axis_name: str | None = None,
-    average: _perturb.Average = "direction",
+    average: Average = "direction",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Run ``inner`` every ``every`` steps; in between, reuse its orthogonal component.
 
@@ -135,19 +184,22 @@ def reuse(
       ``inner``'s takes (``loss_fn=`` or ``grad_fn=``).
 
     Examples:
-      >>> import jax, jax.numpy as jnp, optax, gam_optax
+      The refresh steps chosen on the host (two programs, no conditional):
+
+      >>> import functools, jax, jax.numpy as jnp, optax, gam_optax
       >>> loss = lambda p: jnp.sum((p - 1.0) ** 2) + jnp.sum(p**4)
       >>> inner = gam_optax.gam(rho=0.1, rho_prime=0.01)
       >>> tx = optax.chain(gam_optax.reuse(inner, every=5, alpha=1.0, rescale=False),
       ...                  optax.sgd(0.1))
+      >>> @functools.partial(jax.jit, static_argnames="refresh")
+      ... def train_step(params, state, refresh):
+      ...     g = jax.grad(loss)(params)
+      ...     updates, state = tx.update(g, state, params, loss_fn=loss, refresh=refresh)
+      ...     return optax.apply_updates(params, updates), state
       >>> params = jnp.array([2.0, -1.0])
       >>> state = tx.init(params)
-      >>> @jax.jit
-      ... def step(params, state):
-      ...     updates, state = tx.update(jax.grad(loss)(params), state, params, loss_fn=loss)
-      ...     return optax.apply_updates(params, updates), state
-      >>> for _ in range(100):
-      ...     params, state = step(params, state)
+      >>> for t in range(100):
+      ...     params, state = train_step(params, state, refresh=t % 5 == 0)
       >>> print(f"{loss(params):.2f}")  # the minimum is 0.578
       0.58
 
@@ -155,19 +207,11 @@ def reuse(
       Liu, Mai, Chen, Hsieh and You, "Towards Efficient and Scalable
       Sharpness-Aware Minimization", CVPR 2022, https://arxiv.org/abs/2203.02714
     """
-    name = "reuse"
-    if not (hasattr(inner, "init") and hasattr(inner, "update")):
-        raise TypeError(
-            f"reuse: inner must be an optax transformation such as gam_optax.gam(), "
-            f"got {type(inner).__name__}."
-        )
-    _check_every(every)
-    _perturb.check_nonnegative("alpha", alpha, name, schedule=True)
-    _perturb.check_bool("rescale", rescale, name)
-    _perturb.check_nonnegative("eps", eps, name)
-    _perturb.check_axis_name(axis_name, name)
-    _perturb.check_average(average, name)
+    _check_options(inner, every, alpha, rescale, eps, axis_name, average)
     inner = optax.with_extra_args_support(inner)
+    # The refresh takes v against the device-averaged g0 in both modes (a replicated state).
+    averaged = Averaging(axis_name, "gradients")
+    averaging = Averaging(axis_name, average)
 
     def init_fn(params: optax.Params) -> ReuseState:
         return ReuseState(
@@ -176,44 +220,22 @@ def reuse(
             inner_state=inner.init(params),
         )
 
-    def pmean(tree):
-        return jax.lax.pmean(tree, axis_name)
-
     def update_fn(updates, state, params=None, *, refresh=None, **extra_args):
-        if params is None:
-            raise ValueError(
-                "reuse: update needs params, the point g0 was computed at: "
-                "tx.update(grads, state, params, loss_fn=loss_fn)."
-            )
-        if refresh is not None and not isinstance(refresh, bool):
-            raise TypeError(
-                f"reuse.update: refresh must be a Python bool (True: run the inner "
-                f"transformation), chosen outside jax.jit, or None; got {refresh!r}. Pass it "
-                f"as a static argument: jax.jit(step, static_argnames='refresh')."
-            )
-        _perturb.check_state(state, ReuseState, name)
-        _perturb.check_float_params(params, name)
-        _perturb.check_like_params(updates, params, "updates (g0)", name)
-        _perturb.check_axis_bound(axis_name, name)
-        a = _perturb.value_at(alpha, state.count)
+        _check_update(updates, state, params, refresh, axis_name)
+        a = value_at(alpha, state.count)
 
         def do_refresh(_):
             direction, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-            g0 = updates if axis_name is None else pmean(updates)
-            v = orthogonal_part(direction, g0, eps)
+            v = orthogonal_part(direction, averaged.reduce(updates), eps)
             return cast_like(direction, updates), cast_like(v, params), inner_state
 
         def do_skip(_):
-            g0 = updates
-            if axis_name is not None and average == "gradients":
-                g0 = pmean(g0)
+            g0 = averaging.reduce(updates)
             if rescale:  # LookSAM: the length alpha ||g0||
-                c = a * global_norm(g0) * _perturb._safe_inverse(global_norm(state.v), eps)
+                c = a * global_norm(g0) * safe_inverse(global_norm(state.v), eps)
             else:  # the length it had at the refresh, times alpha
                 c = a
-            direction = add_scaled(g0, c, state.v)
-            if axis_name is not None and average == "direction":
-                direction = pmean(direction)
+            direction = averaging.finish(add_scaled(g0, c, state.v))
             return direction, state.v, _advance_counts(state.inner_state)
 
         if refresh is None:  # chosen on device from the count
@@ -240,8 +262,8 @@ def looksam(
     eps: float | jax.Array = 1e-12,
     has_aux: bool = False,
     axis_name: str | None = None,
-    average: _perturb.Average = "direction",
-    mask: _perturb.Mask | None = None,
+    average: Average = "direction",
+    mask: Mask | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""LookSAM: SAM every ``every`` steps, its orthogonal component reused in between.
 
@@ -252,33 +274,21 @@ def looksam(
     :math:`g_0 + \alpha\,\|g_0\|\,g_v / (\|g_v\| + \xi)`.
 
     Examples:
-      >>> import jax, jax.numpy as jnp, optax, gam_optax
+      >>> import jax, jax.numpy as jnp, gam_optax
       >>> loss = lambda p: jnp.sum((p - 1.0) ** 2) + jnp.sum(p**4)
-      >>> tx = optax.chain(gam_optax.looksam(rho=0.05, every=5, alpha=0.7), optax.sgd(0.1))
       >>> params = jnp.array([2.0, -1.0])
-      >>> state = tx.init(params)
-      >>> @jax.jit
-      ... def step(params, state):
-      ...     updates, state = tx.update(jax.grad(loss)(params), state, params, loss_fn=loss)
-      ...     return optax.apply_updates(params, updates), state
-      >>> for _ in range(100):
-      ...     params, state = step(params, state)
-      >>> print(f"{loss(params):.2f}")  # the minimum is 0.578
-      0.58
+      >>> g0 = jax.grad(loss)(params)
+      >>> looksam = gam_optax.looksam(rho=0.05, every=5, alpha=0.7)
+      >>> same = gam_optax.reuse(gam_optax.sam(rho=0.05), every=5, alpha=0.7)
+      >>> a, b = (tx.update(g0, tx.init(params), params, loss_fn=loss, refresh=True)[0]
+      ...         for tx in (looksam, same))
+      >>> bool(jnp.array_equal(a, b))
+      True
 
     References:
       Liu, Mai, Chen, Hsieh and You, "Towards Efficient and Scalable
       Sharpness-Aware Minimization", CVPR 2022, https://arxiv.org/abs/2203.02714
     """
-    inner = sam(
-        rho,
-        adaptive=adaptive,
-        eps=eps,
-        has_aux=has_aux,
-        axis_name=axis_name,
-        average=average,
-        mask=mask,
-    )
-    return reuse(
-        inner, every, alpha, rescale=rescale, eps=eps, axis_name=axis_name, average=average
-    )
+    frame: dict[str, Any] = dict(eps=eps, axis_name=axis_name, average=average)
+    inner = sam(rho, adaptive=adaptive, has_aux=has_aux, mask=mask, **frame)
+    return reuse(inner, every, alpha, rescale=rescale, **frame)

@@ -3,30 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import optax
 
-from gam_optax import _perturb
-from gam_optax._perturb import add_scaled, cast_like, orthogonal_part, perturbed_gradient
+from gam_optax._builder import PerturbationState, Step, perturbation
 from gam_optax._schedules import proportional_schedule
+from gam_optax._tree_math import add_scaled, orthogonal_part
+from gam_optax._validation import Average, Mask, check_finite, check_nonnegative
 
-
-class SAMState(NamedTuple):
-    """State of :func:`sam` and :func:`gsam`.
-
-    Attributes:
-      count: the number of updates so far (int32); a schedule of ``rho`` is
-        evaluated at it.
-    """
-
-    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
-
-
-def _init(params: optax.Params) -> SAMState:
-    del params
-    return SAMState(count=jax.numpy.zeros([], jax.numpy.int32))
+SAMState = PerturbationState  # the state of sam and gsam: the step count
 
 
 def sam(
@@ -36,8 +23,8 @@ def sam(
     eps: float | jax.Array = 1e-12,
     has_aux: bool = False,
     axis_name: str | None = None,
-    average: _perturb.Average = "direction",
-    mask: _perturb.Mask | None = None,
+    average: Average = "direction",
+    mask: Mask | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Sharpness-Aware Minimization (SAM), and ASAM with ``adaptive=True``.
 
@@ -91,20 +78,18 @@ def sam(
       grads``).
 
     Examples:
-      >>> import jax, jax.numpy as jnp, optax, gam_optax
-      >>> loss = lambda p: jnp.sum((p - 1.0) ** 2) + jnp.sum(p**4)
-      >>> tx = optax.chain(gam_optax.sam(rho=0.05), optax.sgd(0.1))
-      >>> params = jnp.array([2.0, -1.0])
-      >>> state = tx.init(params)
-      >>> @jax.jit
-      ... def step(params, state):
-      ...   grads = jax.grad(loss)(params)
-      ...   updates, state = tx.update(grads, state, params, loss_fn=loss)
-      ...   return optax.apply_updates(params, updates), state
-      >>> for _ in range(100):
-      ...   params, state = step(params, state)
-      >>> print(f"{loss(params):.2f}")  # the minimum is 0.578
-      0.58
+      One update on ``L = ||theta||^2``: ``g0 = 2 theta = (6, 8)``, ``e = 0.5 g0 / ||g0|| =
+      (0.3, 0.4)``, and the direction is the gradient at ``theta + e``:
+
+      >>> import jax, jax.numpy as jnp, gam_optax
+      >>> loss = lambda p: jnp.sum(p**2)
+      >>> params = jnp.array([3.0, 4.0])
+      >>> tx = gam_optax.sam(rho=0.5)
+      >>> d, state = tx.update(jax.grad(loss)(params), tx.init(params), params, loss_fn=loss)
+      >>> print(d)
+      [6.6 8.8]
+
+      Place it first in a chain: ``optax.chain(gam_optax.sam(0.05), optax.sgd(0.1))``.
 
     References:
       Foret, Kleiner, Mobahi and Neyshabur, "Sharpness-Aware Minimization for
@@ -115,32 +100,16 @@ def sam(
       Scale-Invariant Learning of Deep Neural Networks", ICML 2021,
       https://arxiv.org/abs/2102.11600
     """
-    name = "sam"
-    _perturb.check_nonnegative("rho", rho, name, schedule=True)
-    _perturb.check_common(
-        name, eps=eps, has_aux=has_aux, axis_name=axis_name, average=average, adaptive=adaptive
-    )
+    check_nonnegative("rho", rho, "sam", schedule=True)
 
-    def update_fn(updates, state, params=None, *, loss_fn=None, grad_fn=None, **extra_args):
-        del extra_args
-        _perturb.check_state(state, SAMState, name)
-        oracle = _perturb.make_oracle(
-            name,
-            loss_fn=loss_fn,
-            grad_fn=grad_fn,
-            has_aux=has_aux,
-            axis_name=axis_name,
-            average=average,
-        )
-        r = _perturb.value_at(rho, state.count)
-        g0 = oracle.incoming(updates, params)
+    def direction(step: Step) -> optax.Updates:
         # theta1 = theta + e(g0); d = g1.
-        m = _perturb.resolve_mask(mask, params, name)
-        g1 = perturbed_gradient(oracle, params, g0, r, eps=eps, adaptive=adaptive, i=1, mask=m)
-        direction = cast_like(oracle.finish(g1), updates)
-        return direction, SAMState(count=optax.safe_increment(state.count))
+        return step.sam_gradient(step.value(rho), eps=eps, adaptive=adaptive)
 
-    return optax.GradientTransformationExtraArgs(_init, update_fn)
+    frame: dict[str, Any] = dict(
+        eps=eps, has_aux=has_aux, axis_name=axis_name, average=average, mask=mask
+    )
+    return perturbation("sam", direction, adaptive=adaptive, **frame)
 
 
 def gsam(
@@ -151,8 +120,8 @@ def gsam(
     adaptive: bool = False,
     has_aux: bool = False,
     axis_name: str | None = None,
-    average: _perturb.Average = "direction",
-    mask: _perturb.Mask | None = None,
+    average: Average = "direction",
+    mask: Mask | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Surrogate Gap guided Sharpness-Aware Minimization (GSAM).
 
@@ -184,67 +153,38 @@ def gsam(
       average: with ``axis_name``: ``'direction'`` (default, the released code)
         decomposes per device and averages only ``d``; ``'gradients'``
         averages ``g0`` and ``g1`` (exact large-batch GSAM).
-      mask: the parameters the perturbations may move: a pytree of bools like the
-        params (or a prefix of it), or ``params -> such a tree``, as ``optax.masked``.
-        The gradients are still taken, and ``d`` returned, for every parameter; the
-        ascent steps move the selected leaves only, their length measured on them
-        (e.g. SAM-ON: perturb only the normalisation layers). None: all.
+      mask: the parameters the SAM step may move, as in :func:`sam`. None: all.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` takes
       ``loss_fn`` (or ``grad_fn``) like :func:`sam`.
 
     Examples:
-      >>> import jax, jax.numpy as jnp, optax, gam_optax
-      >>> loss = lambda p: jnp.sum((p - 1.0) ** 2) + jnp.sum(p**4)
+      >>> import optax, gam_optax
       >>> lr = optax.cosine_decay_schedule(0.1, decay_steps=100)
       >>> rho = gam_optax.proportional_schedule(lr, 0.1, 0.0, max_value=0.1, min_value=0.01)
+      >>> print(f"{rho(0):.2f} {rho(100):.2f}")  # rho follows the learning rate
+      0.10 0.01
       >>> tx = optax.chain(gam_optax.gsam(rho, alpha=0.3), optax.sgd(lr))
-      >>> params = jnp.array([2.0, -1.0])
-      >>> state = tx.init(params)
-      >>> @jax.jit
-      ... def step(params, state):
-      ...   updates, state = tx.update(jax.grad(loss)(params), state, params, loss_fn=loss)
-      ...   return optax.apply_updates(params, updates), state
-      >>> for _ in range(100):
-      ...   params, state = step(params, state)
-      >>> print(f"{loss(params):.2f}")  # the minimum is 0.578
-      0.58
 
     References:
       Zhuang, Gong, Yuan, Cui, Adam, Dvornek, Tatikonda, Duncan and Liu,
       "Surrogate Gap Minimization Improves Sharpness-Aware Training", ICLR 2022,
       https://arxiv.org/abs/2203.08065
     """
-    name = "gsam"
-    _perturb.check_nonnegative("rho", rho, name, schedule=True)
-    _perturb.check_finite("alpha", alpha, name)
-    _perturb.check_common(
-        name, eps=eps, has_aux=has_aux, axis_name=axis_name, average=average, adaptive=adaptive
-    )
+    check_nonnegative("rho", rho, "gsam", schedule=True)
+    check_finite("alpha", alpha, "gsam")
 
-    def update_fn(updates, state, params=None, *, loss_fn=None, grad_fn=None, **extra_args):
-        del extra_args
-        _perturb.check_state(state, SAMState, name)
-        oracle = _perturb.make_oracle(
-            name,
-            loss_fn=loss_fn,
-            grad_fn=grad_fn,
-            has_aux=has_aux,
-            axis_name=axis_name,
-            average=average,
-        )
-        r = _perturb.value_at(rho, state.count)
-        g0 = oracle.incoming(updates, params)
-        m = _perturb.resolve_mask(mask, params, name)
-        g1 = perturbed_gradient(oracle, params, g0, r, eps=eps, adaptive=adaptive, i=1, mask=m)
+    def direction(step: Step) -> optax.Updates:
+        g1 = step.sam_gradient(step.value(rho), eps=eps, adaptive=adaptive)
         # The part of g0 orthogonal to g1 descends the surrogate gap.
-        g_perp = orthogonal_part(g0, g1, eps)
-        direction = add_scaled(g1, -alpha, g_perp)
-        direction = cast_like(oracle.finish(direction), updates)
-        return direction, SAMState(count=optax.safe_increment(state.count))
+        g_perp = orthogonal_part(step.g0, g1, eps)
+        return add_scaled(g1, -alpha, g_perp)
 
-    return optax.GradientTransformationExtraArgs(_init, update_fn)
+    frame: dict[str, Any] = dict(
+        eps=eps, has_aux=has_aux, axis_name=axis_name, average=average, mask=mask
+    )
+    return perturbation("gsam", direction, adaptive=adaptive, **frame)
 
 
 # ----------------------------------------------------------------------------

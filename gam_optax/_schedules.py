@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gam_optax import _perturb
+from gam_optax import _validation
 
 
 def proportional_schedule(
@@ -51,7 +51,7 @@ def proportional_schedule(
     if not callable(lr_schedule):
         raise TypeError(
             f"{name}: lr_schedule must be a schedule (a callable of the step count, e.g. "
-            f"optax.cosine_decay_schedule(0.1, 1000)), got {_perturb._describe(lr_schedule)}."
+            f"optax.cosine_decay_schedule(0.1, 1000)), got {_validation.describe(lr_schedule)}."
         )
     for arg, value in (
         ("lr_max", lr_max),
@@ -59,7 +59,7 @@ def proportional_schedule(
         ("max_value", max_value),
         ("min_value", min_value),
     ):
-        _perturb.check_nonnegative(arg, value, name)
+        _validation.check_nonnegative(arg, value, name)
     lr_max, lr_min = float(lr_max), float(lr_min)
     max_value, min_value = float(max_value), float(min_value)
     if lr_max < lr_min:

@@ -14,9 +14,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gam_optax import _perturb
+from gam_optax._builder import value_at
 from gam_optax._gam import GAMState, HMinusWeighting, gam
-from gam_optax._perturb import add_scaled, ascent_step, cast_like
+from gam_optax._tree_math import add, add_scaled, ascent_step, cast_like, subtract
+from gam_optax._validation import (
+    Mask,
+    check_float_params,
+    check_like_params,
+    check_state,
+    check_transformation,
+    resolve_mask,
+)
 
 CALLS_PER_STEP = 4  # g0 at theta, g1 at theta1, g2 at theta2, g3 at theta3
 
@@ -51,7 +59,7 @@ def transparent_gam(
     eps: float | jax.Array = 1e-12,
     adaptive: bool = False,
     h_minus_weighting: HMinusWeighting = "released",
-    mask: _perturb.Mask | None = None,
+    mask: Mask | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""GAM for a training loop that cannot pass ``loss_fn``: one gradient per ``update``.
 
@@ -136,24 +144,11 @@ def transparent_gam(
     """
     name = "transparent_gam"
     # The direction of the fourth call is gam's own (its argument checks, too).
-    inner = gam(
-        rho,
-        rho_prime,
-        alpha,
-        beta,
-        gamma,
-        eps=eps,
-        adaptive=adaptive,
-        h_minus_weighting=h_minus_weighting,
-        mask=mask,
+    options: dict[str, Any] = dict(eps=eps, adaptive=adaptive, mask=mask)
+    inner = gam(rho, rho_prime, alpha, beta, gamma, h_minus_weighting=h_minus_weighting, **options)
+    check_transformation(
+        "optimizer", optimizer, name, " (the outer optimizer, e.g. optax.sgd(0.1, momentum=0.9))"
     )
-    if not (
-        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
-    ):
-        raise TypeError(
-            f"{name}: optimizer must be an optax GradientTransformation (the outer optimizer, "
-            f"e.g. optax.sgd(0.1, momentum=0.9)), got {_perturb._describe(optimizer)}."
-        )
 
     def init_fn(params: optax.Params) -> TransparentGAMState:
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -167,62 +162,76 @@ def transparent_gam(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args  # a loop that passes loss_fn should use gam() itself
-        _perturb.check_state(state, TransparentGAMState, name)
-        if params is None:
-            raise ValueError(
-                f"{name}: update needs params, the point the gradient was computed at: "
-                "tx.update(grads, state, params)."
-            )
-        _perturb.check_float_params(params, name)
-        _perturb.check_like_params(updates, params, "updates (the gradient)", name)
-        m = _perturb.resolve_mask(mask, params, name)
-        r = _perturb.value_at(rho, state.gam_state.count)
-        r_prime = _perturb.value_at(rho_prime, state.gam_state.count)
-        theta = state.params
-        g0, g1, g2 = state.grads
+        _check_update(updates, state, params)
+        m = resolve_mask(mask, params, name)
+        r = value_at(rho, state.gam_state.count)
+        r_prime = value_at(rho_prime, state.gam_state.count)
 
         def ascend(direction, at, radius):
             step = ascent_step(direction, at, radius, eps=eps, adaptive=adaptive, mask=m)
-            return jax.tree.map(jnp.add, at, step)
+            return add(at, step)
 
-        def theta2_of(g0, g1):  # theta + rho u(g1 - g0): the gradient-norm ascent
-            return ascend(add_scaled(g1, -1.0, g0), theta, r)
-
-        def move_to(point):  # the update that takes the caller's params to point
-            return cast_like(jax.tree.map(jnp.subtract, point, params), params)
-
-        def call_1(grads):  # g0 at theta: go to theta1
-            state_1 = state._replace(params=params, grads=(grads, g1, g2))
-            return move_to(ascend(grads, params, r_prime)), state_1
-
-        def call_2(grads):  # g1 at theta1: go to theta2
-            return move_to(theta2_of(g0, grads)), state._replace(grads=(g0, grads, g2))
-
-        def call_3(grads):  # g2 at theta2: go to theta3
-            theta3 = ascend(grads, theta2_of(g0, g1), r_prime)
-            return move_to(theta3), state._replace(grads=(g0, g1, grads))
-
-        def call_4(grads):  # g3 at theta3: GAM's direction, the outer step from theta
-            stored = (g1, g2, grads)
-
-            def grad_fn(point, i):  # the gradients this step received, in gam's order
-                del point
-                if isinstance(i, int):
-                    return stored[i - 1]
-                return jax.tree.map(lambda *gs: jnp.stack(gs)[jnp.asarray(i) - 1], *stored)
-
-            direction, gam_state = inner.update(g0, state.gam_state, theta, grad_fn=grad_fn)
-            step, opt_state = optimizer.update(direction, state.opt_state, theta)
-            # theta + step - params, as optax.contrib.sam: the caller lands on theta + step.
-            move = jax.tree.map(lambda t, s, p: (t - p) + s, theta, step, params)
-            return cast_like(move, params), state._replace(gam_state=gam_state, opt_state=opt_state)
-
+        calls = _calls(inner, optimizer, state, params, ascend, r, r_prime)
         phase = state.phase
-        new_updates, new_state = jax.lax.switch(phase, (call_1, call_2, call_3, call_4), updates)
+        new_updates, new_state = jax.lax.switch(phase, calls, updates)
         new_state = new_state._replace(phase=(phase + 1) % CALLS_PER_STEP)
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _calls(inner, optimizer, state, params, ascend, r, r_prime):
+    """The four calls of one GAM step, each ``grads -> (updates, state)``, for
+    ``jax.lax.switch`` on the phase; ``ascend(direction, at, radius)`` is gam's step."""
+    theta = state.params
+    g0, g1, g2 = state.grads
+
+    def theta2_of(g0, g1):  # theta + rho u(g1 - g0): the gradient-norm ascent
+        return ascend(add_scaled(g1, -1.0, g0), theta, r)
+
+    def move_to(point):  # the update that takes the caller's params to point
+        return cast_like(subtract(point, params), params)
+
+    def call_1(grads):  # g0 at theta: go to theta1
+        state_1 = state._replace(params=params, grads=(grads, g1, g2))
+        return move_to(ascend(grads, params, r_prime)), state_1
+
+    def call_2(grads):  # g1 at theta1: go to theta2
+        return move_to(theta2_of(g0, grads)), state._replace(grads=(g0, grads, g2))
+
+    def call_3(grads):  # g2 at theta2: go to theta3
+        theta3 = ascend(grads, theta2_of(g0, g1), r_prime)
+        return move_to(theta3), state._replace(grads=(g0, g1, grads))
+
+    def call_4(grads):  # g3 at theta3: GAM's direction, the outer step from theta
+        stored = (g1, g2, grads)
+
+        def grad_fn(point, i):  # the gradients this step received, in gam's order
+            del point
+            if isinstance(i, int):
+                return stored[i - 1]
+            return jax.tree.map(lambda *gs: jnp.stack(gs)[jnp.asarray(i) - 1], *stored)
+
+        direction, gam_state = inner.update(g0, state.gam_state, theta, grad_fn=grad_fn)
+        step, opt_state = optimizer.update(direction, state.opt_state, theta)
+        # theta + step - params, as optax.contrib.sam: the caller lands on theta + step.
+        move = jax.tree.map(lambda t, s, p: (t - p) + s, theta, step, params)
+        return cast_like(move, params), state._replace(gam_state=gam_state, opt_state=opt_state)
+
+    return call_1, call_2, call_3, call_4
+
+
+def _check_update(updates, state, params) -> None:
+    """The checks of ``transparent_gam(...).update``'s arguments, when it is traced."""
+    name = "transparent_gam"
+    check_state(state, TransparentGAMState, name)
+    if params is None:
+        raise ValueError(
+            f"{name}: update needs params, the point the gradient was computed at: "
+            "tx.update(grads, state, params)."
+        )
+    check_float_params(params, name)
+    check_like_params(updates, params, "updates (the gradient)", name)
 
 
 def _transparent_state(opt_state: Any, function: str) -> TransparentGAMState:

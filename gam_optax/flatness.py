@@ -56,7 +56,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jax.tree_util import Partial
 
-from gam_optax import _perturb
+from gam_optax import _validation
 
 Params = Any
 LossFn = Callable[[Params], jax.Array]
@@ -78,13 +78,13 @@ __all__ = [
 def _check_count(name: str, value: Any, measure: str) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(
-            f"{measure}: {name} must be an integer >= 1, got {_perturb._describe(value)}. "
+            f"{measure}: {name} must be an integer >= 1, got {_validation.describe(value)}. "
             f"Pass e.g. {name}=20."
         )
 
 
 def _check_rho(rho: Any, measure: str) -> None:
-    _perturb.check_nonnegative("rho", rho, measure)
+    _validation.check_nonnegative("rho", rho, measure)
 
 
 def _check_key(key: Any, measure: str) -> None:
@@ -97,7 +97,7 @@ def _check_key(key: Any, measure: str) -> None:
     if not ((typed and jnp.shape(key) == ()) or raw):
         raise TypeError(
             f"{measure}: key must be one PRNG key, e.g. key=jax.random.key(0), got "
-            f"{_perturb._describe(key)}."
+            f"{_validation.describe(key)}."
         )
 
 
@@ -107,7 +107,7 @@ def _as_pytree(loss_fn: LossFn, params: Params, measure: str) -> Partial:
         raise TypeError(f"{measure}: loss_fn must be callable, got {type(loss_fn).__name__}.")
     if not jax.tree.leaves(params):
         raise ValueError(f"{measure}: params has no leaves.")
-    _perturb.check_float_params(params, measure)
+    _validation.check_float_params(params, measure)
     out = jax.eval_shape(loss_fn, params)
     if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
         shape = getattr(out, "shape", type(out).__name__)
@@ -118,6 +118,18 @@ def _as_pytree(loss_fn: LossFn, params: Params, measure: str) -> Partial:
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise TypeError(f"{measure}: loss_fn must return a floating-point scalar, got {out.dtype}.")
     return loss_fn if isinstance(loss_fn, Partial) else Partial(loss_fn)
+
+
+def _checked_ball(
+    measure: str, loss_fn: LossFn, params: Params, rho: Any, num_steps: Any, key: Any
+) -> tuple[Partial, jax.Array]:
+    """The checks of a search in the ball of radius ``rho``; ``(loss_fn as a pytree, key)``."""
+    _check_rho(rho, measure)
+    _check_count("num_steps", num_steps, measure)
+    loss_fn = _as_pytree(loss_fn, params, measure)
+    key = jax.random.key(0) if key is None else key
+    _check_key(key, measure)
+    return loss_fn, key
 
 
 # ----------------------------------------------------------------------------
@@ -268,8 +280,8 @@ def hessian_top_eigenvalue(
     """
     measure = "hessian_top_eigenvalue"
     _check_count("num_iterations", num_iterations, measure)
-    _perturb.check_choice("largest", largest, ("algebraic", "magnitude"), measure)
-    _perturb.check_bool("return_eigenvector", return_eigenvector, measure)
+    _validation.check_choice("largest", largest, ("algebraic", "magnitude"), measure)
+    _validation.check_bool("return_eigenvector", return_eigenvector, measure)
     _check_key(key, measure)
     loss_fn = _as_pytree(loss_fn, params, measure)
     value, vector = _lanczos(loss_fn, params, key, num_iterations, largest == "magnitude")
@@ -392,12 +404,7 @@ def zeroth_order_flatness(
       >>> print(f"{flatness.zeroth_order_flatness(loss, jnp.zeros(2), rho=0.1, num_steps=30):.4f}")
       0.0200
     """
-    measure = "zeroth_order_flatness"
-    _check_rho(rho, measure)
-    _check_count("num_steps", num_steps, measure)
-    loss_fn = _as_pytree(loss_fn, params, measure)
-    key = jax.random.key(0) if key is None else key
-    _check_key(key, measure)
+    loss_fn, key = _checked_ball("zeroth_order_flatness", loss_fn, params, rho, num_steps, key)
     return _max_loss(loss_fn, params, rho, key, num_steps)
 
 
@@ -464,12 +471,7 @@ def first_order_flatness(
       >>> print(f"{flatness.first_order_flatness(loss, jnp.zeros(2), rho=0.1):.4f}")
       0.1514
     """
-    measure = "first_order_flatness"
-    _check_rho(rho, measure)
-    _check_count("num_steps", num_steps, measure)
-    loss_fn = _as_pytree(loss_fn, params, measure)
-    key = jax.random.key(0) if key is None else key
-    _check_key(key, measure)
+    loss_fn, key = _checked_ball("first_order_flatness", loss_fn, params, rho, num_steps, key)
     return _max_gradient_norm(loss_fn, params, rho, key, num_steps)
 
 

@@ -173,9 +173,9 @@ SCAFFOLDS = {
     "gam_optax.transparent_gam(": transparent,
 }
 ELSEWHERE = {
-    "CPU_OPTIONS": "tests/test_performance.py",
-    "def max_pool_2x2": "tests/test_performance.py",
-    "sam_rho=": "tests/test_sam_gam.py",
+    "CPU_OPTIONS": "tests/library/test_performance.py",
+    "def max_pool_2x2": "tests/library/test_performance.py",
+    "sam_rho=": "tests/library/test_sam_gam.py",
 }
 
 

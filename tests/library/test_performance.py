@@ -6,7 +6,7 @@ import re
 import jax
 import numpy as np
 
-README = pathlib.Path(__file__).parents[1] / "README.md"
+README = pathlib.Path(__file__).parents[2] / "README.md"
 
 
 def performance_block() -> str:

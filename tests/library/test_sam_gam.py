@@ -272,7 +272,7 @@ def test_bad_sam_rho_and_hvp_step_raise_at_construction(kwargs, error, message):
 
 
 def test_the_readme_example_builds_and_descends():
-    readme = pathlib.Path(__file__).parents[1] / "README.md"
+    readme = pathlib.Path(__file__).parents[2] / "README.md"
     (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)
                 if "sam_rho=" in b]  # fmt: skip
     namespace = {"optax": optax, "gam_optax": gam_optax}

@@ -4,13 +4,12 @@ References in NumPy (float64) for SAM and GAM on softmax regression with a weigh
 a bias, perturbing the weights only; identities for every transformation; the errors.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_family import TRANSFORMATIONS
 
 import gam_optax
 
@@ -96,37 +95,31 @@ def test_masked_gam_equals_numpy(problem):
     assert_close(direction(tx, params, x, y), expected)
 
 
-FAMILY = {
-    "gam": functools.partial(gam_optax.gam, 0.4, 0.05),
-    "gam_exact_hvp": functools.partial(gam_optax.gam, 0.4, 0.05, hessian=True),
-    "sam": functools.partial(gam_optax.sam, 0.3),
-    "asam": functools.partial(gam_optax.sam, 0.5, adaptive=True),
-    "gsam": functools.partial(gam_optax.gsam, 0.3, 0.2),
-    "gam_penalty": functools.partial(gam_optax.gam_penalty, 0.3, 0.5),
-    "sam_gam": functools.partial(gam_optax.sam_gam, 0.3, 0.5, sam_rho=0.05, hvp_step=0.05),
-    "looksam": functools.partial(gam_optax.looksam, 0.3, every=2),
-}
+# Every transformation of the family that takes mask= (reuse's inner one takes it).
+MASKED = {name: tx for name, tx in TRANSFORMATIONS.items() if name != "reuse_gam"}
 
 
-@pytest.mark.parametrize("name", list(FAMILY))
+@pytest.mark.parametrize("name", list(MASKED))
 def test_all_true_is_no_mask_and_a_function_or_prefix_is_the_same_mask(name, problem):
     x, y, params = problem
-    plain = direction(FAMILY[name](), params, x, y)
-    assert_close(direction(FAMILY[name](mask={"w": True, "b": True}), params, x, y), plain)
-    assert_close(direction(FAMILY[name](mask=True), params, x, y), plain)  # a prefix
+    plain = direction(MASKED[name](), params, x, y)
+    assert_close(direction(MASKED[name](mask={"w": True, "b": True}), params, x, y), plain)
+    assert_close(direction(MASKED[name](mask=True), params, x, y), plain)  # a prefix
     by_rank = lambda p: jax.tree.map(lambda v: v.ndim > 1, p)  # the weights, not the bias
     assert_close(
-        direction(FAMILY[name](mask=by_rank), params, x, y),
-        direction(FAMILY[name](mask=MASK), params, x, y),
+        direction(MASKED[name](mask=by_rank), params, x, y),
+        direction(MASKED[name](mask=MASK), params, x, y),
     )
 
 
-@pytest.mark.parametrize("name", [n for n in FAMILY if n not in ("gam_penalty", "sam_gam")])
+@pytest.mark.parametrize(
+    "name", [n for n in MASKED if not n.startswith(("gam_penalty", "sam_gam"))]
+)
 def test_nothing_selected_gives_the_plain_gradient(name, problem):
     """No perturbation at all: every extra gradient is g0, and so is the direction."""
     x, y, params = problem
     g0 = np_grad(params, x, y)
-    assert_close(direction(FAMILY[name](mask={"w": False, "b": False}), params, x, y), g0)
+    assert_close(direction(MASKED[name](mask={"w": False, "b": False}), params, x, y), g0)
 
 
 def test_under_optax_masked_the_error_points_to_mask(problem):
@@ -166,8 +159,8 @@ def test_sam_on_perturbs_only_batchnorm_parameters_of_a_linen_model():
     x = jnp.ones((3, 5))
     params = Net().init(jax.random.key(0), x)["params"]
     mask = lambda p: traverse_util.path_aware_map(lambda path, _: "BatchNorm" in path[-2], p)
-    flags = gam_optax._perturb.resolve_mask(mask, params, "sam")
+    flags = gam_optax._validation.resolve_mask(mask, params, "sam")
     g0 = jax.tree.map(jnp.ones_like, params)
-    step = gam_optax._perturb.ascent_step(g0, params, 0.1, eps=0.0, mask=flags)
+    step = gam_optax._tree_math.ascent_step(g0, params, 0.1, eps=0.0, mask=flags)
     for path, leaf in traverse_util.flatten_dict(step).items():
         assert bool(jnp.any(leaf != 0)) == ("BatchNorm" in path[-2]), path

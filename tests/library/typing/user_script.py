@@ -1,4 +1,4 @@
-"""A user's script, type-checked by mypy in CI (``mypy tests/typing``).
+"""A user's script, type-checked by mypy in CI (``mypy tests/library/typing``).
 
 ``gam_optax/py.typed`` makes mypy read the library's annotations: the signatures are real
 (a misspelt keyword is an error, see ``misspelt.py``). Optax ships no type information, so

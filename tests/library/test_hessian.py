@@ -192,7 +192,7 @@ def test_gam_penalty_errors():
         gam_optax.gam(hessian="exact")
     with pytest.raises(TypeError, match="gam_penalty: penalty must be a real number, got str"):
         gam_optax.gam_penalty(0.1, "0.5")
-    with pytest.raises(TypeError, match=r"gam_penalty\.update: state must be the GAMPenaltyState"):
+    with pytest.raises(TypeError, match=r"gam_penalty\.update: state must be the Perturbation"):
         tx.update(params, optax.adam(0.1).init(params), params, loss_fn=jnp.sum)
 
 

@@ -73,7 +73,7 @@ def test_errors_name_the_function_that_was_called():
     with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match=r"^gam_hessian: rho"):
         gam_optax.gam_hessian(-0.1, 0.5)
     tx = gam_optax.sam_gam(0.1, 0.5, sam_rho=0.05)
-    with pytest.raises(TypeError, match=r"^sam_gam\.update: state must be the GAMPenaltyState"):
+    with pytest.raises(TypeError, match=r"^sam_gam\.update: state must be the PerturbationState"):
         tx.update(PARAMS, optax.sgd(0.1).init(PARAMS), PARAMS, loss_fn=LOSS)
 
 

@@ -5,11 +5,11 @@ import pathlib
 import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).parents[1]
+ROOT = pathlib.Path(__file__).parents[2]
 
 
 def test_mypy_checks_a_user_script_against_the_signatures(tmp_path):
-    scripts = ["tests/typing/user_script.py", "tests/typing/misspelt.py"]
+    scripts = ["tests/library/typing/user_script.py", "tests/library/typing/misspelt.py"]
     result = subprocess.run(
         [sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path), *scripts],
         cwd=ROOT,
@@ -18,6 +18,6 @@ def test_mypy_checks_a_user_script_against_the_signatures(tmp_path):
     )
     errors = [line for line in result.stdout.splitlines() if ": error:" in line]
     assert errors == [
-        'tests/typing/misspelt.py:5: error: Unexpected keyword argument "rhoo" for "gam"; '
+        'tests/library/typing/misspelt.py:5: error: Unexpected keyword argument "rhoo" for "gam"; '
         'did you mean "rho"?  [call-arg]'
     ], result.stdout

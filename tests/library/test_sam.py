@@ -254,13 +254,13 @@ def test_errors_are_early_and_clear(problem):
         tx.update(g, tx.init(p), None, loss_fn=lambda q: softmax_loss(q, x, y))
     with pytest.raises(ValueError, match="scalar loss"):
         tx.update(g, tx.init(p), p, loss_fn=lambda q: q["b"])
-    # Options, states and gradients of the wrong kind (tables of these in test_gam.py).
+    # Options, states and gradients of the wrong kind (tables of these in test_validation.py).
     with pytest.raises(TypeError, match="sam: adaptive must be a Python bool"):
         gam_optax.sam(2.0, adaptive="yes")
     with pytest.raises(TypeError, match="gsam: alpha must be a number, not a schedule"):
         gam_optax.gsam(0.1, alpha=lambda t: 0.1)
-    with pytest.raises(TypeError, match=r"sam\.update: state must be the SAMState.*got GAMState"):
-        tx.update(g, gam_optax.gam().init(p), p, loss_fn=lambda q: softmax_loss(q, x, y))
+    with pytest.raises(TypeError, match=r"sam\.update: state must be the PerturbationState.*got"):
+        tx.update(g, optax.adam(0.1).init(p), p, loss_fn=lambda q: softmax_loss(q, x, y))
     with pytest.raises(TypeError, match=r"sam: grad_fn\(params, 1\) has dtype int32"):
         asam = gam_optax.sam(2.0, adaptive=True)
         asam.update(g, asam.init(p), p, grad_fn=lambda q, i: jax.tree.map(jnp.int32, q))

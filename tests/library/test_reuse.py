@@ -219,7 +219,7 @@ def test_state_is_count_buffer_and_inner_state_in_the_params_dtype(dtype):
     leaves = [jax.tree.leaves(t) for t in (state.v, directions[-1], params)]
     for v, d, p in zip(*leaves, strict=True):
         assert v.dtype == d.dtype == dtype and v.shape == p.shape
-    assert float(gam_optax._perturb.global_norm(state.v)) > 0  # the refresh of step 2 stored it
+    assert float(gam_optax._tree_math.global_norm(state.v)) > 0  # the refresh of step 2 stored it
 
 
 def test_inject_hyperparams_equals_constant_arguments():

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from perturbations import FAMILY
 
 import gam_optax
 
@@ -24,15 +25,12 @@ def _reuse_gam(every=2, **kwargs):
 
 
 TRANSFORMATIONS = {
-    "gam": functools.partial(gam_optax.gam, rho=0.3, rho_prime=0.05),
+    **{name: row.factory for name, row in FAMILY.items()},
+    # Variants: the other modes of the rows, and the amortised ones.
     "gam_exact_hvp": functools.partial(gam_optax.gam, rho=0.3, rho_prime=0.05, hessian=True),
     "gam_adaptive": functools.partial(gam_optax.gam, rho=0.3, rho_prime=0.05, adaptive=True),
-    "gam_penalty": functools.partial(gam_optax.gam_penalty, 0.1, 0.5),
-    "sam_gam": functools.partial(gam_optax.sam_gam, 0.1, 0.5, sam_rho=0.05, hvp_step=0.05),
     "sam_gam_exact_hvp": functools.partial(gam_optax.sam_gam, 0.1, 0.5, sam_rho=0.05),
-    "sam": functools.partial(gam_optax.sam, 0.1),
     "asam": functools.partial(gam_optax.sam, 0.5, adaptive=True),
-    "gsam": functools.partial(gam_optax.gsam, 0.1, 0.2),
     "looksam": functools.partial(gam_optax.looksam, 0.1, every=2, alpha=0.5),
     "reuse_gam": _reuse_gam,
 }

@@ -1,0 +1,345 @@
+"""The input checks every entry point shares: one error that names the function and the
+argument, says what was given and what to pass instead.
+
+Hyperparameters are checked at construction where they are concrete; traced values (inside
+``optax.inject_hyperparams`` under ``jax.jit``) cannot be, and are not. Gradients, params,
+states, masks and axis names are checked when ``update`` is traced (their shapes and dtypes
+are static then).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gam_optax import _compat
+from gam_optax._tree_math import Params
+
+Average = Literal["direction", "gradients"]
+AVERAGE_MODES = ("direction", "gradients")
+
+
+# Schedules are probed at step 0 and on this geometric grid of later steps: a
+# schedule that turns negative (or NaN) only between grid points is not caught.
+SCHEDULE_PROBE_STEPS = (0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000)
+
+
+def describe(value: Any) -> str:
+    """``value`` for an error message: its type, and its repr when short."""
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _is_traced(value: Any) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def _scalar(name: str, value: Any, transformation: str, remedy: str) -> float | None:
+    """A Python float for a concrete real scalar; None for a tracer; else a clear error."""
+    if _is_traced(value):
+        return None  # inside optax.inject_hyperparams or jit: checked by nobody, as documented
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(
+            f"{transformation}: {name} must be a real number, got the bool {value!r}. {remedy}"
+        )
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if value is None or isinstance(value, (str, bytes, numbers.Complex)):
+        raise TypeError(
+            f"{transformation}: {name} must be a real number, got {describe(value)}. {remedy}"
+        )
+    try:
+        array = np.asarray(value)
+    except Exception:
+        if isinstance(value, jax.Array):  # e.g. not addressable from this process
+            return None
+        raise TypeError(
+            f"{transformation}: {name} must be a real number, got {describe(value)}. {remedy}"
+        ) from None
+    if array.dtype == bool or not (  # jnp's issubdtype also knows bfloat16
+        jnp.issubdtype(array.dtype, jnp.integer) or jnp.issubdtype(array.dtype, jnp.floating)
+    ):
+        raise TypeError(
+            f"{transformation}: {name} must be a real number, got {type(value).__name__} of "
+            f"dtype {array.dtype}. {remedy}"
+        )
+    if array.shape != ():
+        raise ValueError(
+            f"{transformation}: {name} must be a scalar, got an array of shape {array.shape}. "
+            f"{remedy}"
+        )
+    return float(array)
+
+
+def check_number(
+    name: str,
+    value: Any,
+    transformation: str,
+    *,
+    minimum: float | None = None,
+    schedule: bool = False,
+    strict: bool = False,
+) -> None:
+    """Check a number-typed hyperparameter, or a schedule of one, where it is concrete.
+
+    Accepted: Python ints and floats, NumPy and JAX real scalars and 0-d arrays,
+    and (with ``schedule``) callables of the step count. Rejected with a message
+    that names the transformation and the argument: bools, strings, None,
+    complex numbers, arrays of other shapes, NaN and infinities, and values
+    below ``minimum`` (with ``strict``: not above it). A schedule is probed at
+    :data:`SCHEDULE_PROBE_STEPS` (step 0 and a geometric grid up to 10^7), so one
+    that goes negative later is caught if it is negative at a grid point. Tracers (values inside
+    ``optax.inject_hyperparams`` under ``jax.jit``) cannot be checked and are not.
+
+    Raises:
+      TypeError: a value of the wrong type.
+      ValueError: a value out of range, or an array of the wrong shape.
+    """
+    bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
+    example = "0.05" if minimum is not None else "0.5"
+    remedy = f"Pass a finite Python float{bound}, e.g. {name}={example}" + (
+        ", a 0-d array, or an optax schedule of the step count."
+        if schedule
+        else ", or a 0-d array."
+    )
+    if callable(value):
+        if not schedule:
+            raise TypeError(
+                f"{transformation}: {name} must be a number, not a schedule "
+                f"({describe(value)}). Pass a number; to vary it during training, wrap the "
+                f"transformation in optax.inject_hyperparams and give the schedule there."
+            )
+        for step in SCHEDULE_PROBE_STEPS:
+            try:
+                out = value(jnp.asarray(step, jnp.int32))
+            except Exception as error:
+                raise TypeError(
+                    f"{transformation}: the {name} schedule failed when called with the step "
+                    f"count {step} (an int32 array): {type(error).__name__}: {error}. A schedule "
+                    "maps the step count to a number, e.g. optax.linear_schedule(0.1, 0.0, 1000)."
+                ) from error
+            at = f"the {name} schedule at step {step}"
+            number = _scalar(at, out, transformation, remedy)
+            if number is not None:
+                _check_range(at, number, transformation, minimum, remedy, strict, probed=True)
+        return
+    number = _scalar(name, value, transformation, remedy)
+    if number is not None:
+        _check_range(name, number, transformation, minimum, remedy, strict)
+
+
+def _check_range(
+    name: str,
+    number: float,
+    transformation: str,
+    minimum: float | None,
+    remedy: str,
+    strict: bool = False,
+    probed: bool = False,
+) -> None:
+    grid = " (schedules are probed at step 0 and at steps 1, 10, 100, ..., 10^7)" if probed else ""
+    bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
+    below = minimum is not None and (number <= minimum if strict else number < minimum)
+    if not math.isfinite(number) or below:
+        raise ValueError(
+            f"{transformation}: {name} must be a finite number{bound}, got {number}{grid}. {remedy}"
+        )
+
+
+def check_finite(name: str, value: Any, transformation: str, *, schedule: bool = False) -> None:
+    """:func:`check_number` for a real number of any sign."""
+    check_number(name, value, transformation, schedule=schedule)
+
+
+def check_nonnegative(
+    name: str, value: Any, transformation: str, *, schedule: bool = False
+) -> None:
+    """:func:`check_number` for a number (or schedule, if allowed) that must be >= 0."""
+    check_number(name, value, transformation, minimum=0.0, schedule=schedule)
+
+
+def check_positive(name: str, value: Any, transformation: str, *, schedule: bool = False) -> None:
+    """:func:`check_number` for a number (or schedule, if allowed) that must be > 0."""
+    check_number(name, value, transformation, minimum=0.0, schedule=schedule, strict=True)
+
+
+def check_bool(name: str, value: Any, transformation: str) -> None:
+    """Raise TypeError unless ``value`` is a Python (or NumPy) bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(
+            f"{transformation}: {name} must be a Python bool (True or False), got "
+            f"{describe(value)}. With optax.inject_hyperparams, list it in static_args: "
+            f"optax.inject_hyperparams({transformation}, static_args=({name!r},))(...)."
+        )
+
+
+def check_transformation(name: str, value: Any, transformation: str, example: str = "") -> None:
+    """Raise TypeError unless ``value`` has callable ``init`` and ``update`` (optax's kind)."""
+    if not (callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))):
+        raise TypeError(
+            f"{transformation}: {name} must be an optax GradientTransformation{example}, got "
+            f"{describe(value)}."
+        )
+
+
+def check_choice(
+    name: str, value: Any, choices: tuple[str, ...], transformation: str, hint: str = ""
+) -> None:
+    """Raise ValueError unless ``value`` is one of the strings ``choices``."""
+    if not (isinstance(value, str) and value in choices):
+        raise ValueError(
+            f"{transformation}: {name} must be one of {choices}, got {describe(value)}.{hint}"
+        )
+
+
+def check_axis_name(axis_name: Any, transformation: str) -> None:
+    """At construction: ``axis_name`` is None or a string."""
+    if axis_name is not None and not isinstance(axis_name, str):
+        raise TypeError(
+            f"{transformation}: axis_name must be a string naming the data-parallel axis of "
+            f"jax.pmap / jax.shard_map (e.g. axis_name='batch'), or None, got "
+            f"{describe(axis_name)}."
+        )
+
+
+def check_axis_bound(axis_name: str | None, transformation: str) -> None:
+    """At trace time: ``axis_name`` is bound by an enclosing pmap / shard_map / vmap."""
+    if axis_name is None:
+        return
+    try:
+        _compat.axis_size(axis_name)
+    except NameError:
+        raise ValueError(
+            f"{transformation}: axis_name={axis_name!r} is not bound here. Call update inside "
+            f"jax.pmap(..., axis_name={axis_name!r}) or jax.shard_map over a mesh axis named "
+            f"{axis_name!r}; under plain jax.jit (a sharded batch, gradients already global) "
+            f"construct {transformation} with axis_name=None."
+        ) from None
+
+
+def check_state(state: Any, state_type: type, transformation: str) -> None:
+    """Raise TypeError unless ``state`` is this transformation's state type."""
+    if not isinstance(state, state_type):
+        raise TypeError(
+            f"{transformation}.update: state must be the {state_type.__name__} returned by "
+            f"{transformation}(...).init(params), got {type(state).__name__} (the state of "
+            "another transformation?). Initialise the state with the same transformation "
+            "that updates it."
+        )
+
+
+def _check_float(tree: Params, message: Callable[[str, Any], str]) -> None:
+    """Raise TypeError, ``message(path, dtype)``, at a leaf that is not real floating point."""
+    for path, leaf in jax.tree.leaves_with_path(tree):
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(message(jax.tree_util.keystr(path), dtype))
+
+
+def check_float_params(params: Params, transformation: str) -> None:
+    """Raise TypeError if a leaf of ``params`` is not a real floating-point array."""
+    _check_float(
+        params,
+        lambda at, dtype: (
+            f"{transformation}: params{at} has dtype {dtype}; the parameters are perturbed "
+            "and differentiated, so every leaf must be a real floating-point array. Cast "
+            "it (e.g. params = jax.tree.map(lambda x: x.astype(jnp.float32), params)) or "
+            "keep integer leaves out of the parameters."
+        ),
+    )
+
+
+def check_like_params(tree: Params, params: Params, what: str, transformation: str) -> None:
+    """``tree`` (a gradient) matches ``params`` leaf by leaf: structure, shape, float dtype."""
+    check_same_structure(tree, params, what, transformation)
+    for (path, leaf), param in zip(
+        jax.tree.leaves_with_path(tree), jax.tree.leaves(params), strict=True
+    ):
+        if jnp.shape(leaf) != jnp.shape(param):
+            at = jax.tree_util.keystr(path)
+            raise ValueError(
+                f"{transformation}: {what} has shape {jnp.shape(leaf)} at params{at}, where "
+                f"params{at} has shape {jnp.shape(param)}. Pass the gradient with respect "
+                "to these params, e.g. jax.grad(loss)(params)."
+            )
+    _check_float(
+        tree,
+        lambda at, dtype: (
+            f"{transformation}: {what} has dtype {dtype} at params{at}; gradients must be "
+            "real floating point. Pass jax.grad of a floating-point loss with respect to "
+            "floating-point params."
+        ),
+    )
+
+
+def check_average(average: Any, transformation: str) -> None:
+    if not (isinstance(average, str) and average in AVERAGE_MODES):
+        raise ValueError(
+            f"{transformation}: average must be one of {AVERAGE_MODES}, got {describe(average)}. "
+            "'direction' (default, the released code's behaviour) perturbs each device with "
+            "its own gradients and averages only the final direction; 'gradients' averages "
+            "every gradient over axis_name (exact large-batch training)."
+        )
+
+
+def check_common(
+    transformation: str,
+    *,
+    eps: Any,
+    has_aux: Any,
+    axis_name: Any,
+    average: Any,
+    **flags: Any,
+) -> None:
+    """The checks every transformation shares: ``eps``, the flags, ``axis_name``, ``average``."""
+    check_nonnegative("eps", eps, transformation)
+    for flag, value in {"has_aux": has_aux, **flags}.items():
+        check_bool(flag, value, transformation)
+    check_axis_name(axis_name, transformation)
+    check_average(average, transformation)
+
+
+def check_same_structure(tree: Params, params: Params, what: str, transformation: str) -> None:
+    if jax.tree.structure(tree) != jax.tree.structure(params):  # type: ignore[operator]
+        raise ValueError(
+            f"{transformation}: {what} must have the same tree structure as params.\n"
+            f"  {what}: {jax.tree.structure(tree)}\n  params: {jax.tree.structure(params)}"
+        )
+
+
+Mask = Any  # a pytree of bools like the params (or a prefix of it), or params -> such a tree
+
+
+def resolve_mask(mask: Mask | None, params: Params, transformation: str) -> Params | None:
+    """``mask=`` as a tree of Python bools with the structure of ``params`` (None: all).
+
+    Like ``optax.masked``: a pytree of bools with the structure of the params or a prefix of
+    it (``{"encoder": False, "head": True}``), or a function ``params -> such a tree``.
+    """
+    if mask is None:
+        return None
+    tree = mask(params) if callable(mask) else mask
+
+    def broadcast(flag: Any, subtree: Params) -> Params:
+        if isinstance(flag, jax.core.Tracer) or not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(
+                f"{transformation}: mask must hold Python bools (True: perturb this leaf), "
+                f"got {describe(flag)}. Build it from the params' structure, e.g. "
+                "mask=lambda params: jax.tree.map(lambda x: x.ndim > 1, params)."
+            )
+        return jax.tree.map(lambda _: bool(flag), subtree)
+
+    try:
+        return jax.tree.map(broadcast, tree, params)
+    except ValueError as e:
+        raise ValueError(
+            f"{transformation}: mask must have the tree structure of params (or a prefix of "
+            f"it): {e}"
+        ) from None
