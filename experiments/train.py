@@ -33,10 +33,9 @@ import json
 import logging as std_logging
 import math
 import pathlib
-import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax
@@ -61,7 +60,6 @@ from experiments import (
     parallel,
     xla_options,
 )
-from experiments.configs import default as default_config
 from gam_optax import flatness
 
 WHOLE_BATCH_LIMIT = 4096  # training_objective takes up to this many examples in one pass
@@ -364,67 +362,7 @@ def _eval_batches(
     return jax.tree.map(lambda x: x.reshape(-1, batch_size, *x.shape[1:]), batches)
 
 
-def _check_resumable(
-    meta: dict[str, Any], config: ml_collections.ConfigDict, where, allow_changes=()
-) -> None:
-    """Refuses to continue a checkpoint written with a config that computes something else:
-    any field but ``checkpoints.MAY_CHANGE_ON_RESUME`` (``num_epochs``, bookkeeping) and the
-    fields the caller deliberately changes (``allow_changes``)."""
-    wanted = json.loads(config.to_json_best_effort())
-    unknown = sorted(set(allow_changes) - set(checkpoints.flat_config(wanted)))
-    if unknown:
-        raise ConfigError(
-            f"--allow_changes names {', '.join(unknown)}, which the config does not have; "
-            f"name config fields as in --config.FIELD (e.g. learning_rate, gam.rho)."
-        )
-    differ = checkpoints.changed_fields(
-        meta["config"],
-        wanted,
-        may_change=checkpoints.MAY_CHANGE_ON_RESUME | set(allow_changes),
-        defaults=json.loads(default_config.get_config().to_json_best_effort()),
-    )
-    if differ:
-        diffs = "; ".join(
-            f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in differ.items()
-        )
-        raise ConfigError(
-            f"cannot resume {where}: it was written with a different configuration ({diffs}). "
-            f"Nothing was changed: resume with the checkpoint's settings (only "
-            f"{', '.join(sorted(checkpoints.MAY_CHANGE_ON_RESUME))} may change), pass "
-            f"--allow_changes={','.join(differ)} to change them deliberately from here on, "
-            f"choose another --workdir, or pass --overwrite instead of --resume to start over."
-        )
-
-
-@contextlib.contextmanager
-def _workdir_lock(workdir: pathlib.Path) -> Iterator[None]:
-    """The workdir's lock, held by process 0 for the whole job (see ``checkpoints.locked``)."""
-    with contextlib.ExitStack() as stack:
-        error = None
-        if parallel.is_main_process():
-            try:
-                stack.enter_context(checkpoints.locked(workdir))
-            except ConfigError as e:
-                error = e
-        if not parallel.main_process_says(error is None):
-            raise error or ConfigError(f"process 0 could not lock {workdir}: see its error.")
-        yield
-
-
-def restore_checkpoint(workdir: str | pathlib.Path, step: int | None = None) -> dict[str, Any]:
-    """The raw training state (a dict of arrays) of the checkpoint of epoch ``step`` (latest),
-    on this process's first device, whatever devices and processes wrote it; verified
-    against its checksums."""
-    workdir = pathlib.Path(workdir).absolute()
-    epochs = checkpoints.checkpoint_epochs(workdir)
-    step = max(epochs, default=None) if step is None else step
-    if step is None:
-        raise ConfigError(f"no checkpoint in {workdir}.")
-    store = checkpoints.Checkpoints(workdir)
-    try:
-        return store.read(step)
-    finally:
-        store.close()
+restore_checkpoint = checkpoints.restore_checkpoint  # a finished run's state, verified
 
 
 def training_objective(
@@ -504,56 +442,29 @@ def train_and_evaluate(
     dp = parallel.DataParallel.create(config.parallel, config.average)
     check_batch_split(config, dp.num_devices)
     workdir = pathlib.Path(workdir).expanduser().absolute()
-    checkpoints.check_workdir(workdir, resume, overwrite)
-    with _workdir_lock(workdir):
-        # Again, now that no other run can start or change the workdir.
-        checkpoints.check_workdir(workdir, resume, overwrite)
-        return _train(config, workdir, dp, resume, overwrite, start, allow_changes)
-
-
-def _train(config, workdir, dp, resume, overwrite, start, allow_changes=()) -> dict[str, Any]:
-    main_process = parallel.is_main_process()
-    ds = input_pipeline.for_run(config)  # label noise, validation hold-out ("test" = it)
-    num_train, batch_size = len(ds.train_labels), config.batch_size
-    steps_per_epoch = min(num_train // batch_size, config.steps_per_epoch or num_train)
-    if steps_per_epoch < 1:
-        raise ConfigError(
-            f"batch size {batch_size} exceeds the {num_train} training examples of "
-            f"{config.dataset!r}; lower config.batch_size."
-        )
-
-    program = build(config, ds, dp, steps_per_epoch)
-
-    # Resume (verified), or clear the workdir for a fresh run: only now that config, data
-    # and model passed their checks.
-    metrics_path = workdir / checkpoints.METRICS_NAME
-    epochs = checkpoints.checkpoint_epochs(workdir) if resume else []
-    if not epochs:
-        parallel.sync("checked workdir")
-        if overwrite and main_process:
-            shutil.rmtree(workdir / checkpoints.CHECKPOINTS_NAME, ignore_errors=True)
-            metrics_path.unlink(missing_ok=True)
-        parallel.sync("cleared workdir")
-    store = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
-    try:
-        records: list[dict[str, Any]] = []
-        state = program.state
-        if epochs:
-            meta = store.meta(epochs[-1])
-            _check_resumable(meta, config, store.directory / str(epochs[-1]), allow_changes)
-            state = store.restore(epochs[-1], program.state, meta)
-            records = meta.get("records") or [  # checkpoints from before records were kept
-                r for r in checkpoints.read_metrics(metrics_path) if r["epoch"] <= epochs[-1]
-            ]
-            logging.info("Resumed %s from epoch %d.", workdir, epochs[-1])
-        parallel.sync("read metrics")
-        if main_process:
-            checkpoints.write_metrics(metrics_path, records)
-        start_epoch = epochs[-1] if epochs else 0
-        records = _epochs(config, dp, ds, program, state, records, store, start_epoch)
-    finally:
-        store.close()  # waits for the last checkpoint to be written, even after an error
+    with checkpoints.claimed(workdir, resume, overwrite):
+        ds = input_pipeline.for_run(config)  # label noise, validation hold-out ("test" = it)
+        num_train, batch_size = len(ds.train_labels), config.batch_size
+        steps_per_epoch = min(num_train // batch_size, config.steps_per_epoch or num_train)
+        if steps_per_epoch < 1:
+            raise ConfigError(
+                f"batch size {batch_size} exceeds the {num_train} training examples of "
+                f"{config.dataset!r}; lower config.batch_size."
+            )
+        program = build(config, ds, dp, steps_per_epoch)
+        # Resume (verified), or clear the workdir for a fresh run: only now that config, data
+        # and model passed their checks.
+        with checkpoints.opened(
+            workdir,
+            config,
+            program.state,
+            resume=resume,
+            overwrite=overwrite,
+            allow_changes=allow_changes,
+        ) as (store, start_epoch, state, records):
+            records = _epochs(config, dp, ds, program, state, records, store, start_epoch)
     if not records:
+        metrics_path = workdir / checkpoints.METRICS_NAME
         raise ConfigError(f"{metrics_path} records no epoch: nothing was trained or recorded.")
     best = max(records, key=lambda r: r["test_accuracy"])
     return {
