@@ -1,6 +1,6 @@
 """What one training step costs: sgd, sam, gsam, gam and exact-Hessian gam in ONE process.
 
-Every optimizer runs the training program's own step (``experiments.train.train_step``:
+Every optimizer runs the training program's own step (``experiments.step.train_step``:
 on-device augmentation, g0 with BatchNorm, ``tx.update(..., loss_fn=...)``, apply) on the
 same synthetic batch, jitted with the state donated. For each it prints the compile time,
 the median step time over repetitions, the ratio to sgd's step measured in the same

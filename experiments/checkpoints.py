@@ -531,7 +531,6 @@ def opened(
     workdir: pathlib.Path,
     config: Any,
     fresh: Any,
-    *,
     resume: bool,
     overwrite: bool,
     allow_changes: Sequence[str] = (),

@@ -1,18 +1,11 @@
 """The trainer's command line: flags in, ``train.train_and_evaluate`` out, errors as one line.
 
-  python -m experiments.train --workdir=runs/digits                 # the offline default
-  python -m experiments.train --config=experiments/configs/cifar10_resnet18.py \\
-      --workdir=runs/c10 --config.optimizer=sgd --config.data_dir=~/tensorflow_datasets
-  python -m experiments.train --config=... --workdir=runs/c10 --resume
+  python -m experiments.train --workdir=DIR [--config=FILE] [--config.FIELD=VALUE ...]
 
-(``python -m experiments.main`` is the same command.) Flags: ``--helpshort``;
-``--config.<field>=...`` overrides any field of the config file. Several devices:
-``--config.parallel=jit`` (or ``pmap``). Several processes (GPU hosts, TPU VMs): run the same
-command on every host with ``--distributed`` (Cloud TPU, SLURM and Open MPI are detected), or
-with ``--coordinator_address=HOST0:PORT --num_processes=N --process_id=I``.
-
-Bad input (a config value, a workdir, a damaged checkpoint, a diverged run) and file-system
-problems end the command with one ``error: ...`` line and exit status 1.
+(``python -m experiments.main`` is the same command; ``experiments/train.py`` shows examples,
+the data-parallel settings and the multi-process flags.) Bad input (a config value, a
+workdir, a damaged checkpoint, a diverged run) and file-system problems end the command with
+one ``error: ...`` line and exit status 1.
 """
 
 from __future__ import annotations

@@ -37,13 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from experiments import (
-    ConfigError,
-    checkpoints,
-    input_pipeline,
-    parallel,
-    xla_options,
-)
+from experiments import ConfigError, checkpoints, input_pipeline, parallel, xla_options
 from experiments.report import SUMMARIES_NAME, SUMMARY_TAGS, Report  # noqa: F401
 from experiments.step import (  # noqa: F401 (the step's names, also importable from here)
     DTYPES,
@@ -117,11 +111,9 @@ def train_and_evaluate(
         program = build(config, ds, dp, steps_per_epoch(config, ds))
         # Resume (verified), or clear the workdir for a fresh run: only now that config, data
         # and model passed their checks.
-        with checkpoints.opened(
-            workdir, config, program.state, resume=resume, overwrite=overwrite,
-            allow_changes=allow_changes,
-        ) as (store, start_epoch, state, records):  # fmt: skip
-            records = _epochs(config, dp, ds, program, store, start_epoch, state, records)
+        run = checkpoints.opened(workdir, config, program.state, resume, overwrite, allow_changes)
+        with run as (store, epoch, state, records):
+            records = _epochs(config, dp, ds, program, store, epoch, state, records)
         if not records:
             where = workdir / checkpoints.METRICS_NAME
             raise ConfigError(f"{where} records no epoch: nothing was trained or recorded.")
