@@ -1,6 +1,6 @@
 """What one training step costs: sgd, sam, gsam, gam and exact-Hessian gam in ONE process.
 
-Every optimizer runs the training program's own step (``experiments.train.train_step``:
+Every optimizer runs the training program's own step (``experiments.step.train_step``:
 on-device augmentation, g0 with BatchNorm, ``tx.update(..., loss_fn=...)``, apply) on the
 same synthetic batch, jitted with the state donated. For each it prints the compile time,
 the median step time over repetitions, the ratio to sgd's step measured in the same
@@ -328,26 +328,7 @@ def measure_costs(
         if deadline is not None and time.perf_counter() > deadline:
             print(f"  (time budget spent: {row} left out)", file=sys.stderr, flush=True)
             continue
-        optimizer, sections, refresh = COSTS[row]
-        sections = {k: dict(v) for k, v in sections.items()}
-        start = time.perf_counter()
-        jitted, args = build_step(
-            optimizer, setting, True, None, sections, setting_values, dtype, refresh
-        )
-        built = time.perf_counter()
-        compiled = jitted.lower(*args).compile(compiler_options=compiler_options or {})
-        state = jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, args[0])
-        param_bytes = sum(x.nbytes for x in jax.tree.leaves(args[0].params))
-        programs[row] = dict(
-            compiled=compiled,
-            args=[state, *args[1:]],
-            compile_s=time.perf_counter() - built,
-            hlo_lines=hlo_lines(compiled),
-            temp_bytes=temp_bytes(compiled),
-            param_bytes=param_bytes,
-            times=[],
-        )
-        print(f"  compiled {row:32s} {time.perf_counter() - start:7.1f} s", file=sys.stderr)
+        programs[row] = _compile_row(row, setting, setting_values, dtype, compiler_options)
     for _ in range(rounds + 1 if rounds else 0):  # round 0: the warm-up
         for row, p in programs.items():
             cycle = cost_cycle(row)
@@ -358,63 +339,78 @@ def measure_costs(
             jax.block_until_ready((state, metrics))
             p["times"].append((time.perf_counter() - start) / cycle)
             p["args"][0] = state
-    sgd = programs["sgd"]
-    results = []
-    for row, p in programs.items():
-        step = statistics.median(p["times"][1:]) if rounds else float("nan")
-        sgd_step = statistics.median(sgd["times"][1:]) if rounds else float("nan")
-        extra = (
-            (p["temp_bytes"] - sgd["temp_bytes"]) / p["param_bytes"]
-            if p["temp_bytes"] is not None and sgd["temp_bytes"] is not None
-            else float("nan")
-        )
-        ratio = lambda key, p=p: (p[key] or np.nan) / (sgd[key] or np.nan)
-        results.append(
-            {
-                "row": row,
-                "dtype": dtype,
-                "compile_s": p["compile_s"],
-                "compile_x": p["compile_s"] / sgd["compile_s"],
-                "hlo_lines": p["hlo_lines"],
-                "hlo_x": ratio("hlo_lines"),
-                "temp_mib": (p["temp_bytes"] or np.nan) / 2**20,
-                "temp_x": ratio("temp_bytes"),
-                "extra_copies": extra,
-                "param_mib": p["param_bytes"] / 2**20,
-                "step_ms": 1e3 * step,
-                "step_x": step / sgd_step,
-            }
-        )
-    return results
+    return [_costs(row, p, programs["sgd"], dtype) for row, p in programs.items()]
+
+
+def _compile_row(row, setting, setting_values, dtype, compiler_options) -> dict[str, Any]:
+    """The compiled program of a row of ``COSTS``, its arguments and its static costs."""
+    optimizer, sections, refresh = COSTS[row]
+    sections = {k: dict(v) for k, v in sections.items()}
+    start = time.perf_counter()
+    jitted, args = build_step(
+        optimizer, setting, True, None, sections, setting_values, dtype, refresh
+    )
+    built = time.perf_counter()
+    compiled = jitted.lower(*args).compile(compiler_options=compiler_options or {})
+    state = jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, args[0])
+    print(f"  compiled {row:32s} {time.perf_counter() - start:7.1f} s", file=sys.stderr)
+    return dict(
+        compiled=compiled,
+        args=[state, *args[1:]],
+        compile_s=time.perf_counter() - built,
+        hlo_lines=hlo_lines(compiled),
+        temp_bytes=temp_bytes(compiled),
+        param_bytes=sum(x.nbytes for x in jax.tree.leaves(args[0].params)),
+        times=[],
+    )
+
+
+def _costs(row: str, p: dict[str, Any], sgd: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """A row's costs, and their ratios to sgd's (step times: the median after round 0)."""
+    timed = len(p["times"]) > 1
+    step = statistics.median(p["times"][1:]) if timed else float("nan")
+    sgd_step = statistics.median(sgd["times"][1:]) if timed else float("nan")
+    extra = (
+        (p["temp_bytes"] - sgd["temp_bytes"]) / p["param_bytes"]
+        if p["temp_bytes"] is not None and sgd["temp_bytes"] is not None
+        else float("nan")
+    )
+    ratio = lambda key: (p[key] or np.nan) / (sgd[key] or np.nan)
+    return {
+        "row": row,
+        "dtype": dtype,
+        "compile_s": p["compile_s"],
+        "compile_x": p["compile_s"] / sgd["compile_s"],
+        "hlo_lines": p["hlo_lines"],
+        "hlo_x": ratio("hlo_lines"),
+        "temp_mib": (p["temp_bytes"] or np.nan) / 2**20,
+        "temp_x": ratio("temp_bytes"),
+        "extra_copies": extra,
+        "param_mib": p["param_bytes"] / 2**20,
+        "step_ms": 1e3 * step,
+        "step_x": step / sgd_step,
+    }
+
+
+COST_COLUMNS = (  # (heading, the cell of a result); "x sgd": the ratio to sgd's
+    ("step", "{row}"),
+    ("compile s", "{compile_s:.2f}"),
+    ("x sgd", "{compile_x:.2f}"),
+    ("HLO lines", "{hlo_lines:,}"),
+    ("x sgd", "{hlo_x:.2f}"),
+    ("temp MiB", "{temp_mib:.1f}"),
+    ("extra param copies", "{extra_copies:.2f}"),
+    ("step ms", "{step_ms:.1f}"),
+    ("x sgd", "{step_x:.2f}"),
+)
 
 
 def format_costs(results: Sequence[dict[str, Any]]) -> str:
-    header = (
-        "step",
-        "compile s",
-        "x sgd",
-        "HLO lines",
-        "x sgd",
-        "temp MiB",
-        "extra param copies",
-        "step ms",
-        "x sgd",
-    )
-    cells = [
-        (
-            r["row"],
-            f"{r['compile_s']:.2f}",
-            f"{r['compile_x']:.2f}",
-            f"{r['hlo_lines']:,}" if r["hlo_lines"] else "-",
-            f"{r['hlo_x']:.2f}",
-            f"{r['temp_mib']:.1f}",
-            f"{r['extra_copies']:.2f}",
-            f"{r['step_ms']:.1f}",
-            f"{r['step_x']:.2f}",
-        )
-        for r in results
-    ]
-    return tables.table(header, cells)
+    def cell(result, form):  # "-": the backend reported no HLO
+        return "-" if "hlo_lines" in form and not result["hlo_lines"] else form.format(**result)
+
+    cells = [[cell(r, form) for _, form in COST_COLUMNS] for r in results]
+    return tables.table([heading for heading, _ in COST_COLUMNS], cells)
 
 
 def run_costs(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -447,7 +443,8 @@ def run_costs(args: argparse.Namespace) -> list[dict[str, Any]]:
     return everything
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def _parser() -> argparse.ArgumentParser:
+    """The command line's flags: the step-time table (default) and ``--costs``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="resnet18")
     parser.add_argument(
@@ -486,6 +483,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     )
     costs.add_argument("--smoke", action="store_true", help="--accelerator with tiny shapes")
     costs.add_argument("--budget-s", type=float, help="leave out what is not compiled by then")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.warmup < 0 or args.repeats < 1:
         parser.error("--warmup must be >= 0 and --repeats >= 1")

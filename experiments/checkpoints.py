@@ -18,6 +18,13 @@
 - **The metrics follow the checkpoint.** ``meta`` also holds every epoch's record up to that
   checkpoint; a resume rewrites ``metrics.jsonl`` from it (atomically), so an interrupted or
   crashed run never leaves duplicated or out-of-order epochs behind.
+- **A resume computes what the run computed.** :func:`check_resumable` refuses a config that
+  differs from the checkpoint's in any field that changes the computation, unless named in
+  ``allow_changes``.
+
+The trainer reaches all of it through :func:`claimed` (the lock, held by process 0 for the
+whole job) and :func:`opened` (the fresh or resumed start); :func:`restore_checkpoint` reads a
+finished run's state.
 """
 
 from __future__ import annotations
@@ -39,8 +46,10 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
-from experiments import ConfigError
+from experiments import ConfigError, parallel
+from experiments.configs import default as default_config
 
 LOCK_NAME = ".lock"
 METRICS_NAME = "metrics.jsonl"
@@ -451,11 +460,122 @@ def verify(
 def _quiet_tensorstore() -> Iterator[None]:
     """Silences absl's ERROR lines of a failing read (TensorStore's multi-line reports); the
     caller turns the exception into one line."""
-    from absl import logging
-
     level = logging.get_verbosity()
     logging.set_verbosity(logging.FATAL)
     try:
         yield
     finally:
         logging.set_verbosity(level)
+
+
+# ---------------------------------------------------------------------------
+# A run's start: the lock, the resume (verified) or a cleared workdir.
+# ---------------------------------------------------------------------------
+
+
+def describe_changes(differ: Mapping[str, tuple[Any, Any]], old: str, new: str) -> str:
+    """``'gam.rho: 0.1 OLD, 0.2 NEW; ...'``: the fields of :func:`changed_fields`."""
+    return "; ".join(f"{k}: {a!r} {old}, {b!r} {new}" for k, (a, b) in differ.items())
+
+
+def check_resumable(
+    meta: dict[str, Any], config: Any, where: pathlib.Path, allow_changes: Sequence[str] = ()
+) -> None:
+    """Refuses to continue a checkpoint written with a config that computes something else:
+    any field but ``MAY_CHANGE_ON_RESUME`` (``num_epochs``, bookkeeping) and the fields the
+    caller deliberately changes (``allow_changes``)."""
+    wanted = json.loads(config.to_json_best_effort())
+    unknown = sorted(set(allow_changes) - set(flat_config(wanted)))
+    if unknown:
+        raise ConfigError(
+            f"--allow_changes names {', '.join(unknown)}, which the config does not have; "
+            f"name config fields as in --config.FIELD (e.g. learning_rate, gam.rho)."
+        )
+    differ = changed_fields(
+        meta["config"],
+        wanted,
+        may_change=MAY_CHANGE_ON_RESUME | set(allow_changes),
+        defaults=json.loads(default_config.get_config().to_json_best_effort()),
+    )
+    if differ:
+        raise ConfigError(
+            f"cannot resume {where}: it was written with a different configuration "
+            f"({describe_changes(differ, 'in the checkpoint', 'now')}). Nothing was changed: "
+            f"resume with the checkpoint's settings (only "
+            f"{', '.join(sorted(MAY_CHANGE_ON_RESUME))} may change), pass "
+            f"--allow_changes={','.join(differ)} to change them deliberately from here on, "
+            f"choose another --workdir, or pass --overwrite instead of --resume to start over."
+        )
+
+
+@contextlib.contextmanager
+def claimed(workdir: pathlib.Path, resume: bool, overwrite: bool) -> Iterator[None]:
+    """The workdir, checked (:func:`check_workdir`) and locked by process 0 for the whole
+    job (:func:`locked`), then checked again now that no other run can change it."""
+    check_workdir(workdir, resume, overwrite)
+    with contextlib.ExitStack() as stack:
+        error = None
+        if parallel.is_main_process():
+            try:
+                stack.enter_context(locked(workdir))
+            except ConfigError as e:
+                error = e
+        if not parallel.main_process_says(error is None):
+            raise error or ConfigError(f"process 0 could not lock {workdir}: see its error.")
+        check_workdir(workdir, resume, overwrite)
+        yield
+
+
+@contextlib.contextmanager
+def opened(
+    workdir: pathlib.Path,
+    config: Any,
+    fresh: Any,
+    resume: bool,
+    overwrite: bool,
+    allow_changes: Sequence[str] = (),
+) -> Iterator[tuple[Checkpoints, int, Any, list[dict[str, Any]]]]:
+    """``(store, epoch, state, records)`` to train on from: with ``resume``, the latest
+    checkpoint's epoch, its verified state (laid out like ``fresh``) and its records, else 0,
+    ``fresh`` and none in a cleared workdir; ``metrics.jsonl`` rewritten to match. The store
+    closes on exit, after the last save is written, even after an error."""
+    metrics_path = workdir / METRICS_NAME
+    epochs = checkpoint_epochs(workdir) if resume else []
+    if not epochs:
+        parallel.sync("checked workdir")
+        if overwrite and parallel.is_main_process():
+            shutil.rmtree(workdir / CHECKPOINTS_NAME, ignore_errors=True)
+            metrics_path.unlink(missing_ok=True)
+        parallel.sync("cleared workdir")
+    store = Checkpoints(workdir, config.keep_checkpoints)
+    try:
+        epoch, state, records = 0, fresh, []
+        if epochs:
+            epoch, meta = epochs[-1], store.meta(epochs[-1])
+            check_resumable(meta, config, store.directory / str(epoch), allow_changes)
+            state = store.restore(epoch, fresh, meta)
+            records = meta.get("records") or [  # checkpoints from before records were kept
+                r for r in read_metrics(metrics_path) if r["epoch"] <= epoch
+            ]
+            logging.info("Resumed %s from epoch %d.", workdir, epoch)
+        parallel.sync("read metrics")
+        if parallel.is_main_process():
+            write_metrics(metrics_path, records)
+        yield store, epoch, state, records
+    finally:
+        store.close()
+
+
+def restore_checkpoint(workdir: str | pathlib.Path, step: int | None = None) -> dict[str, Any]:
+    """The raw training state (a dict of arrays) of the checkpoint of epoch ``step`` (latest),
+    on this process's first device, whatever devices and processes wrote it; verified
+    against its checksums."""
+    workdir = pathlib.Path(workdir).absolute()
+    step = max(checkpoint_epochs(workdir), default=None) if step is None else step
+    if step is None:
+        raise ConfigError(f"no checkpoint in {workdir}.")
+    store = Checkpoints(workdir)
+    try:
+        return store.read(step)
+    finally:
+        store.close()

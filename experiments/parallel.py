@@ -1,6 +1,6 @@
 """Data-parallel training over every device of every process, on JAX's own runtime.
 
-One step function (``train.train_step``) runs in one of three ways, ``config.parallel``:
+One step function (``step.train_step``) runs in one of three ways, ``config.parallel``:
 
 - ``'none'``: one device.
 - ``'jit'``: ``jax.jit`` over a 1-D mesh of all devices (axis ``'batch'``): the batch is
@@ -188,7 +188,7 @@ class DataParallel:
         """``step_fn(state, batch, rng)`` compiled for this mode, donating the state.
 
         ``step_fn`` must average its gradients over :attr:`axis_name` where that is set
-        (``train.train_step`` does, given that axis and an optimizer made with it).
+        (``step.train_step`` does, given that axis and an optimizer made with it).
         """
         donate_argnums = (0,) if donate else ()
         if self.mode == "none":

@@ -29,7 +29,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 import scipy.stats
@@ -37,7 +36,7 @@ from matplotlib.figure import Figure
 
 from experiments import ConfigError, checkpoints, optimizers, tables, train, xla_options
 from experiments.configs import default
-from gam_optax import flatness
+from experiments.run_flatness import measure as measure_flatness  # a finished run's flatness
 
 COLUMNS = {
     # key: (heading, format)
@@ -49,21 +48,6 @@ COLUMNS = {
     "first_order_flatness": ("R1 (first-order)", "{:.4f}"),
     "wall_time": ("wall time s", "{:.0f}"),
 }
-
-
-def measure_flatness(
-    config, workdir: pathlib.Path, rho: float, seed: int, num_examples: int | None
-) -> dict[str, float]:
-    """Top eigenvalue, trace and first-order flatness of the final training objective."""
-    loss_fn, params = train.training_objective(config, workdir, num_examples)
-    key_eig, key_trace, key_r1 = jax.random.split(jax.random.key(seed), 3)
-    return {
-        "top_eigenvalue": float(flatness.hessian_top_eigenvalue(loss_fn, params, key_eig)),
-        "trace": float(flatness.hessian_trace(loss_fn, params, key_trace, num_samples=16)),
-        "first_order_flatness": float(
-            flatness.first_order_flatness(loss_fn, params, rho, key=key_r1)
-        ),
-    }
 
 
 def parse_optimizer(spec: str) -> tuple[str, dict[str, Any]]:

@@ -22,7 +22,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import gam_optax
-from experiments import ConfigError, input_pipeline, models, plot, train
+from experiments import ConfigError, input_pipeline, models, plot, run_flatness, train
 from experiments import compare as main_job
 from experiments.configs import cifar10_resnet18, default
 
@@ -404,7 +404,8 @@ def test_a_corrupt_checkpoint_is_reported_not_used(old_run):
 def test_training_objective_is_the_smoothed_loss_on_clean_training_images(digits_run):
     workdir, _ = digits_run
     config = tiny_config()
-    loss_fn, params = train.training_objective(config, workdir, num_examples=64)
+    loss_fn, params = run_flatness.training_objective(config, workdir, num_examples=64)
+    assert train.training_objective is run_flatness.training_objective  # its former home
     assert isinstance(loss_fn, jax.tree_util.Partial)  # its data are traced, not constants
     ds = input_pipeline.load("digits", num_train_examples=64)
     expected = reference_objective(workdir, ds.train_images, ds.train_labels)
@@ -431,7 +432,7 @@ def test_main_job_compares_sgd_and_gam_side_by_side(tmp_path, capsys, monkeypatc
         return value
 
     monkeypatch.setattr(
-        main_job, "flatness", types.SimpleNamespace(hessian_top_eigenvalue=fake_eigenvalue)
+        run_flatness, "flatness", types.SimpleNamespace(hessian_top_eigenvalue=fake_eigenvalue)
     )
     main_job.main(["--workdir", str(tmp_path), "--epochs", "1", "--label-noise", "0.4"])
     out = capsys.readouterr().out
@@ -459,7 +460,7 @@ def test_main_job_compares_sgd_and_gam_side_by_side(tmp_path, capsys, monkeypatc
     assert np.sum(noisy != input_pipeline.load("digits").train_labels) == round(0.4 * 898)
     images = input_pipeline.load("digits").train_images
     for name in ("sgd", "gam"):
-        loss_fn, params = train.training_objective(config, tmp_path / name, num_examples=256)
+        loss_fn, params = run_flatness.training_objective(config, tmp_path / name, 256)
         expected = reference_objective(tmp_path / name, images[:256], noisy[:256])
         np.testing.assert_allclose(jax.jit(loss_fn)(params), expected, rtol=1e-5)
     # The same budget: one epoch of 898 // 64 = 14 steps each.
@@ -496,9 +497,11 @@ def test_tensorboard_summaries_hold_every_epoch_of_the_metrics(digits_run):
             assert scalars[tag][record["epoch"]] == pytest.approx(record[key], rel=1e-6)
 
 
-def test_help_lists_the_flags():
+@pytest.mark.parametrize("module", ["experiments.train", "experiments.main"])
+def test_help_lists_the_flags(module):
+    # The flags are defined in experiments/main.py; --help lists those of the module run.
     result = subprocess.run(
-        [sys.executable, "-m", "experiments.train", "--help"],
+        [sys.executable, "-m", module, "--help"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -1,0 +1,301 @@
+"""The training step, and what a config builds around it: ``build(config, data, dp)``.
+
+One step is ``train_step(state, batch, rng)``, a pure function: it augments the batch on
+device, takes the gradient ``g0`` (which also updates the BatchNorm statistics), and hands it
+to the optax chain with ``loss_fn=`` so that GAM/SAM/GSAM evaluate their extra gradients on
+the same augmented batch. :func:`build` binds a config into it (model, optax chain, schedule,
+initial state), after :func:`check_config` has refused what the trainer cannot use. The
+trainer (``experiments.train``), the benchmark and the tests all start from :func:`build`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from experiments import ConfigError, input_pipeline, models, optimizers, parallel
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything a checkpoint holds: step count, parameters, BatchNorm statistics, optimizer."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
+    """Per-example cross entropy with the released label smoothing.
+
+    The target puts ``1 - smoothing`` on the true class and ``smoothing / (K - 1)`` on each
+    wrong class (``optax.smooth_labels`` would put ``smoothing / K`` on every class). The
+    released code reports the KL divergence, this minus the constant entropy of the target.
+    """
+    k = logits.shape[-1]
+    one_hot = jax.nn.one_hot(labels, k)
+    targets = one_hot * (1.0 - smoothing) + (1.0 - one_hot) * smoothing / (k - 1)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def epoch_cosine_schedule(
+    learning_rate: float, num_epochs: int, steps_per_epoch: int
+) -> optax.Schedule:
+    """Cosine decay to 0 over ``num_epochs``, constant within an epoch (PyTorch's
+    ``CosineAnnealingLR(T_max=epochs)`` stepped once per epoch)."""
+    cosine = optax.cosine_decay_schedule(learning_rate, num_epochs)
+    return lambda count: cosine(count // steps_per_epoch)
+
+
+create_optimizer = optimizers.create  # the optax chain of config.optimizer
+
+
+def _check_number(
+    config, field: str, low: float, high: float = math.inf, *, integer=False, optional=False
+) -> None:
+    """``config.<field>`` is a number in ``[low, high)`` (an integer, or None if optional)."""
+    value = config[field]
+    if value is None and optional:
+        return
+    number = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and low <= value < high):
+        kind = "an integer" if integer else "a number"
+        bounds = f">= {low}" if high == math.inf else f"in [{low}, {high})"
+        unset = " (or unset)" if optional else ""
+        raise ConfigError(f"config.{field} must be {kind} {bounds}{unset}, got {value!r}.")
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+    """Raises ``ConfigError`` for names, sizes and values the trainer cannot use."""
+    for field, valid in (
+        ("parallel", parallel.MODES),
+        ("average", parallel.AVERAGES),
+        ("dataset", input_pipeline.DATASETS),
+        ("model", tuple(models.MODELS)),
+        ("optimizer", optimizers.NAMES),
+        ("base_optimizer", tuple(optimizers.BASE)),
+        ("dtype", tuple(DTYPES)),
+    ):
+        if config[field] not in valid:
+            raise ConfigError(
+                f"unknown {field.replace('_', ' ')} {config[field]!r}; valid: {', '.join(valid)}."
+            )
+    if config.optimizer == "reuse" and config.reuse.inner not in optimizers.REUSABLE:
+        valid = ", ".join(optimizers.REUSABLE)
+        raise ConfigError(f"unknown config.reuse.inner {config.reuse.inner!r}; valid: {valid}.")
+    for field in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps"):
+        if not isinstance(config[field], int) or config[field] < 1:
+            raise ConfigError(f"config.{field} must be a positive integer, got {config[field]}.")
+    for field in ("num_train_examples", "num_test_examples", "steps_per_epoch", "keep_checkpoints"):
+        _check_number(config, field, 1, integer=True, optional=True)
+    _check_number(config, "skip_nonfinite_steps", 0, integer=True)
+    _check_number(config, "learning_rate", 0)
+    _check_number(config, "weight_decay", 0)
+    _check_number(config, "momentum", 0, 1)
+    _check_number(config, "label_smoothing", 0, 1)
+    _check_number(config, "label_noise", 0, 1)
+    _check_number(config, "label_noise_seed", 0, integer=True)
+    if config.dtype == "float64" and not jax.config.jax_enable_x64:
+        raise ConfigError(
+            "config.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 in the environment."
+        )
+    check_batch_split(config, num_devices)
+
+
+def check_batch_split(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raises ``ConfigError`` unless a batch splits evenly over devices and processes."""
+    if config.batch_size % num_devices:
+        raise ConfigError(
+            f"batch size {config.batch_size} is not divisible by the {num_devices} devices in "
+            f"use; pick a multiple of {num_devices} (e.g. {num_devices * 32})."
+        )
+    if config.batch_size % jax.process_count():
+        raise ConfigError(
+            f"batch size {config.batch_size} is not divisible by the {jax.process_count()} "
+            f"processes of this job, which read equal shares of each batch."
+        )
+
+
+def create_train_state(
+    rng: jax.Array,
+    model: flax.linen.Module,
+    tx: optax.GradientTransformation,
+    image_shape,
+    sharding: jax.sharding.Sharding | None = None,
+    param_dtype: Any = jnp.float32,
+) -> TrainState:
+    """Initial parameters, BatchNorm statistics and optimizer state (one compiled program),
+    placed with ``sharding`` (e.g. replicated over a mesh); variables in ``param_dtype``."""
+
+    @functools.partial(jax.jit, out_shardings=sharding)
+    def init(rng):
+        variables = model.init(rng, jnp.zeros((1, *image_shape), param_dtype), train=False)
+        variables = jax.tree.map(lambda x: x.astype(param_dtype), variables)
+        params = variables["params"]
+        return TrainState(
+            step=jnp.zeros([], jnp.int32),
+            params=params,
+            batch_stats=variables["batch_stats"],
+            opt_state=tx.init(params),
+        )
+
+    # JAX's default (partitionable) threefry compiles ~5x slower for the hundreds of independent
+    # draws of an initialisation, which needs no partitioning.
+    partitionable = getattr(jax, "threefry_partitionable", None)
+    with partitionable(False) if partitionable is not None else contextlib.nullcontext():
+        return init(rng)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    model: flax.linen.Module,
+    tx: optax.GradientTransformationExtraArgs,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    augment: dict[str, Any],
+    label_smoothing: float,
+    dtype: Any = jnp.float32,
+    average_g0: bool = False,
+    axis_name: str | None = None,
+    refresh: bool | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a batch of uint8 images: augment, g0, ``tx.update``, apply.
+
+    ``augment`` holds the keyword arguments of ``input_pipeline.augment``; :func:`build`
+    binds everything after ``rng`` from a config. With ``axis_name`` it is one device's part
+    of a data-parallel step (inside ``jax.pmap`` or ``jax.shard_map``): ``g0`` is this
+    device's gradient, averaged over devices here if ``average_g0`` (sgd, adamw), else by
+    ``tx`` (a gam_optax transformation made with ``axis_name``). ``refresh`` (a Python
+    bool) tells an amortised optimizer (``gam_optax.reuse``, ``looksam``) whether this step
+    refreshes, instead of its on-device conditional (see :func:`refresh_period`).
+    """
+    images = input_pipeline.augment(rng, batch["image"], mean, std, **augment, dtype=dtype)
+    labels = batch["label"]
+
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        logits, new_vars = model.apply(variables, images, train=True, mutable=["batch_stats"])
+        loss = smoothed_cross_entropy(logits, labels, label_smoothing).mean()
+        return loss, (new_vars["batch_stats"], logits)
+
+    # Under shard_map, the gradient with respect to replicated parameters would already be
+    # summed over devices; marked per-device, it is this device's own.
+    params = (
+        state.params if axis_name is None else jax.lax.pcast(state.params, axis_name, to="varying")
+    )
+    (loss, (batch_stats, logits)), g0 = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    if axis_name is not None and average_g0:
+        g0 = jax.lax.pmean(g0, axis_name)  # the gam_optax transformations average it themselves
+    # gam/sam/gsam evaluate their extra gradients with loss_fn; sgd/adamw ignore it. Only the
+    # g0 pass updates the BatchNorm statistics.
+    chosen = {} if refresh is None else {"refresh": refresh}
+    updates, opt_state = tx.update(g0, state.opt_state, state.params, loss_fn=loss_fn, **chosen)
+    params = optax.apply_updates(state.params, updates)
+    # With config.skip_nonfinite_steps, optax.apply_if_finite rejected a non-finite direction:
+    # keep the statistics too, and report the step as skipped rather than diverged.
+    skipped = ~optax.tree_utils.tree_get(opt_state, "last_finite", default=jnp.array(True))
+    batch_stats = jax.tree.map(
+        lambda new, old: jnp.where(skipped, old, new), batch_stats, state.batch_stats
+    )
+    state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
+    all_finite = lambda tree: jnp.all(
+        jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])
+    )
+    finite_state = all_finite((params, batch_stats))
+    return state, {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        # The divergence guard's signal: 1.0 when the step left a usable state.
+        "finite": (finite_state & (jnp.isfinite(loss) | skipped)).astype(jnp.float32),
+        "skipped": skipped.astype(jnp.float32),
+    }
+
+
+def eval_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    model: flax.linen.Module,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> dict[str, jax.Array]:
+    """Sums of the plain cross entropy and of the correct predictions over ``batch['mask']``."""
+    dtype = jnp.promote_types(jax.tree.leaves(state.params)[0].dtype, jnp.float32)
+    images = input_pipeline.normalize(batch["image"], mean, std, dtype)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    logits = model.apply(variables, images, train=False)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    correct = jnp.argmax(logits, -1) == batch["label"]
+    mask = batch["mask"]
+    return {"loss": jnp.sum(loss * mask), "correct": jnp.sum(correct * mask)}
+
+
+def refresh_period(config: ml_collections.ConfigDict) -> int | None:
+    """``every`` of an amortised optimizer (``reuse``, ``looksam``), else None. Their steps
+    are compiled twice, refresh and reuse, and chosen on the host (``step % every == 0``):
+    XLA:CPU runs a step holding ``jax.lax.cond`` several times slower."""
+    if config.optimizer not in optimizers.PERTURBATIONS:
+        return None
+    return config[config.optimizer].get("every")
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """What a config builds: the model, the optax chain and its schedule, the initial state,
+    and ``step(state, batch, rng)``, :func:`train_step` with everything else bound."""
+
+    model: flax.linen.Module
+    tx: optax.GradientTransformationExtraArgs
+    schedule: optax.Schedule
+    state: TrainState
+    step: Callable[[TrainState, dict[str, jax.Array], jax.Array], Any]
+
+
+def build(
+    config: ml_collections.ConfigDict,
+    data: input_pipeline.Dataset,
+    dp: parallel.DataParallel,
+    steps_per_epoch: int,
+) -> Program:
+    """The training program of ``config`` for ``data`` on ``dp``'s devices (the trainer, the
+    benchmark and the tests all start here)."""
+    dtype = DTYPES[config.dtype]
+    model = models.create_model(
+        config.model, data.num_classes, dtype, axis_name=dp.batch_norm_axis, **config.model_kwargs
+    )
+    schedule = epoch_cosine_schedule(config.learning_rate, config.num_epochs, steps_per_epoch)
+    tx = optimizers.create(config, schedule, axis_name=dp.axis_name)
+    init_rng = jax.random.split(jax.random.key(config.seed), 3)[0]
+    param_dtype = jnp.promote_types(dtype, jnp.float32)  # bfloat16 compute, float32 params
+    shape = data.train_images.shape[1:]
+    state = create_train_state(init_rng, model, tx, shape, dp.replicated, param_dtype)
+    step = functools.partial(
+        train_step,
+        model=model,
+        tx=tx,
+        mean=data.mean,
+        std=data.std,
+        augment=config.augment.to_dict(),
+        label_smoothing=config.label_smoothing,
+        dtype=dtype,
+        average_g0=config.optimizer in optimizers.BASE,
+        axis_name=dp.axis_name,
+    )
+    return Program(model, tx, schedule, state, step)
