@@ -229,7 +229,7 @@ def run_setting(args: argparse.Namespace, name: str) -> dict[str, Any]:
             seed,
             epochs,
             workdir / folder / f"{label}-seed{seed}",
-            args.rho,
+            args.probe_radius,
             flatness_examples=args.flatness_examples,
             validation_examples=validation,
             base=base,
@@ -473,10 +473,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument(
         "--max-extensions", type=int, default=3, help="grid extensions while the best is an end"
     )
-    parser.add_argument("--rho", type=float, default=0.05, help="radius of R1")
+    parser.add_argument(
+        "--probe-radius", type=float, default=0.05, help="the radius of the flatness probe R1"
+    )
+    parser.add_argument("--rho", type=float, help=argparse.SUPPRESS)  # renamed --probe-radius
     parser.add_argument("--flatness-examples", type=int, default=512)
     parser.add_argument("--plot", action="store_true", help="plot every finished setting")
     args = parser.parse_args(argv)
+    if args.rho is not None:
+        parser.error(reproduce.RENAMED_RHO)
     if args.seeds < 2 or args.tune_seeds < 1 or (args.epochs is not None and args.epochs < 1):
         parser.error("--seeds must be >= 2 (for intervals), --tune-seeds and --epochs >= 1")
     if args.max_extensions < 0:

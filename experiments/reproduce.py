@@ -4,8 +4,8 @@ Every (optimizer, seed) run trains ``configs/default.py`` (scikit-learn's digits
 BatchNorm CNN) with the same epoch budget, then measures the flatness of the final
 parameters on the training objective (label smoothing included, no augmentation, BatchNorm
 in inference mode): the Hessian's top eigenvalue (Lanczos), its trace (Hutchinson) and the
-paper's first-order flatness R1 = rho * max ||grad L|| over the rho-ball (on the first
-``--flatness-examples`` training examples). It prints a
+paper's first-order flatness R1 = r * max ||grad L|| over the ball of radius r (the probe's
+``--probe-radius``, on the first ``--flatness-examples`` training examples). It prints a
 markdown table of mean +- std over seeds and draws ``WORKDIR/reproduction.png``.
 
     python -m experiments.reproduce --workdir runs/reproduce --epochs 8 --seeds 5
@@ -94,6 +94,10 @@ def parse_optimizer(spec: str) -> tuple[str, dict[str, Any]]:
     return name, overrides
 
 
+RENAMED_RHO = (
+    "--rho is now --probe-radius (the radius of the flatness probe R1; SAM's rho is an "
+    "optimizer override)."
+)
 # Config fields that change no result: a cached run is reused whatever their values.
 BOOKKEEPING = checkpoints.MAY_CHANGE_ON_RESUME - {"num_epochs"}
 
@@ -103,7 +107,7 @@ def run_one(
     seed: int,
     epochs: int,
     workdir: pathlib.Path,
-    rho: float,
+    probe_radius: float,
     train_examples: int | None = None,
     flatness_examples: int | None = None,
     validation_examples: int | None = None,
@@ -129,7 +133,8 @@ def run_one(
     config.progress_bar = False
     result_path = workdir / "result.json"
     wanted = json.loads(config.to_json_best_effort())  # the run's identity: its whole config
-    probe = {"rho": rho, "examples": flatness_examples}  # what the flatness measures used
+    # What the flatness measures used (results of older versions name the radius "rho").
+    probe = {"radius": probe_radius, "examples": flatness_examples}
     if result_path.exists():
         result = json.loads(result_path.read_text())
         if "config" not in result:
@@ -146,8 +151,10 @@ def run_one(
                 f"{workdir} holds a finished run of other settings ({diffs}); use another "
                 f"--workdir."
             )
-        if measure and result.get("flatness_probe") != probe:  # measured now, or again
-            result.update(measure_flatness(config, workdir, rho, seed, flatness_examples))
+        old = result.get("flatness_probe") or {}
+        measured = {"radius": old.get("radius", old.get("rho")), "examples": old.get("examples")}
+        if measure and measured != probe:  # measured now, or again
+            result.update(measure_flatness(config, workdir, probe_radius, seed, flatness_examples))
             result["flatness_probe"] = probe
             result_path.write_text(json.dumps(result, indent=1))
         return result
@@ -167,7 +174,7 @@ def run_one(
         **{k: summary[k] for k in ("final_test_accuracy", "best_test_accuracy", "train_loss")},
     }
     if measure:
-        result.update(measure_flatness(config, workdir, rho, seed, flatness_examples))
+        result.update(measure_flatness(config, workdir, probe_radius, seed, flatness_examples))
         result["flatness_probe"] = probe
     result_path.write_text(json.dumps(result, indent=1))
     return result
@@ -251,7 +258,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, tuple[float, 
     )
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--rho", type=float, default=0.05, help="radius of R1")
+    parser.add_argument(
+        "--probe-radius", type=float, default=0.05, help="the radius of the flatness probe R1"
+    )
+    parser.add_argument("--rho", type=float, help=argparse.SUPPRESS)  # renamed --probe-radius
     parser.add_argument(
         "--train-examples",
         type=int,
@@ -271,6 +281,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, tuple[float, 
         help="hold out the last N training examples; report accuracy on them, not on the test set",
     )
     args = parser.parse_args(argv)
+    if args.rho is not None:
+        parser.error(RENAMED_RHO)
     if args.seeds < 1 or args.epochs < 1:
         parser.error("--seeds and --epochs must be >= 1")
     for spec in args.optimizers:
@@ -291,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, tuple[float, 
                         seed,
                         args.epochs,
                         run_dir,
-                        args.rho,
+                        args.probe_radius,
                         args.train_examples,
                         args.flatness_examples,
                         args.validation_examples,

@@ -95,3 +95,8 @@ def test_choice_spec_and_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         headroom.main(["--setting", "lowdata", "--optimizers", "sgd", "reuse"])
     assert "reuse takes gam's radius: add gam" in capsys.readouterr().err
+    # The flatness probe's radius is --probe-radius; --rho would read as SAM's radius.
+    for main, argv in ((headroom.main, ["--setting", "noise40"]), (reproduce.main, [])):
+        with pytest.raises(SystemExit):
+            main([*argv, "--rho", "0.1"])
+        assert "--rho is now --probe-radius" in capsys.readouterr().err
