@@ -24,7 +24,7 @@ from typing import Any
 
 import jax
 
-from experiments import ConfigError, plot, tables, train
+from experiments import ConfigError, configs, plot, tables, train
 from experiments.configs import default
 from gam_optax import flatness
 
@@ -50,11 +50,10 @@ def compare(
     (``resume``: continue, or reuse, runs already there)."""
     rows = []
     for name in optimizers:
-        config = default.get_config()
-        config.optimizer = name
+        run = {"optimizer": name, "label_noise": label_noise}  # overrides of the default
         if num_epochs is not None:
-            config.num_epochs = num_epochs
-        config.label_noise = label_noise
+            run["num_epochs"] = num_epochs
+        config = configs.override(default.get_config(), run)
         start = time.perf_counter()
         summary = train.train_and_evaluate(
             config, workdir / name, resume=resume, overwrite=overwrite

@@ -60,7 +60,14 @@ TABLES = (
 
 def _cases(t: types.SimpleNamespace):
     """(category, function, argument, call) for every bad input of the test tables."""
+    cases = _construction_cases(t) + _update_cases(t)
+    for measure, call, _, message in t.BAD_FLATNESS_CALLS:
+        cases.append(("flatness", measure, re.match(r"[a-z_]+", message).group(0), call))
+    return cases
 
+
+def _construction_cases(t: types.SimpleNamespace):
+    """The bad hyperparameters, options, schedules and presets: errors at construction."""
     cases = []
     for p in t._hyperparameter_cases():
         factory, kwargs, _, message = p.values
@@ -78,7 +85,12 @@ def _cases(t: types.SimpleNamespace):
         word = re.match(r"\s*(?:the |unknown )?([a-z_]+)", rest).group(1)
         arg = {"rho": "rho", "gam": "name", "sam": "name", "gsam": "name"}.get(word, word)
         cases.append(("schedule/preset", fn, arg, call))
+    return cases
 
+
+def _update_cases(t: types.SimpleNamespace):
+    """The bad calls of ``update`` (arguments, state, device axis) of every factory."""
+    cases = []
     x, y, params = t.make_problem(n=32, d=6, k=4, seed=6)
     params = jax.tree.map(jnp.float32, params)
     loss_fn = lambda p: t.softmax_loss(p, x, y)
@@ -124,9 +136,6 @@ def _cases(t: types.SimpleNamespace):
             jax.pmap(step, axis_name="devices", in_axes=(0, None))(jnp.ones(4), params)
 
         cases += [("axis", name, "axis_name", unbound), ("axis", name, "axis_name", other_axis)]
-
-    for measure, call, _, message in t.BAD_FLATNESS_CALLS:
-        cases.append(("flatness", measure, re.match(r"[a-z_]+", message).group(0), call))
     return cases
 
 
