@@ -64,28 +64,20 @@ def compare(
     return rows
 
 
+# heading -> the cell of one run
+COLUMNS = {
+    "optimizer": lambda r: r["optimizer"],
+    "final test acc": lambda r: f"{r['final_test_accuracy']:.4f}",
+    "best test acc": lambda r: f"{r['best_test_accuracy']:.4f} (ep {r['best_epoch']})",
+    "final train loss": lambda r: f"{r['train_loss']:.4f}",
+    "training time": lambda r: f"{r['wall_time']:.1f} s",
+    "top Hessian eig": lambda r: f"{r['hessian']:.2f}",
+}
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The comparison as a plain-text table."""
-    header = (
-        "optimizer",
-        "final test acc",
-        "best test acc",
-        "final train loss",
-        "training time",
-        "top Hessian eig",
-    )
-    cells = [
-        (
-            r["optimizer"],
-            f"{r['final_test_accuracy']:.4f}",
-            f"{r['best_test_accuracy']:.4f} (ep {r['best_epoch']})",
-            f"{r['train_loss']:.4f}",
-            f"{r['wall_time']:.1f} s",
-            f"{r['hessian']:.2f}",
-        )
-        for r in rows
-    ]
-    return tables.table(header, cells)
+    return tables.table(tuple(COLUMNS), [tuple(cell(r) for cell in COLUMNS.values()) for r in rows])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
