@@ -33,6 +33,7 @@ The protocol, per setting:
 
     python -m experiments.headroom --setting mnist1d_noise40 --workdir runs/headroom --seeds 10
     python -m experiments.headroom --plot --workdir runs/headroom   # every finished setting
+    python -m experiments.headroom --setting noise40 --config.num_epochs=10  # fields changed
 
 Each run is the setting's config with the method's overrides (:func:`overrides`, e.g.
 ``{"optimizer": "sam", "sam.rho": 0.1}``). A finished run is reused when its whole config is
@@ -55,24 +56,26 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from experiments import ConfigError, configs, reproduce, tables, xla_options
-from experiments.configs import digits_lowdata, digits_noisy, mnist1d
 
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    config: Callable[[], ml_collections.ConfigDict]
+    config: str  # a file of experiments/configs and its argument, as --config takes them
     validation_examples: int  # held out of the training split to choose the radius
     label: str  # for tables and plots
 
+    def base(self, flags: Sequence[str] = ()) -> ml_collections.ConfigDict:
+        """The setting's config, ``--config.FIELD=VALUE`` ``flags`` applied."""
+        return configs.from_flags(str(pathlib.Path(configs.__file__).parent / self.config), flags)
 
+
+# Adding a setting is one line here (and a config file, if none of them has it yet).
 SETTINGS = {
-    "mnist1d": Setting(lambda: mnist1d.get_config("0.0"), 1000, "MNIST-1D"),
-    "mnist1d_noise40": Setting(
-        lambda: mnist1d.get_config("0.4"), 1000, "MNIST-1D, 40% label noise"
-    ),
-    "noise20": Setting(lambda: digits_noisy.get_config("0.2"), 200, "20% label noise"),
-    "noise40": Setting(lambda: digits_noisy.get_config("0.4"), 200, "40% label noise"),
-    "lowdata": Setting(digits_lowdata.get_config, 60, "180 training examples"),
+    "mnist1d": Setting("mnist1d.py:0.0", 1000, "MNIST-1D"),
+    "mnist1d_noise40": Setting("mnist1d.py:0.4", 1000, "MNIST-1D, 40% label noise"),
+    "noise20": Setting("digits_noisy.py:0.2", 200, "20% label noise"),
+    "noise40": Setting("digits_noisy.py:0.4", 200, "40% label noise"),
+    "lowdata": Setting("digits_lowdata.py", 60, "180 training examples"),
 }
 
 
@@ -94,7 +97,7 @@ class Axis:
 
 
 # optimizer -> its axis; >= 5 values spanning >= 10x, extended until the choice is interior.
-# Adding a setting of the benchmark is one line of SETTINGS; an optimizer, one line here.
+# Adding an optimizer to the benchmark is one line here.
 RADII = (0.02, 0.05, 0.1, 0.2, 0.5)
 AXES = {
     "sam": Axis(("rho",), RADII),
@@ -246,7 +249,7 @@ def run_method(
     """One run of ``method`` at its axis value in setting ``name``: the setting's config with
     the method's :data:`BASES` and :func:`overrides` (``reproduce.run_one`` reuses a finished
     run of the same config). ``validation``: examples held out to choose the value."""
-    setting = SETTINGS[name]
+    base = SETTINGS[name].base(args.config_flags)
     method_overrides = overrides(method, value)
     described = reproduce.describe(method_overrides)
     label = described.translate(str.maketrans(":,", "--", "="))
@@ -255,12 +258,12 @@ def run_method(
     result = reproduce.run_one(
         method_overrides,
         seed,
-        args.epochs or setting.config().num_epochs,
+        args.epochs or base.num_epochs,
         args.workdir / name / folder / f"{label}-seed{seed}",
         args.probe_radius,
         flatness_examples=args.flatness_examples,
         validation_examples=validation,
-        base=configs.override(setting.config(), BASES.get(method, {})),
+        base=configs.override(base, BASES.get(method, {})),
         measure=validation is None,  # choosing a radius needs the accuracy alone
     )
     print(f"done {name}/{folder}/{label}-seed{seed}", file=sys.stderr, flush=True)
@@ -296,7 +299,7 @@ def run_setting(args: argparse.Namespace, name: str) -> dict[str, Any]:
     """Chooses each optimizer's radius on validation, then runs the test seeds (the same
     seeds for all); prints the tables and writes ``WORKDIR/NAME/summary.json``."""
     setting, workdir = SETTINGS[name], args.workdir / name
-    epochs = args.epochs or setting.config().num_epochs
+    epochs = args.epochs or setting.base(args.config_flags).num_epochs
     values, validation, interior = choose_values(args, name)
     results = [
         run_method(args, name, method, values[method], seed, "test")
@@ -521,7 +524,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--rho", type=float, help=argparse.SUPPRESS)  # renamed --probe-radius
     parser.add_argument("--flatness-examples", type=int, default=512)
     parser.add_argument("--plot", action="store_true", help="plot every finished setting")
-    args = parser.parse_args(argv)
+    args, config_flags = reproduce.parse_with_config(parser, argv)
+    args.config_flags = config_flags  # --config.FIELD=VALUE: every setting's config changed
     if args.rho is not None:
         parser.error(reproduce.RENAMED_RHO)
     if args.seeds < 2 or args.tune_seeds < 1 or (args.epochs is not None and args.epochs < 1):
@@ -532,6 +536,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         parser.error("--optimizers must include sgd, the baseline of the paired differences")
     if not args.setting and not args.plot:
         parser.error(f"give --setting ({', '.join(SETTINGS)}) and/or --plot")
+    for name in args.setting:
+        try:
+            SETTINGS[name].base(config_flags)
+        except ConfigError as e:
+            parser.error(f"setting {name}: {e}")
     for follower, (inner, _) in FOLLOWERS.items():
         if follower in args.optimizers and inner not in args.optimizers:
             parser.error(f"{follower} takes {inner}'s radius: add {inner} to --optimizers")

@@ -96,7 +96,7 @@ def test_choice_overrides_and_bad_arguments(tmp_path, capsys):
     # Every grid value of every method is a valid override of every setting's config.
     for setting in headroom.SETTINGS.values():
         for method in headroom.OPTIMIZERS:
-            base = configs.override(setting.config(), headroom.BASES.get(method, {}))
+            base = configs.override(setting.base(), headroom.BASES.get(method, {}))
             leader = headroom.FOLLOWERS.get(method, (method,))[0]
             axis = headroom.AXES.get(leader)
             for value in axis.values if axis else [None]:
@@ -108,6 +108,9 @@ def test_choice_overrides_and_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         headroom.main(["--setting", "lowdata", "--optimizers", "sgd", "reuse"])
     assert "reuse takes gam's radius: add gam" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        headroom.main(["--setting", "noise40", "--config.gam.rhoo=0.1"])
+    assert "setting noise40: --config=" in capsys.readouterr().err  # checked before any run
     # The flatness probe's radius is --probe-radius; --rho would read as SAM's radius.
     for main, argv in ((headroom.main, ["--setting", "noise40"]), (reproduce.main, [])):
         with pytest.raises(SystemExit):

@@ -104,7 +104,9 @@ def runs(monkeypatch):
 def test_benchmark_extends_sam_and_compares_gam_adamw_with_adamw(tmp_path, runs, capsys):
     argv = ["--setting", "mnist1d_noise40", "--workdir", str(tmp_path), "--seeds", "3"]
     argv += ["--tune-seeds", "1", "--optimizers", "sgd", "sam", "gam", "adamw", "gam_adamw"]
-    [summary] = headroom.main(argv)
+    [summary] = headroom.main([*argv, "--config.label_smoothing=0.05"])
+    assert {base.label_smoothing for *_, base in runs} == {0.05}  # every run's config changed
+    assert {base.label_noise for *_, base in runs} == {0.4}  # on the setting's config
     assert summary["choices"]["sam"] == "rho=1.2" and summary["interior"]["sam"]
     assert list(summary["validation"]["sam"])[-2:] == ["rho=1.2", "rho=2.9"]
     # Validation: the last 1000 MNIST-1D training examples.
