@@ -22,7 +22,7 @@ def runs(monkeypatch):
         assert kwargs["measure"] == (kwargs["validation_examples"] is None)
         configs.override(kwargs["base"], overrides)  # a valid override of the setting's config
         spec = reproduce.describe(overrides)
-        calls.append((spec, seed, kwargs["validation_examples"]))
+        calls.append((spec, seed, kwargs["validation_examples"], overrides))
         accuracy = fake_accuracy(spec, seed, kwargs["validation_examples"])
         keys = ("best_test_accuracy", "train_loss", "trace", "first_order_flatness", "wall_time")
         return {
@@ -47,10 +47,10 @@ def test_radii_are_chosen_on_validation_and_tested_paired_by_seed(tmp_path, runs
         "gam": "rho_prime=0.05",
         "reuse": "rho_prime=0.05",  # reuse takes gam's radius
     }
-    tuning = [(spec, seed) for spec, seed, validation in runs if validation]
-    testing = [(spec, seed) for spec, seed, validation in runs if not validation]
+    tuning = [(spec, seed) for spec, seed, validation, _ in runs if validation]
+    testing = [(spec, seed) for spec, seed, validation, _ in runs if not validation]
     # Every grid value on validation (200 examples held out), with seeds no test run uses.
-    assert {v for _, _, v in runs if v} == {200}
+    assert {v for _, _, v, _ in runs if v} == {200}
     assert sorted(tuning) == sorted(
         (reproduce.describe(headroom.overrides(o, v)), s)
         for o in ("sam", "gam")
@@ -60,6 +60,19 @@ def test_radii_are_chosen_on_validation_and_tested_paired_by_seed(tmp_path, runs
     reuse = "reuse:every=5,alpha=1.0,rescale=False,gam.rho_prime=0.05"
     chosen = ["sgd", "sam:rho=0.1", "gam:rho_prime=0.05", reuse]
     assert sorted(testing) == sorted((spec, s) for spec in chosen for s in range(3))
+    # Each run is the config overrides it applies: reuse's rule around gam's choice.
+    reuse_runs = [o for spec, _, validation, o in runs if spec == reuse and not validation]
+    assert len(reuse_runs) == 3 and all(
+        o
+        == {
+            "optimizer": "reuse",
+            "reuse.every": 5,
+            "reuse.alpha": 1.0,
+            "reuse.rescale": False,
+            "gam.rho_prime": 0.05,
+        }
+        for o in reuse_runs
+    )
     out = capsys.readouterr().out
     # Paired differences to sgd: sam's test accuracy is 0.1 above sgd's on every seed.
     assert "| sam | +0.1000 [+0.1000, +0.1000] | +1.00 [+1.00, +1.00] |" in out
