@@ -524,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--rho", type=float, help=argparse.SUPPRESS)  # renamed --probe-radius
     parser.add_argument("--flatness-examples", type=int, default=512)
     parser.add_argument("--plot", action="store_true", help="plot every finished setting")
-    args, config_flags = reproduce.parse_with_config(parser, argv)
+    args, config_flags = configs.parse_with_config(parser, argv)
     args.config_flags = config_flags  # --config.FIELD=VALUE: every setting's config changed
     if args.rho is not None:
         parser.error(reproduce.RENAMED_RHO)

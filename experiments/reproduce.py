@@ -278,19 +278,6 @@ def plot(results: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def parse_with_config(
-    parser: argparse.ArgumentParser, argv: Sequence[str] | None
-) -> tuple[argparse.Namespace, list[str]]:
-    """The driver's own options, and its ``--config.FIELD=VALUE`` flags (for
-    ``configs.from_flags``); any other argument is refused."""
-    args, rest = parser.parse_known_args(argv)
-    config_flags = [a for a in rest if a.startswith("--config.")]
-    unknown = [a for a in rest if not a.startswith("--config.")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return args, config_flags
-
-
 def make_parser() -> argparse.ArgumentParser:
     """The driver's options; ``--config.FIELD=VALUE`` flags pass through to the config."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -336,7 +323,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, tuple[float, float]]]:
     parser = make_parser()
-    args, config_flags = parse_with_config(parser, argv)
+    args, config_flags = configs.parse_with_config(parser, argv)
     if args.rho is not None:
         parser.error(RENAMED_RHO)
     if args.seeds < 1 or args.epochs < 1:

@@ -7,7 +7,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from experiments import ConfigError, configs, reproduce
+from experiments import ConfigError, compare, configs, reproduce
 from experiments.configs import default
 
 LOWDATA = pathlib.Path(configs.__file__).parent / "digits_lowdata.py"
@@ -86,7 +86,7 @@ def test_methods_are_config_overrides_checked_against_the_config():
         reproduce.parse_method("reuse:every=x")  # an int field
 
 
-def test_an_override_names_an_existing_field_of_the_right_type():
+def test_an_override_names_an_existing_field_of_the_right_type(capsys):
     base = default.get_config()
     config = configs.override(base, {"optimizer": "sam", "sam.rho": 0.1, "num_epochs": 3})
     assert (config.optimizer, config.sam.rho, config.num_epochs) == ("sam", 0.1, 3)
@@ -102,8 +102,10 @@ def test_an_override_names_an_existing_field_of_the_right_type():
             configs.override(base, {key: 2.5})
     with pytest.raises(ConfigError, match=r"override: overrides is a mapping of dotted config"):
         configs.override(base, "sam:rho=0.1")
-    with pytest.raises(SystemExit):  # a field of configs/default.py
-        reproduce.main(["--config.gam.rhoo=0.3"])
+    for main in (reproduce.main, compare.main):  # a field of configs/default.py
+        with pytest.raises(SystemExit):
+            main(["--config.gam.rhoo=0.3"])
+        assert "--config.gam.rhoo=0.3: 'rhoo' Did you mean" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         reproduce.main([f"--config={LOWDATA}", "--config.gam.rhoo=0.3"])
     with pytest.raises(ConfigError, match=r"'rhoo'.*Did you mean \"rho\""):

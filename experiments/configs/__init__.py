@@ -8,6 +8,7 @@ and find a finished run by comparing whole configs, as a resume does.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import warnings
 from collections.abc import Mapping, Sequence
@@ -90,3 +91,16 @@ def from_flags(path: str, flag_overrides: Sequence[str] = ()) -> Any:
             f"--config={path} {' '.join(flag_overrides)}: {reason}; give a config file "
             f"(e.g. experiments/configs/default.py) and --config.FIELD=VALUE with its fields."
         ) from None
+
+
+def parse_with_config(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> tuple[argparse.Namespace, list[str]]:
+    """The driver's own options, and its ``--config.FIELD=VALUE`` flags (for
+    ``configs.from_flags``); any other argument is refused."""
+    args, rest = parser.parse_known_args(argv)
+    config_flags = [a for a in rest if a.startswith("--config.")]
+    unknown = [a for a in rest if not a.startswith("--config.")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args, config_flags
