@@ -2,6 +2,7 @@
 
   python -m experiments [--workdir DIR] [--epochs N] [--label-noise F] [--resume | --overwrite]
   python -m experiments.compare ...   # the same
+  python -m experiments --config.learning_rate=0.05   # a field of the config changed
 
 Both runs use ``configs/default.py`` (scikit-learn's digits, the small CNN, 30 epochs) with
 the same seed, data order, epoch budget and noisy labels (``--label-noise``, default 0.4: on
@@ -23,8 +24,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import ml_collections
 
-from experiments import ConfigError, plot, run_flatness, tables, train
+from experiments import ConfigError, configs, plot, run_flatness, tables, train
 from experiments.configs import default
 
 
@@ -42,16 +44,16 @@ def compare(
     label_noise: float = 0.4,
     resume: bool = False,
     overwrite: bool = False,
+    base: ml_collections.ConfigDict | None = None,
 ) -> list[dict[str, Any]]:
-    """Trains the default config once per optimizer into ``workdir/<optimizer>``
-    (``resume``: continue, or reuse, runs already there)."""
+    """Trains ``base`` (default: the default config) once per optimizer into
+    ``workdir/<optimizer>`` (``resume``: continue, or reuse, runs already there)."""
     rows = []
     for name in optimizers:
-        config = default.get_config()
-        config.optimizer = name
+        run = {"optimizer": name, "label_noise": label_noise}  # overrides of the base
         if num_epochs is not None:
-            config.num_epochs = num_epochs
-        config.label_noise = label_noise
+            run["num_epochs"] = num_epochs
+        config = configs.override(base if base is not None else default.get_config(), run)
         start = time.perf_counter()
         summary = train.train_and_evaluate(
             config, workdir / name, resume=resume, overwrite=overwrite
@@ -62,28 +64,20 @@ def compare(
     return rows
 
 
+# heading -> the cell of one run
+COLUMNS = {
+    "optimizer": lambda r: r["optimizer"],
+    "final test acc": lambda r: f"{r['final_test_accuracy']:.4f}",
+    "best test acc": lambda r: f"{r['best_test_accuracy']:.4f} (ep {r['best_epoch']})",
+    "final train loss": lambda r: f"{r['train_loss']:.4f}",
+    "training time": lambda r: f"{r['wall_time']:.1f} s",
+    "top Hessian eig": lambda r: f"{r['hessian']:.2f}",
+}
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The comparison as a plain-text table."""
-    header = (
-        "optimizer",
-        "final test acc",
-        "best test acc",
-        "final train loss",
-        "training time",
-        "top Hessian eig",
-    )
-    cells = [
-        (
-            r["optimizer"],
-            f"{r['final_test_accuracy']:.4f}",
-            f"{r['best_test_accuracy']:.4f} (ep {r['best_epoch']})",
-            f"{r['train_loss']:.4f}",
-            f"{r['wall_time']:.1f} s",
-            f"{r['hessian']:.2f}",
-        )
-        for r in rows
-    ]
-    return tables.table(header, cells)
+    return tables.table(tuple(COLUMNS), [tuple(cell(r) for cell in COLUMNS.values()) for r in rows])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -109,9 +103,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace earlier runs in --workdir"
     )
-    args = parser.parse_args(argv)
+    args, config_flags = configs.parse_with_config(parser, argv)
     if args.epochs is not None and args.epochs < 1:
         parser.error(f"--epochs must be a positive integer, got {args.epochs}")
+    try:  # --config.FIELD=VALUE: a field of configs/default.py changed for both runs
+        base = configs.from_flags(default.__file__, config_flags)
+    except ConfigError as e:
+        parser.error(str(e))
     workdir = args.workdir or pathlib.Path("runs", time.strftime("compare-%Y%m%d-%H%M%S"))
     start = time.perf_counter()
     try:
@@ -121,12 +119,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             label_noise=args.label_noise,
             resume=args.resume,
             overwrite=args.overwrite,
+            base=base,
         )
     except ConfigError as e:
         sys.exit(f"error: {e}")
     except OSError as e:
         sys.exit(f"error: {e}; check the disk space and permissions of --workdir and retry.")
-    config = default.get_config()
+    config = base
     epochs = args.epochs or config.num_epochs
     print(
         f"\n{config.dataset}, {config.model}, {epochs} epochs of batch {config.batch_size}, "

@@ -33,8 +33,12 @@ The protocol, per setting:
 
     python -m experiments.headroom --setting mnist1d_noise40 --workdir runs/headroom --seeds 10
     python -m experiments.headroom --plot --workdir runs/headroom   # every finished setting
+    python -m experiments.headroom --setting noise40 --config.num_epochs=10  # fields changed
 
-Finished runs are reused, so an interrupted benchmark continues, and more seeds extend it.
+Each run is the setting's config with the method's overrides (:func:`overrides`, e.g.
+``{"optimizer": "sam", "sam.rho": 0.1}``). A finished run is reused when its whole config is
+the one asked, so an interrupted benchmark continues, and more seeds extend it.
+``--probe-radius`` is the radius of the flatness probe R1, not a radius of the optimizers.
 """
 
 from __future__ import annotations
@@ -51,65 +55,68 @@ import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
-from experiments import ConfigError, reproduce, tables, xla_options
-from experiments.configs import digits_lowdata, digits_noisy, mnist1d
+from experiments import ConfigError, configs, reproduce, tables, xla_options
 
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    config: Callable[[], ml_collections.ConfigDict]
+    config: str  # a file of experiments/configs and its argument, as --config takes them
     validation_examples: int  # held out of the training split to choose the radius
     label: str  # for tables and plots
 
+    def base(self, flags: Sequence[str] = ()) -> ml_collections.ConfigDict:
+        """The setting's config, ``--config.FIELD=VALUE`` ``flags`` applied."""
+        return configs.from_flags(str(pathlib.Path(configs.__file__).parent / self.config), flags)
 
+
+# Adding a setting is one line here (and a config file, if none of them has it yet).
 SETTINGS = {
-    "mnist1d": Setting(lambda: mnist1d.get_config("0.0"), 1000, "MNIST-1D"),
-    "mnist1d_noise40": Setting(
-        lambda: mnist1d.get_config("0.4"), 1000, "MNIST-1D, 40% label noise"
-    ),
-    "noise20": Setting(lambda: digits_noisy.get_config("0.2"), 200, "20% label noise"),
-    "noise40": Setting(lambda: digits_noisy.get_config("0.4"), 200, "40% label noise"),
-    "lowdata": Setting(digits_lowdata.get_config, 60, "180 training examples"),
+    "mnist1d": Setting("mnist1d.py:0.0", 1000, "MNIST-1D"),
+    "mnist1d_noise40": Setting("mnist1d.py:0.4", 1000, "MNIST-1D, 40% label noise"),
+    "noise20": Setting("digits_noisy.py:0.2", 200, "20% label noise"),
+    "noise40": Setting("digits_noisy.py:0.4", 200, "40% label noise"),
+    "lowdata": Setting("digits_lowdata.py", 60, "180 training examples"),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Axis:
-    """One hyperparameter tried on validation: ``template.format(value)`` for each value."""
+    """One hyperparameter tried on validation: each value sets ``fields`` of the optimizer's
+    config section (``("sam_rho", "hvp_step")`` sets two fields to one value)."""
 
-    template: str  # e.g. "rho={}"; "sam_rho={0},hvp_step={0}" sets two fields to one value
+    fields: tuple[str, ...]
     values: tuple[float, ...]  # increasing, positive
 
     def choice(self, value: float) -> str:
-        return self.template.format(value)
+        """The value as the tables show it: ``rho=0.1``."""
+        return ",".join(f"{field}={value}" for field in self.fields)
+
+    def overrides(self, section: str, value: float) -> dict[str, float]:
+        """``{"sam.rho": 0.1}``: the value as config overrides of ``config.<section>``."""
+        return {f"{section}.{field}": value for field in self.fields}
 
 
 # optimizer -> its axis; >= 5 values spanning >= 10x, extended until the choice is interior.
+# Adding an optimizer to the benchmark is one line here.
 RADII = (0.02, 0.05, 0.1, 0.2, 0.5)
 AXES = {
-    "sam": Axis("rho={}", RADII),
-    "gsam": Axis("rho={}", RADII),
-    "gam": Axis("rho_prime={}", (0.01, 0.02, 0.05, 0.1, 0.2)),  # rho (0.2) fixed
-    "sam_gam": Axis("sam_rho={0},hvp_step={0}", RADII),  # rho 0.1, penalty 0.3 fixed
-    "gam_penalty": Axis("penalty={}", (0.03, 0.1, 0.3, 1.0, 3.0)),  # rho 0.1 fixed
-    "gam_adamw": Axis("rho_prime={}", (0.01, 0.02, 0.05, 0.1, 0.2)),
-}
-# optimizer -> the radius settings first tried on validation (``experiments.reproduce``
-# overrides); sgd and adamw have none.
-GRIDS = {
-    "sgd": [""],
-    **{name: [axis.choice(v) for v in axis.values] for name, axis in AXES.items()},
-    "adamw": [""],
+    "sam": Axis(("rho",), RADII),
+    "gsam": Axis(("rho",), RADII),
+    "gam": Axis(("rho_prime",), (0.01, 0.02, 0.05, 0.1, 0.2)),  # rho (0.2) fixed
+    "sam_gam": Axis(("sam_rho", "hvp_step"), RADII),  # rho 0.1, penalty 0.3 fixed
+    "gam_penalty": Axis(("penalty",), (0.03, 0.1, 0.3, 1.0, 3.0)),  # rho 0.1 fixed
+    "gam_adamw": Axis(("rho_prime",), (0.01, 0.02, 0.05, 0.1, 0.2)),
 }
 # Amortised GAM: the reuse rule chosen on validation (RESULTS.md, "Amortised GAM"), around
-# GAM's choice.
-FOLLOWERS = {"reuse": ("gam", "every=5,alpha=1.0,rescale=False")}
+# GAM's choice: follower -> (the method whose choice it takes, its config section's rule).
+FOLLOWERS = {"reuse": ("gam", {"every": 5, "alpha": 1.0, "rescale": False})}
 # The AdamW recipe (decoupled weight decay; the cosine schedule and label smoothing of the
-# setting), chosen on MNIST-1D's validation split (RESULTS.md), and the methods that use it.
+# setting), chosen on MNIST-1D's validation split (RESULTS.md), and the methods that use it:
+# config overrides of the setting's config.
 ADAMW = {"learning_rate": 0.01, "weight_decay": 0.01}
 BASES = {"adamw": ADAMW, "gam_adamw": {**ADAMW, "base_optimizer": "adamw"}}
 ALIASES = {"gam_adamw": "gam"}  # method -> its name in experiments/optimizers.py
-OPTIMIZERS = (*GRIDS, *FOLLOWERS)
+OPTIMIZERS = ("sgd", *AXES, "adamw", *FOLLOWERS)
 DEFAULT_OPTIMIZERS = ("sgd", "sam", "gam", "sam_gam", "reuse", "gam_penalty", "adamw", "gam_adamw")
 # (method, baseline): the paired comparisons the benchmark answers.
 COMPARISONS = (
@@ -140,15 +147,35 @@ MARGIN = 0.003
 EQUIVALENCE = 0.005
 
 
-def spec(optimizer: str, choice: str) -> str:
-    """``('gam', 'rho_prime=0.05')`` -> ``'gam:rho_prime=0.05'``; ``reuse`` wraps GAM's;
-    ``gam_adamw`` is ``gam`` (its base optimizer is set by :data:`BASES`)."""
-    if optimizer in FOLLOWERS:
-        inner, rule = FOLLOWERS[optimizer]
-        inner_overrides = ",".join(f"{inner}.{item}" for item in filter(None, choice.split(",")))
-        return f"{optimizer}:{rule}" + (f",{inner_overrides}" if inner_overrides else "")
-    optimizer = ALIASES.get(optimizer, optimizer)
-    return f"{optimizer}:{choice}" if choice else optimizer
+def overrides(method: str, value: float | None = None) -> dict[str, Any]:
+    """The config overrides of ``method`` at its axis value (None: untuned, or no axis).
+
+    ``reuse`` wraps GAM at GAM's value; ``gam_adamw`` is ``gam`` (its base optimizer is set
+    by :data:`BASES`).
+
+    >>> overrides("gam_adamw", 0.05)
+    {'optimizer': 'gam', 'gam.rho_prime': 0.05}
+    >>> overrides("reuse", 0.05)  # doctest: +NORMALIZE_WHITESPACE
+    {'optimizer': 'reuse', 'reuse.every': 5, 'reuse.alpha': 1.0, 'reuse.rescale': False,
+     'gam.rho_prime': 0.05}
+    """
+    if method in FOLLOWERS:
+        inner, rule = FOLLOWERS[method]
+        inner_fields = {k: v for k, v in overrides(inner, value).items() if k != "optimizer"}
+        return {
+            "optimizer": method,
+            **{f"{method}.{k}": v for k, v in rule.items()},
+            **inner_fields,
+        }
+    name = ALIASES.get(method, method)
+    if value is None:
+        return {"optimizer": name}
+    return {"optimizer": name, **AXES[method].overrides(name, value)}
+
+
+def choice(method: str, value: float | None) -> str:
+    """The axis value of ``method`` as the tables show it (``rho=0.1``; ``""`` untuned)."""
+    return "" if value is None else AXES[FOLLOWERS.get(method, (method,))[0]].choice(value)
 
 
 def choose(accuracies: dict[str, list[float]]) -> str:
@@ -178,25 +205,24 @@ def beyond(values: Sequence[float], end: int) -> float:
 
 
 def tune(
-    axis: Axis, evaluate: Callable[[str], list[float]], max_extensions: int
-) -> tuple[dict[str, list[float]], str, bool]:
+    axis: Axis, evaluate: Callable[[float], list[float]], max_extensions: int
+) -> tuple[dict[float, list[float]], float, bool]:
     """Validation accuracies of every value of ``axis`` (extended while the best is at an
-    end), the choice, and whether it is interior.
+    end), the chosen value, and whether it is interior.
 
-    ``evaluate(choice)`` returns the validation accuracies of one grid value (one per
+    ``evaluate(value)`` returns the validation accuracies of one grid value (one per
     tuning seed). The returned dict is ordered by value.
     """
     values = list(axis.values)
-    scores = {v: evaluate(axis.choice(v)) for v in values}
+    scores = {v: evaluate(v) for v in values}
     for extension in range(max_extensions + 1):
         index, end = bracketed([float(np.mean(scores[v])) for v in values])
         if end is None or extension == max_extensions:
             break
         new = beyond(values, end)
         values.insert(len(values) if end == -1 else 0, new)
-        scores[new] = evaluate(axis.choice(new))
-    accuracies = {axis.choice(v): scores[v] for v in values}
-    return accuracies, axis.choice(values[index]), end is None
+        scores[new] = evaluate(new)
+    return {v: scores[v] for v in values}, values[index], end is None
 
 
 def paired_differences(
@@ -211,60 +237,80 @@ def paired_differences(
     return differences
 
 
-def run_setting(args: argparse.Namespace, name: str) -> dict[str, Any]:
-    """Chooses each optimizer's radius on validation, then runs the test seeds; prints the
-    tables and writes ``WORKDIR/NAME/summary.json``."""
-    setting, workdir = SETTINGS[name], args.workdir / name
-    epochs = args.epochs or setting.config().num_epochs
+def run_method(
+    args: argparse.Namespace,
+    name: str,
+    method: str,
+    value: float | None,
+    seed: int,
+    folder: str,
+    validation: int | None = None,
+) -> dict[str, Any]:
+    """One run of ``method`` at its axis value in setting ``name``: the setting's config with
+    the method's :data:`BASES` and :func:`overrides` (``reproduce.run_one`` reuses a finished
+    run of the same config). ``validation``: examples held out to choose the value."""
+    base = SETTINGS[name].base(args.config_flags)
+    method_overrides = overrides(method, value)
+    described = reproduce.describe(method_overrides)
+    label = described.translate(str.maketrans(":,", "--", "="))
+    if method_overrides["optimizer"] != method and method not in FOLLOWERS:
+        label = f"{method}-{label}"  # gam_adamw's runs apart from gam's
+    result = reproduce.run_one(
+        method_overrides,
+        seed,
+        args.epochs or base.num_epochs,
+        args.workdir / name / folder / f"{label}-seed{seed}",
+        args.probe_radius,
+        flatness_examples=args.flatness_examples,
+        validation_examples=validation,
+        base=configs.override(base, BASES.get(method, {})),
+        measure=validation is None,  # choosing a radius needs the accuracy alone
+    )
+    print(f"done {name}/{folder}/{label}-seed{seed}", file=sys.stderr, flush=True)
+    # The method's name in the tables (gam_adamw's overrides name gam).
+    shown = method + described[len(method_overrides["optimizer"]) :]
+    return {**result, "optimizer": shown, "name": method}
 
-    def run(method, choice, seed, folder, validation=None):
-        optimizer_spec = spec(method, choice)
-        label = optimizer_spec.translate(str.maketrans(":,", "--", "="))
-        if optimizer_spec.partition(":")[0] != method and method not in FOLLOWERS:
-            label = f"{method}-{label}"  # gam_adamw's runs apart from gam's
-        base = setting.config()
-        base.update(BASES.get(method, {}))
-        result = reproduce.run_one(
-            optimizer_spec,
-            seed,
-            epochs,
-            workdir / folder / f"{label}-seed{seed}",
-            args.rho,
-            flatness_examples=args.flatness_examples,
-            validation_examples=validation,
-            base=base,
-            measure=validation is None,  # choosing a radius needs the accuracy alone
-        )
-        print(f"done {name}/{folder}/{label}-seed{seed}", file=sys.stderr, flush=True)
-        # The method's name in the tables (gam_adamw's spec names gam).
-        shown = method + optimizer_spec[len(optimizer_spec.partition(":")[0]) :]
-        return {**result, "optimizer": shown, "name": method}
 
-    # 1. The radius of each optimizer, on the validation split (tuning seeds).
-    tune_seeds = range(TUNE_SEED, TUNE_SEED + args.tune_seeds)
-    validation: dict[str, dict[str, list[float]]] = {}  # optimizer -> choice -> accuracies
-    choices = {o: GRIDS[o][0] for o in GRIDS}
+def choose_values(
+    args: argparse.Namespace, name: str
+) -> tuple[dict[str, float | None], dict[str, dict[float, list[float]]], dict[str, bool]]:
+    """Each optimizer's axis value chosen on the validation split (tuning seeds, never a
+    test run's); the validation accuracies of every value tried; whether each choice is
+    interior. Untuned optimizers get None, followers their leader's value."""
+    seeds = range(TUNE_SEED, TUNE_SEED + args.tune_seeds)
+    held_out = SETTINGS[name].validation_examples
+    values: dict[str, float | None] = dict.fromkeys(OPTIMIZERS)
+    validation: dict[str, dict[float, list[float]]] = {}
     interior: dict[str, bool] = {}
-    for optimizer in (o for o in args.optimizers if o in AXES):
-        evaluate = lambda choice, o=optimizer: [
-            run(o, choice, s, "tune", setting.validation_examples)["final_test_accuracy"]
-            for s in tune_seeds
+    for method in (o for o in args.optimizers if o in AXES):
+        evaluate = lambda value, m=method: [
+            run_method(args, name, m, value, s, "tune", held_out)["final_test_accuracy"]
+            for s in seeds
         ]
-        validation[optimizer], choices[optimizer], interior[optimizer] = tune(
-            AXES[optimizer], evaluate, args.max_extensions
+        validation[method], values[method], interior[method] = tune(
+            AXES[method], evaluate, args.max_extensions
         )
-    choices.update({follower: choices[inner] for follower, (inner, _) in FOLLOWERS.items()})
+    values.update({follower: values[leader] for follower, (leader, _) in FOLLOWERS.items()})
+    return values, validation, interior
 
-    # 2. Every optimizer at its radius on the test set, the same seeds for all.
+
+def run_setting(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """Chooses each optimizer's radius on validation, then runs the test seeds (the same
+    seeds for all); prints the tables and writes ``WORKDIR/NAME/summary.json``."""
+    setting, workdir = SETTINGS[name], args.workdir / name
+    epochs = args.epochs or setting.base(args.config_flags).num_epochs
+    values, validation, interior = choose_values(args, name)
     results = [
-        run(optimizer, choices[optimizer], seed, "test")
+        run_method(args, name, method, values[method], seed, "test")
         for seed in range(args.seeds)
-        for optimizer in args.optimizers
+        for method in args.optimizers
     ]
-
+    choices = {method: choice(method, values[method]) for method in args.optimizers}
+    shown = {m: {AXES[m].choice(v): a for v, a in grid.items()} for m, grid in validation.items()}
     print(f"\n## {name}: {setting.label}, {epochs} epochs\n")
     if validation:
-        print(tuning_table(validation, choices, args.tune_seeds, interior))
+        print(tuning_table(shown, choices, args.tune_seeds, interior))
         print(f"\nvalidation: the last {setting.validation_examples} training examples.\n")
     print(reproduce.markdown_table(reproduce.summarise(results), args.seeds))
     print()
@@ -275,13 +321,12 @@ def run_setting(args: argparse.Namespace, name: str) -> dict[str, Any]:
         print(comparison_table(comparisons))
         print()
         print(claims_table({name: comparisons}))
-    choices = {o: choices[o] for o in args.optimizers}
     summary = {
         "setting": name,
         "epochs": epochs,
         "choices": choices,
         "interior": interior,
-        "validation": validation,
+        "validation": shown,
         "comparisons": comparisons,
         "results": results,
     }
@@ -473,10 +518,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument(
         "--max-extensions", type=int, default=3, help="grid extensions while the best is an end"
     )
-    parser.add_argument("--rho", type=float, default=0.05, help="radius of R1")
+    parser.add_argument(
+        "--probe-radius", type=float, default=0.05, help="the radius of the flatness probe R1"
+    )
+    parser.add_argument("--rho", type=float, help=argparse.SUPPRESS)  # renamed --probe-radius
     parser.add_argument("--flatness-examples", type=int, default=512)
     parser.add_argument("--plot", action="store_true", help="plot every finished setting")
-    args = parser.parse_args(argv)
+    args, config_flags = configs.parse_with_config(parser, argv)
+    args.config_flags = config_flags  # --config.FIELD=VALUE: every setting's config changed
+    if args.rho is not None:
+        parser.error(reproduce.RENAMED_RHO)
     if args.seeds < 2 or args.tune_seeds < 1 or (args.epochs is not None and args.epochs < 1):
         parser.error("--seeds must be >= 2 (for intervals), --tune-seeds and --epochs >= 1")
     if args.max_extensions < 0:
@@ -485,6 +536,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         parser.error("--optimizers must include sgd, the baseline of the paired differences")
     if not args.setting and not args.plot:
         parser.error(f"give --setting ({', '.join(SETTINGS)}) and/or --plot")
+    for name in args.setting:
+        try:
+            SETTINGS[name].base(config_flags)
+        except ConfigError as e:
+            parser.error(f"setting {name}: {e}")
     for follower, (inner, _) in FOLLOWERS.items():
         if follower in args.optimizers and inner not in args.optimizers:
             parser.error(f"{follower} takes {inner}'s radius: add {inner} to --optimizers")

@@ -42,18 +42,37 @@ def _norm(train: bool, dtype: Dtype, axis_name: str | None) -> ModuleDef:
     )
 
 
-def _logits(x: jnp.ndarray, dtype: Dtype) -> jnp.ndarray:
-    """Logits in float32 (bfloat16 and float32 models) or float64 (float64 models)."""
-    return x.astype(jnp.promote_types(dtype, jnp.float32))
+class Classifier(nn.Module):
+    """The fields every model here shares: ``num_classes`` logits, the compute ``dtype`` and
+    BatchNorm's device ``axis_name``; :meth:`layers` and :meth:`head` build with them."""
+
+    num_classes: int
+    dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+
+    def layers(self, train: bool) -> tuple[ModuleDef, ModuleDef]:
+        """The convolution and the BatchNorm of this model (batch statistics if ``train``)."""
+        return _conv(self.dtype), _norm(train, self.dtype, self.axis_name)
+
+    def head(self, x: jnp.ndarray) -> jnp.ndarray:
+        """The linear classifier; logits in float32 (bfloat16 and float32 models) or float64
+        (float64 models)."""
+        x = nn.Dense(self.num_classes, dtype=self.dtype)(x)
+        return x.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
-class BasicBlock(nn.Module):
-    """ResNet basic block: two 3x3 convolutions; a 1x1 conv + BN projection shortcut."""
+class Block(nn.Module):
+    """The fields of a residual block: its width, the model's convolution and BatchNorm, and
+    the stride of its first strided convolution."""
 
     filters: int
     conv: ModuleDef
     norm: ModuleDef
     strides: int = 1
+
+
+class BasicBlock(Block):
+    """ResNet basic block: two 3x3 convolutions; a 1x1 conv + BN projection shortcut."""
 
     @nn.compact
     def __call__(self, x):
@@ -64,13 +83,8 @@ class BasicBlock(nn.Module):
         return nn.relu(x + y)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(Block):
     """ResNet bottleneck block: 1x1, 3x3 (strided), 1x1 x4 convolutions; projection shortcut."""
-
-    filters: int
-    conv: ModuleDef
-    norm: ModuleDef
-    strides: int = 1
 
     @nn.compact
     def __call__(self, x):
@@ -83,40 +97,35 @@ class Bottleneck(nn.Module):
         return nn.relu(x + y)
 
 
-class ResNet(nn.Module):
-    """The CIFAR ResNet of the released code: 3x3 stem, no max-pool, widths 64-128-256-512."""
+class ResNet(Classifier):
+    """The CIFAR ResNet of the released code: 3x3 stem, no max-pool, widths 64-128-256-512
+    (ResNet-18 unless ``stage_sizes`` and ``block_cls`` say otherwise)."""
 
-    stage_sizes: Sequence[int]
-    block_cls: type[nn.Module]
-    num_classes: int
+    stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    block_cls: type[nn.Module] = BasicBlock
     num_filters: int = 64
-    dtype: Dtype = jnp.float32
-    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        conv, norm = _conv(self.dtype), _norm(train, self.dtype, self.axis_name)
+        conv, norm = self.layers(train)
         x = nn.relu(norm()(conv(self.num_filters, (3, 3), padding=1)(x.astype(self.dtype))))
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
                 strides = 2 if i > 0 and j == 0 else 1
                 x = self.block_cls(self.num_filters * 2**i, conv, norm, strides)(x)
         x = jnp.mean(x, axis=(1, 2))
-        return _logits(nn.Dense(self.num_classes, dtype=self.dtype)(x), self.dtype)
+        return self.head(x)
 
 
-class WideResNet(nn.Module):
+class WideResNet(Classifier):
     """WideResNet-depth-width with pre-activation units, as in the SAM example code (davda54)."""
 
-    num_classes: int
     depth: int = 28
     width: int = 10
-    dtype: Dtype = jnp.float32
-    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        conv, norm = _conv(self.dtype), _norm(train, self.dtype, self.axis_name)
+        conv, norm = self.layers(train)
         units = (self.depth - 4) // 6
         x = conv(16, (3, 3), padding=1)(x.astype(self.dtype))
         for i, filters in enumerate(16 * self.width * 2**i for i in range(3)):
@@ -130,16 +139,11 @@ class WideResNet(nn.Module):
                 y = nn.relu(norm()(conv(filters, (3, 3), padding=1)(y)))
                 x = x + conv(filters, (3, 3), padding=1)(y)
         x = jnp.mean(nn.relu(norm()(x)), axis=(1, 2))
-        return _logits(nn.Dense(self.num_classes, dtype=self.dtype)(x), self.dtype)
+        return self.head(x)
 
 
-class PyramidBottleneck(nn.Module):
+class PyramidBottleneck(Block):
     """PyramidNet bottleneck: BN-1x1-BN-ReLU-3x3-BN-ReLU-1x1(x4)-BN; zero-padded shortcut."""
-
-    filters: int
-    conv: ModuleDef
-    norm: ModuleDef
-    strides: int = 1
 
     @nn.compact
     def __call__(self, x):
@@ -152,22 +156,19 @@ class PyramidBottleneck(nn.Module):
         return y + jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, pad)))
 
 
-class PyramidNet(nn.Module):
+class PyramidNet(Classifier):
     """PyramidNet for CIFAR (Han et al. 2017) with bottleneck blocks, as in the GAM release.
 
     The width grows by ``alpha / (3 n)`` per block, ``n = (depth - 2) / 9`` blocks per stage,
     rounded with Python's ``round`` as the released code does.
     """
 
-    num_classes: int
     depth: int = 110
     alpha: float = 270
-    dtype: Dtype = jnp.float32
-    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        conv, norm = _conv(self.dtype), _norm(train, self.dtype, self.axis_name)
+        conv, norm = self.layers(train)
         n = (self.depth - 2) // 9
         add_rate = self.alpha / (3 * n)
         x = norm()(conv(16, (3, 3), padding=1)(x.astype(self.dtype)))
@@ -178,30 +179,27 @@ class PyramidNet(nn.Module):
                 strides = 2 if stage > 0 and block == 0 else 1
                 x = PyramidBottleneck(round(width), conv, norm, strides)(x)
         x = jnp.mean(nn.relu(norm()(x)), axis=(1, 2))
-        return _logits(nn.Dense(self.num_classes, dtype=self.dtype)(x), self.dtype)
+        return self.head(x)
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(Classifier):
     """A small BatchNorm CNN for quick runs (8x8 digits, or 32x32 CIFAR on a CPU)."""
 
-    num_classes: int
     widths: Sequence[int] = (32, 64, 128)
-    dtype: Dtype = jnp.float32
-    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        conv, norm = _conv(self.dtype), _norm(train, self.dtype, self.axis_name)
+        conv, norm = self.layers(train)
         x = x.astype(self.dtype)
         for i, width in enumerate(self.widths):
             if i > 0:
                 x = nn.avg_pool(x, (2, 2), strides=(2, 2))
             x = nn.relu(norm()(conv(width, (3, 3), padding=1)(x)))
         x = jnp.mean(x, axis=(1, 2))
-        return _logits(nn.Dense(self.num_classes, dtype=self.dtype)(x), self.dtype)
+        return self.head(x)
 
 
-class CNN1D(nn.Module):
+class CNN1D(Classifier):
     """The MNIST-1D paper's CNN (Greydanus & Kobak 2024, ``ConvBase``) with BatchNorm.
 
     Three convolutions of ``channels`` filters (kernel 5, 3, 3; stride 2; padding 1; ReLU),
@@ -210,19 +208,16 @@ class CNN1D(nn.Module):
     by BatchNorm (the trainer keeps BatchNorm statistics for every model), 5.2k parameters.
     """
 
-    num_classes: int
     channels: int = 25
-    dtype: Dtype = jnp.float32
-    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        conv, norm = _conv(self.dtype), _norm(train, self.dtype, self.axis_name)
+        conv, norm = self.layers(train)
         x = x.astype(self.dtype)
         for kernel in (5, 3, 3):
             x = nn.relu(norm()(conv(self.channels, (kernel,), 2, padding=1)(x)))
         x = x.reshape(x.shape[0], -1)
-        return _logits(nn.Dense(self.num_classes, dtype=self.dtype)(x), self.dtype)
+        return self.head(x)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {

@@ -1,32 +1,40 @@
 """A small-scale reproduction: sgd vs sam vs gsam vs gam over seeds, accuracy and flatness.
 
 Every (optimizer, seed) run trains ``configs/default.py`` (scikit-learn's digits, the small
-BatchNorm CNN) with the same epoch budget, then measures the flatness of the final
-parameters on the training objective (label smoothing included, no augmentation, BatchNorm
-in inference mode): the Hessian's top eigenvalue (Lanczos), its trace (Hutchinson) and the
-paper's first-order flatness R1 = rho * max ||grad L|| over the rho-ball (on the first
-``--flatness-examples`` training examples). It prints a
-markdown table of mean +- std over seeds and draws ``WORKDIR/reproduction.png``.
+BatchNorm CNN; or the ``--config`` below) with the same epoch budget, then measures the
+flatness of the final parameters on the training objective (label smoothing included, no
+augmentation, BatchNorm in inference mode): the Hessian's top eigenvalue (Lanczos), its
+trace (Hutchinson) and the paper's first-order flatness R1 = r * max ||grad L|| over the
+ball of radius r (the probe's ``--probe-radius``, on the first ``--flatness-examples``
+training examples). It prints a markdown table of mean +- std over seeds and draws
+``WORKDIR/reproduction.png``.
 
     python -m experiments.reproduce --workdir runs/reproduce --epochs 8 --seeds 5
 
+Every run starts from one config, ``configs/default.py`` or ``--config=PATH[:ARG]`` with
+``--config.FIELD=VALUE`` flags, as the training program reads them::
+
+    python -m experiments.reproduce --config=experiments/configs/mnist1d.py:0.4 \\
+        --config.learning_rate=0.05 --optimizers sgd gam --seeds 3 --epochs 10
+
 An optimizer may carry overrides of its config section, ``NAME:KEY=VALUE,...``, e.g.
-``reuse:every=5,alpha=0.2`` (amortised GAM) or ``looksam:every=10``; ``--validation-examples
-N`` trains on all but the last N training examples and reports accuracy on those N instead
-of the test set (for choosing hyperparameters). Runs already finished in WORKDIR are reused,
-so an interrupted reproduction continues.
+``reuse:every=5,alpha=0.2`` (amortised GAM) or ``looksam:every=10``: each method is the
+config overrides it applies, ``{"optimizer": "reuse", "reuse.every": 5, ...}``, every field
+checked against the config. ``--validation-examples N`` trains on all but the last N
+training examples and reports accuracy on those N instead of the test set (for choosing
+hyperparameters). A run already finished in WORKDIR is reused when its whole config is the
+one asked (compared as a resume compares it), so an interrupted reproduction continues.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import copy
 import json
 import pathlib
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -34,7 +42,7 @@ import numpy as np
 import scipy.stats
 from matplotlib.figure import Figure
 
-from experiments import ConfigError, checkpoints, optimizers, tables, train, xla_options
+from experiments import ConfigError, checkpoints, configs, optimizers, tables, train, xla_options
 from experiments.configs import default
 from experiments.run_flatness import measure as measure_flatness  # a finished run's flatness
 
@@ -50,110 +58,140 @@ COLUMNS = {
 }
 
 
-def parse_optimizer(spec: str) -> tuple[str, dict[str, Any]]:
-    """``'reuse:every=5,alpha=0.2'`` -> ``('reuse', {'every': 5, 'alpha': 0.2})``.
+def parse_method(text: str, base: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
+    """The command line's ``NAME:KEY=VALUE,...`` as the config overrides of that run.
 
-    A key ``SECTION.KEY`` sets a field of another optimizer's section, e.g. the inner
-    transformation of ``reuse``: ``'reuse:every=5,gam.rho_prime=0.05'``.
+    A KEY is a field of NAME's config section; ``SECTION.KEY`` a field of another (e.g. the
+    transformation that ``reuse`` wraps). Each field is checked against ``base`` (default
+    ``configs/default.py``).
+
+    >>> parse_method("reuse:every=5,alpha=0.2,gam.rho_prime=0.05")
+    {'optimizer': 'reuse', 'reuse.every': 5, 'reuse.alpha': 0.2, 'gam.rho_prime': 0.05}
     """
-    name, _, rest = spec.partition(":")
+    name, _, rest = text.partition(":")
     if name not in optimizers.NAMES:
         raise ConfigError(f"unknown optimizer {name!r}; valid: {', '.join(optimizers.NAMES)}.")
-    config = default.get_config()
-    overrides = {}
+    base = base if base is not None else default.get_config()
+    method: dict[str, Any] = {"optimizer": name}
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
-        section_name, _, field = key.rpartition(".")
-        section = config.get(section_name or name)
-        if not sep or section is None or field not in section:
-            valid = ", ".join(section or ()) or "none"
-            raise ConfigError(
-                f"bad override {item!r} in {spec!r}: write KEY=VALUE with a key of "
-                f"config.{section_name or name} ({valid}), or SECTION.KEY=VALUE."
-            )
+        if not sep:
+            raise ConfigError(f"bad override {item!r} in {text!r}: write KEY=VALUE.")
+        key = key if "." in key else f"{name}.{key}"
         try:
-            overrides[key] = ast.literal_eval(value)
+            method[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            overrides[key] = value  # a bare word, e.g. inner=gam
-    return name, overrides
+            method[key] = value  # a bare word, e.g. inner=gam
+        try:
+            configs.override(base, {key: method[key]})
+        except ConfigError as e:
+            raise ConfigError(f"bad override {item!r} in {text!r}: {e}") from None
+    return method
 
 
+def describe(overrides: Mapping[str, Any]) -> str:
+    """A run's overrides as its tables and folders name it, fields of the optimizer's own
+    section without their section.
+
+    >>> describe({"optimizer": "reuse", "reuse.every": 5, "gam.rho_prime": 0.05})
+    'reuse:every=5,gam.rho_prime=0.05'
+    """
+    name = overrides.get("optimizer", "")
+    items = [
+        f"{key.removeprefix(f'{name}.')}={value}"
+        for key, value in overrides.items()
+        if key != "optimizer"
+    ]
+    return f"{name}:{','.join(items)}" if items else name
+
+
+RENAMED_RHO = (
+    "--rho is now --probe-radius (the radius of the flatness probe R1; SAM's rho is an "
+    "optimizer override)."
+)
 # Config fields that change no result: a cached run is reused whatever their values.
 BOOKKEEPING = checkpoints.MAY_CHANGE_ON_RESUME - {"num_epochs"}
 
 
+def cached(workdir: pathlib.Path, wanted: dict[str, Any]) -> dict[str, Any] | None:
+    """The finished run in ``workdir`` if its config is ``wanted`` (the comparison of a
+    resume, bookkeeping fields aside), None if there is none; a run of another config is
+    refused."""
+    result_path = workdir / "result.json"
+    if not result_path.exists():
+        return None
+    result = json.loads(result_path.read_text())
+    if "config" not in result:
+        raise ConfigError(
+            f"{result_path} records no config (written by an older version), so it "
+            f"cannot be matched to this run; delete it to rerun, or use another --workdir."
+        )
+    differ = checkpoints.changed_fields(
+        result["config"],
+        wanted,
+        may_change=BOOKKEEPING,
+        defaults=json.loads(default.get_config().to_json_best_effort()),
+    )
+    if differ:
+        diffs = "; ".join(f"{k}: {old!r} there, {new!r} here" for k, (old, new) in differ.items())
+        raise ConfigError(
+            f"{workdir} holds a finished run of other settings ({diffs}); use another --workdir."
+        )
+    return result
+
+
 def run_one(
-    optimizer: str,
+    overrides: Mapping[str, Any],
     seed: int,
     epochs: int,
     workdir: pathlib.Path,
-    rho: float,
+    probe_radius: float,
     train_examples: int | None = None,
     flatness_examples: int | None = None,
     validation_examples: int | None = None,
     base: ml_collections.ConfigDict | None = None,
     measure: bool = True,
 ) -> dict:
-    """Train (or reuse) one run and measure it; the result is cached in ``result.json``.
+    """Train (or reuse) the run of ``base`` with ``overrides`` (``{"optimizer": "sam",
+    "sam.rho": 0.1}``) and measure it; the result is cached in ``result.json``.
 
     ``base`` is the config to start from (default ``configs/default.py``); the seed also
     seeds its label noise, so every optimizer of one seed sees the same noisy labels.
     ``measure=False`` skips the flatness measures (e.g. runs that only choose a radius).
     """
-    config = copy.deepcopy(base) if base is not None else default.get_config()
-    name, overrides = parse_optimizer(optimizer)
-    config.optimizer, config.seed, config.num_epochs = name, seed, epochs
-    config.label_noise_seed = seed
-    for key, value in overrides.items():
-        section, _, field = key.rpartition(".")
-        config[section or name][field] = value
+    run = {**overrides, "seed": seed, "num_epochs": epochs, "label_noise_seed": seed}
     if train_examples is not None:
-        config.num_train_examples = train_examples
-    config.validation_examples = validation_examples
-    config.progress_bar = False
-    result_path = workdir / "result.json"
+        run["num_train_examples"] = train_examples
+    run.update(validation_examples=validation_examples, progress_bar=False)
+    config = configs.override(base if base is not None else default.get_config(), run)
     wanted = json.loads(config.to_json_best_effort())  # the run's identity: its whole config
-    probe = {"rho": rho, "examples": flatness_examples}  # what the flatness measures used
-    if result_path.exists():
-        result = json.loads(result_path.read_text())
-        if "config" not in result:
-            raise ConfigError(
-                f"{result_path} records no config (written by an older version), so it "
-                f"cannot be matched to this run; delete it to rerun, or use another --workdir."
-            )
-        differ = checkpoints.changed_fields(result["config"], wanted, may_change=BOOKKEEPING)
-        if differ:
-            diffs = "; ".join(
-                f"{k}: {old!r} there, {new!r} here" for k, (old, new) in differ.items()
-            )
-            raise ConfigError(
-                f"{workdir} holds a finished run of other settings ({diffs}); use another "
-                f"--workdir."
-            )
-        if measure and result.get("flatness_probe") != probe:  # measured now, or again
-            result.update(measure_flatness(config, workdir, rho, seed, flatness_examples))
-            result["flatness_probe"] = probe
-            result_path.write_text(json.dumps(result, indent=1))
-        return result
-    start = time.perf_counter()
-    summary = train.train_and_evaluate(config, workdir, overwrite=True)
-    wall_time = time.perf_counter() - start
-    result = {
-        "optimizer": optimizer,
-        "seed": seed,
-        "epochs": epochs,
-        "validation_examples": validation_examples,
-        "num_train_examples": config.num_train_examples,
-        "label_noise": config.label_noise,
-        "label_noise_seed": config.label_noise_seed,
-        "config": wanted,
-        "wall_time": wall_time,
-        **{k: summary[k] for k in ("final_test_accuracy", "best_test_accuracy", "train_loss")},
-    }
-    if measure:
-        result.update(measure_flatness(config, workdir, rho, seed, flatness_examples))
+    result = cached(workdir, wanted)
+    fresh = result is None
+    if result is None:
+        start = time.perf_counter()
+        summary = train.train_and_evaluate(config, workdir, overwrite=True)
+        result = {
+            "optimizer": describe(overrides),
+            "seed": seed,
+            "epochs": epochs,
+            "validation_examples": validation_examples,
+            "num_train_examples": config.num_train_examples,
+            "label_noise": config.label_noise,
+            "label_noise_seed": config.label_noise_seed,
+            "config": wanted,
+            "wall_time": time.perf_counter() - start,
+            **{k: summary[k] for k in ("final_test_accuracy", "best_test_accuracy", "train_loss")},
+        }
+    # What the flatness measures used (results of older versions name the radius "rho").
+    probe = {"radius": probe_radius, "examples": flatness_examples}
+    old = result.get("flatness_probe") or {}
+    measured = {"radius": old.get("radius", old.get("rho")), "examples": old.get("examples")}
+    remeasure = measure and measured != probe
+    if remeasure:  # measured now, or again
+        result.update(measure_flatness(config, workdir, probe_radius, seed, flatness_examples))
         result["flatness_probe"] = probe
-    result_path.write_text(json.dumps(result, indent=1))
+    if fresh or remeasure:
+        (workdir / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -224,9 +262,16 @@ def plot(results: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, tuple[float, float]]]:
+def make_parser() -> argparse.ArgumentParser:
+    """The driver's options; ``--config.FIELD=VALUE`` flags pass through to the config."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("runs/reproduce"))
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="the config every run starts from, PATH[:ARG] as the training program's "
+        "(default experiments/configs/default.py); --config.FIELD=VALUE changes its fields",
+    )
     parser.add_argument(
         "--optimizers",
         nargs="+",
@@ -235,7 +280,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, tuple[float, 
     )
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--rho", type=float, default=0.05, help="radius of R1")
+    parser.add_argument(
+        "--probe-radius", type=float, default=0.05, help="the radius of the flatness probe R1"
+    )
+    parser.add_argument("--rho", type=float, help=argparse.SUPPRESS)  # renamed --probe-radius
     parser.add_argument(
         "--train-examples",
         type=int,
@@ -254,31 +302,41 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, tuple[float, 
         default=None,
         help="hold out the last N training examples; report accuracy on them, not on the test set",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, tuple[float, float]]]:
+    parser = make_parser()
+    args, config_flags = configs.parse_with_config(parser, argv)
+    if args.rho is not None:
+        parser.error(RENAMED_RHO)
     if args.seeds < 1 or args.epochs < 1:
         parser.error("--seeds and --epochs must be >= 1")
-    for spec in args.optimizers:
-        try:
-            parse_optimizer(spec)
-        except ConfigError as e:
-            parser.error(str(e))
+    try:
+        path = args.config or default.__file__
+        base = configs.from_flags(path, config_flags) if args.config or config_flags else None
+        methods = {text: parse_method(text, base) for text in args.optimizers}
+    except ConfigError as e:
+        parser.error(str(e))
     xla_options.cache_compilations(args.workdir / "compilation_cache")
     results = []
     try:
         for seed in range(args.seeds):
-            for optimizer in args.optimizers:
-                label = optimizer.translate(str.maketrans(":,", "--", "="))
-                run_dir = args.workdir / f"{label}-seed{seed}"
+            for text, method in methods.items():
+                run_dir = (
+                    args.workdir / f"{text.translate(str.maketrans(':,', '--', '='))}-seed{seed}"
+                )
                 results.append(
                     run_one(
-                        optimizer,
+                        method,
                         seed,
                         args.epochs,
                         run_dir,
-                        args.rho,
+                        args.probe_radius,
                         args.train_examples,
                         args.flatness_examples,
                         args.validation_examples,
+                        base,
                     )
                 )
                 print(f"done {run_dir}", file=sys.stderr, flush=True)

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments import headroom, reproduce
+from experiments import configs, headroom, reproduce
 
 
 def fake_accuracy(spec: str, seed: int, validation: int | None) -> float:
@@ -18,9 +18,11 @@ def fake_accuracy(spec: str, seed: int, validation: int | None) -> float:
 def runs(monkeypatch):
     calls = []
 
-    def run_one(spec, seed, epochs, workdir, rho, **kwargs):
+    def run_one(overrides, seed, epochs, workdir, probe_radius, **kwargs):
         assert kwargs["measure"] == (kwargs["validation_examples"] is None)
-        calls.append((spec, seed, kwargs["validation_examples"]))
+        configs.override(kwargs["base"], overrides)  # a valid override of the setting's config
+        spec = reproduce.describe(overrides)
+        calls.append((spec, seed, kwargs["validation_examples"], overrides))
         accuracy = fake_accuracy(spec, seed, kwargs["validation_examples"])
         keys = ("best_test_accuracy", "train_loss", "trace", "first_order_flatness", "wall_time")
         return {
@@ -45,19 +47,32 @@ def test_radii_are_chosen_on_validation_and_tested_paired_by_seed(tmp_path, runs
         "gam": "rho_prime=0.05",
         "reuse": "rho_prime=0.05",  # reuse takes gam's radius
     }
-    tuning = [(spec, seed) for spec, seed, validation in runs if validation]
-    testing = [(spec, seed) for spec, seed, validation in runs if not validation]
+    tuning = [(spec, seed) for spec, seed, validation, _ in runs if validation]
+    testing = [(spec, seed) for spec, seed, validation, _ in runs if not validation]
     # Every grid value on validation (200 examples held out), with seeds no test run uses.
-    assert {v for _, _, v in runs if v} == {200}
+    assert {v for _, _, v, _ in runs if v} == {200}
     assert sorted(tuning) == sorted(
-        (headroom.spec(o, c), s)
+        (reproduce.describe(headroom.overrides(o, v)), s)
         for o in ("sam", "gam")
-        for c in headroom.GRIDS[o]
+        for v in headroom.AXES[o].values
         for s in (100, 101)
     )
     reuse = "reuse:every=5,alpha=1.0,rescale=False,gam.rho_prime=0.05"
     chosen = ["sgd", "sam:rho=0.1", "gam:rho_prime=0.05", reuse]
     assert sorted(testing) == sorted((spec, s) for spec in chosen for s in range(3))
+    # Each run is the config overrides it applies: reuse's rule around gam's choice.
+    reuse_runs = [o for spec, _, validation, o in runs if spec == reuse and not validation]
+    assert len(reuse_runs) == 3 and all(
+        o
+        == {
+            "optimizer": "reuse",
+            "reuse.every": 5,
+            "reuse.alpha": 1.0,
+            "reuse.rescale": False,
+            "gam.rho_prime": 0.05,
+        }
+        for o in reuse_runs
+    )
     out = capsys.readouterr().out
     # Paired differences to sgd: sam's test accuracy is 0.1 above sgd's on every seed.
     assert "| sam | +0.1000 [+0.1000, +0.1000] | +1.00 [+1.00, +1.00] |" in out
@@ -81,17 +96,36 @@ def test_paired_differences_and_their_interval():
     np.testing.assert_allclose([low, high], [0.08 / 3 - half, 0.08 / 3 + half])
 
 
-def test_choice_spec_and_bad_arguments(tmp_path, capsys):
+def test_choice_overrides_and_bad_arguments(tmp_path, capsys):
     assert headroom.choose({"a": [0.5, 0.7], "b": [0.6, 0.6], "c": [0.1]}) == "a"  # tie: first
-    assert headroom.spec("sgd", "") == "sgd"
-    assert (
-        headroom.spec("sam_gam", "sam_rho=0.1,hvp_step=0.1") == "sam_gam:sam_rho=0.1,hvp_step=0.1"
-    )
-    for spec in (headroom.spec(o, c) for o in headroom.GRIDS for c in headroom.GRIDS[o]):
-        reproduce.parse_optimizer(spec)  # every grid value is a valid override
+    assert headroom.overrides("sgd") == {"optimizer": "sgd"}
+    assert headroom.overrides("sam_gam", 0.1) == {
+        "optimizer": "sam_gam",
+        "sam_gam.sam_rho": 0.1,
+        "sam_gam.hvp_step": 0.1,
+    }
+    assert headroom.choice("sam_gam", 0.1) == "sam_rho=0.1,hvp_step=0.1"
+    assert headroom.choice("reuse", 0.05) == "rho_prime=0.05" and headroom.choice("sgd", None) == ""
+    # Every grid value of every method is a valid override of every setting's config.
+    for setting in headroom.SETTINGS.values():
+        for method in headroom.OPTIMIZERS:
+            base = configs.override(setting.base(), headroom.BASES.get(method, {}))
+            leader = headroom.FOLLOWERS.get(method, (method,))[0]
+            axis = headroom.AXES.get(leader)
+            for value in axis.values if axis else [None]:
+                config = configs.override(base, headroom.overrides(method, value))
+                assert config.optimizer == headroom.ALIASES.get(method, method)
     with pytest.raises(SystemExit):
         headroom.main(["--setting", "noise40", "--optimizers", "sam", "gam"])
     assert "must include sgd" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         headroom.main(["--setting", "lowdata", "--optimizers", "sgd", "reuse"])
     assert "reuse takes gam's radius: add gam" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        headroom.main(["--setting", "noise40", "--config.gam.rhoo=0.1"])
+    assert "setting noise40: --config=" in capsys.readouterr().err  # checked before any run
+    # The flatness probe's radius is --probe-radius; --rho would read as SAM's radius.
+    for main, argv in ((headroom.main, ["--setting", "noise40"]), (reproduce.main, [])):
+        with pytest.raises(SystemExit):
+            main([*argv, "--rho", "0.1"])
+        assert "--rho is now --probe-radius" in capsys.readouterr().err

@@ -6,17 +6,23 @@ import json
 import numpy as np
 import pytest
 
-from experiments import headroom, reproduce
+from experiments import configs, headroom, reproduce
+from experiments.configs import default
 
 
-def test_every_grid_has_five_values_over_a_decade_and_parses():
+def test_every_grid_has_five_values_over_a_decade_and_is_a_valid_override():
     for name, axis in headroom.AXES.items():
         assert len(axis.values) >= 5 and axis.values[-1] / axis.values[0] >= 10, name
         assert list(axis.values) == sorted(axis.values)
         for value in axis.values:
-            reproduce.parse_optimizer(headroom.spec(name, axis.choice(value)))
-    assert headroom.spec("gam_adamw", "rho_prime=0.05") == "gam:rho_prime=0.05"
-    assert headroom.spec("gam_penalty", "penalty=0.3") == "gam_penalty:penalty=0.3"
+            config = configs.override(default.get_config(), headroom.overrides(name, value))
+            section = config[headroom.ALIASES.get(name, name)]
+            assert all(section[field] == value for field in axis.fields), name
+    assert headroom.overrides("gam_adamw", 0.05) == {"optimizer": "gam", "gam.rho_prime": 0.05}
+    assert headroom.overrides("gam_penalty", 0.3) == {
+        "optimizer": "gam_penalty",
+        "gam_penalty.penalty": 0.3,
+    }
     assert headroom.AXES["sam_gam"].choice(0.1) == "sam_rho=0.1,hvp_step=0.1"
 
 
@@ -35,32 +41,31 @@ def peaked(best: float):
     """Validation accuracy falling off in log-distance from ``best``, recording the calls."""
     calls = []
 
-    def evaluate(choice: str) -> list[float]:
-        calls.append(choice)
-        value = float(choice.split("=")[1])
+    def evaluate(value: float) -> list[float]:
+        calls.append(value)
         return [0.9 - 0.01 * abs(np.log(value / best))] * 2
 
     return evaluate, calls
 
 
 def test_a_grid_whose_best_is_an_end_is_extended_until_interior():
-    axis = headroom.Axis("rho={}", (0.02, 0.05, 0.1, 0.2, 0.5))
+    axis = headroom.Axis(("rho",), (0.02, 0.05, 0.1, 0.2, 0.5))
     evaluate, calls = peaked(best=2.0)  # three extensions above: 1.2, 2.9, then 7.0
     accuracies, choice, interior = headroom.tune(axis, evaluate, max_extensions=3)
-    assert calls[5:] == ["rho=1.2", "rho=2.9", "rho=7.0"] and choice == "rho=2.9" and interior
+    assert calls[5:] == [1.2, 2.9, 7.0] and choice == 2.9 and interior
     evaluate, calls = peaked(best=2.0)  # capped at one extension: left at the end
     accuracies, choice, interior = headroom.tune(axis, evaluate, max_extensions=1)
-    assert calls[5:] == ["rho=1.2"] and choice == "rho=1.2" and not interior
+    assert calls[5:] == [1.2] and choice == 1.2 and not interior
     evaluate, calls = peaked(best=1.5)  # 1.2 -> 2.9: 1.2 is best but 2.9 now brackets it
     accuracies, choice, interior = headroom.tune(axis, evaluate, max_extensions=3)
-    assert calls[5:] == ["rho=1.2", "rho=2.9"] and choice == "rho=1.2" and interior
-    assert list(accuracies) == [f"rho={v}" for v in (0.02, 0.05, 0.1, 0.2, 0.5, 1.2, 2.9)]
+    assert calls[5:] == [1.2, 2.9] and choice == 1.2 and interior
+    assert list(accuracies) == [0.02, 0.05, 0.1, 0.2, 0.5, 1.2, 2.9]
     evaluate, calls = peaked(best=0.001)  # below: 0.008, 0.0032, 0.0013, then the cap
     accuracies, choice, interior = headroom.tune(axis, evaluate, max_extensions=3)
-    assert calls[5:] == ["rho=0.008", "rho=0.0032", "rho=0.0013"]
-    assert choice == "rho=0.0013" and not interior and next(iter(accuracies)) == choice
+    assert calls[5:] == [0.008, 0.0032, 0.0013]
+    assert choice == 0.0013 and not interior and next(iter(accuracies)) == choice
     evaluate, calls = peaked(best=0.1)  # interior at once: no extension
-    assert headroom.tune(axis, evaluate, max_extensions=3)[1:] == ("rho=0.1", True)
+    assert headroom.tune(axis, evaluate, max_extensions=3)[1:] == (0.1, True)
     assert len(calls) == 5
 
 
@@ -70,8 +75,10 @@ def runs(monkeypatch):
     method at a fixed accuracy; the AdamW runs are seen with AdamW's config."""
     calls = []
 
-    def run_one(spec, seed, epochs, workdir, rho, **kwargs):
+    def run_one(overrides, seed, epochs, workdir, probe_radius, **kwargs):
         base = kwargs["base"]
+        configs.override(base, overrides)  # a valid override of the setting's config
+        spec = reproduce.describe(overrides)
         calls.append((spec, seed, kwargs["validation_examples"], workdir.name, base))
         if spec.startswith("sam:"):
             value = float(spec.split("=")[1])
@@ -97,7 +104,9 @@ def runs(monkeypatch):
 def test_benchmark_extends_sam_and_compares_gam_adamw_with_adamw(tmp_path, runs, capsys):
     argv = ["--setting", "mnist1d_noise40", "--workdir", str(tmp_path), "--seeds", "3"]
     argv += ["--tune-seeds", "1", "--optimizers", "sgd", "sam", "gam", "adamw", "gam_adamw"]
-    [summary] = headroom.main(argv)
+    [summary] = headroom.main([*argv, "--config.label_smoothing=0.05"])
+    assert {base.label_smoothing for *_, base in runs} == {0.05}  # every run's config changed
+    assert {base.label_noise for *_, base in runs} == {0.4}  # on the setting's config
     assert summary["choices"]["sam"] == "rho=1.2" and summary["interior"]["sam"]
     assert list(summary["validation"]["sam"])[-2:] == ["rho=1.2", "rho=2.9"]
     # Validation: the last 1000 MNIST-1D training examples.

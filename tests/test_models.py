@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import gam_optax
 from experiments import ConfigError, models
 
 CIFAR = (2, 32, 32, 3)
@@ -109,3 +110,23 @@ def test_unknown_model_or_option_is_a_config_error():
         models.create_model("resnet19", num_classes=10)
     with pytest.raises(ConfigError, match=r"model 'small_cnn' does not take.*depth"):
         models.create_model("small_cnn", num_classes=10, depth=3)
+
+
+def test_the_cifar_recipes_are_chosen_by_argument():
+    """``configs/cifar.py:DATASET,MODEL``: the data set, a model of MODELS and its preset."""
+    from experiments.configs import cifar, cifar10_resnet18
+
+    for (dataset, model), preset in cifar.RECIPES.items():
+        config = cifar.get_config(f"{dataset},{model}")
+        assert (config.dataset, config.model, config.num_epochs) == (dataset, model, 200)
+        released = gam_optax.gam_preset(preset)
+        assert {key: config.gam[key] for key in released} == released
+        assert config.sam.to_dict() == {
+            **config.sam.to_dict(),
+            **gam_optax.sam_preset(f"sam_{dataset}"),
+        }
+        assert model in models.MODELS
+    assert cifar.get_config().to_dict() == cifar.get_config("cifar10,resnet18").to_dict()
+    assert cifar10_resnet18.get_config().to_dict() == cifar.get_config().to_dict()  # old path
+    with pytest.raises(ValueError, match=r"unknown recipe 'cifar10,wrn28_10'; valid: cifar10,"):
+        cifar.get_config("cifar10,wrn28_10")

@@ -9,10 +9,8 @@ from ml_collections import config_dict
 from experiments import optimizers
 
 
-def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.seed = 0
-
+def add_data(config: ml_collections.ConfigDict) -> None:
+    """The data fields: the data set, how much of it, label noise, augmentation."""
     # Data: 'digits' (offline), 'cifar10', 'cifar100' (tfds array_record in data_dir).
     config.dataset = "digits"
     config.data_dir = config_dict.placeholder(str)
@@ -28,6 +26,13 @@ def get_config() -> ml_collections.ConfigDict:
     # On device, every step: random crop with zero padding, left-right flip, Cutout (0 = off;
     # 16 is the usual CIFAR size). Digits are 8x8 and not mirror-symmetric.
     config.augment = ml_collections.ConfigDict(dict(crop_padding=1, flip=False, cutout_size=0))
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    add_data(config)
 
     # Model: a key of experiments.models.MODELS; model_kwargs set its fields (e.g. widths).
     config.model = "small_cnn"

@@ -11,8 +11,8 @@ default`` is the gradient's time over the gradient of flax + jaxlib defaults mea
 same rounds. ``grad diff`` is ||g - g_default|| / ||g_default|| on the same parameters and
 batch: the variants compute the same maths (float32 rounding; bfloat16 aside).
 
-    python -m experiments.cpu_gap                      # all variants
-    python -m experiments.cpu_gap --only reshape hand   # variants naming a word, + default
+    python -m experiments.studies.cpu_gap                     # all variants
+    python -m experiments.studies.cpu_gap --only reshape hand # variants naming a word, + default
 
 Variants: compiler options (each probed on a trivial program; one this jaxlib does not
 know is skipped), the hand-written network (``lax.conv_general_dilated``) in NHWC or NCHW,

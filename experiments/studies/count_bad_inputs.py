@@ -1,52 +1,102 @@
 """Count bad inputs and classify the library's reaction: clear / obscure / silent.
 
-The bad inputs are the tables of tests/test_gam.py and tests/test_flatness.py (392
-cases). Run from the repository root (it uses 4 fake CPU devices):
-  python -m experiments.count_bad_inputs
-Copy those two test files into an older checkout and run it there to count before a change.
+The bad inputs are the tables of the test files named on the command line (today
+tests/test_gam.py and tests/test_flatness.py); each table is looked up by its name in
+whichever of the files defines it. Run from the repository root (it uses 4 fake CPU devices):
+  python -m experiments.studies.count_bad_inputs tests/test_gam.py tests/test_flatness.py
+Name those test files of a newer checkout in an older one to count before a change.
 clear: TypeError or ValueError raised at construction (or when update is traced) whose
 message names the function and the argument; obscure: any other exception, or a message
 that lacks either name; silent: no error (the call ran).
 """
 
+import importlib.util
+import pathlib
 import re
 import sys
+import types
 from collections import Counter
 
 import jax
 import jax.numpy as jnp
 
 
-def _cases():
-    """(category, function, argument, call) for every bad input of the test tables."""
-    sys.path.insert(0, "tests")
-    import test_flatness as tf
-    import test_gam as tg
+def load_tables(paths: list[str]) -> types.SimpleNamespace:
+    """The names the study reads, each from whichever of the files at ``paths`` defines it.
 
+    The files are data here, loaded by path (their folder is not put on ``sys.path``)."""
+    modules = []
+    for path in map(pathlib.Path, paths):
+        spec = importlib.util.spec_from_file_location(f"_tables_{path.stem}", path)
+        if spec is None or spec.loader is None or not path.is_file():
+            sys.exit(
+                f"error: {path} is not a Python file; name the test files that hold the tables."
+            )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        modules.append(module)
+    names = {}
+    for name in TABLES:
+        owner = next((m for m in modules if hasattr(m, name)), None)
+        if owner is None:
+            sys.exit(f"error: no file of {paths} defines {name}; name the files that hold it.")
+        names[name] = getattr(owner, name)
+    return types.SimpleNamespace(**names)
+
+
+EXAMPLE = "tests/test_gam.py tests/test_flatness.py"
+# What the study reads from the test files.
+TABLES = (
+    "_hyperparameter_cases",
+    "_option_cases",
+    "test_bad_schedule_and_preset_arguments",
+    "make_problem",
+    "softmax_loss",
+    "FACTORIES",
+    "UPDATE_CASES",
+    "BAD_FLATNESS_CALLS",
+)
+
+
+def _cases(t: types.SimpleNamespace):
+    """(category, function, argument, call) for every bad input of the test tables."""
+    cases = _construction_cases(t) + _update_cases(t)
+    for measure, call, _, message in t.BAD_FLATNESS_CALLS:
+        cases.append(("flatness", measure, re.match(r"[a-z_]+", message).group(0), call))
+    return cases
+
+
+def _construction_cases(t: types.SimpleNamespace):
+    """The bad hyperparameters, options, schedules and presets: errors at construction."""
     cases = []
-    for p in tg._hyperparameter_cases():
+    for p in t._hyperparameter_cases():
         factory, kwargs, _, message = p.values
         fn = message.split(":")[0]
         cases.append(("hyperparameter", fn, next(iter(kwargs)), lambda f=factory, k=kwargs: f(**k)))
-    for p in tg._option_cases():
+    for p in t._option_cases():
         factory, kwargs, _, message = p.values
         fn = message.split(":")[0]
         cases.append(("option", fn, next(iter(kwargs)), lambda f=factory, k=kwargs: f(**k)))
     mark = [
-        m for m in tg.test_bad_schedule_and_preset_arguments.pytestmark if m.name == "parametrize"
+        m for m in t.test_bad_schedule_and_preset_arguments.pytestmark if m.name == "parametrize"
     ]
     for call, _, message in mark[0].args[1]:
         fn, rest = message.split(":", 1) if ":" in message else ("proportional_schedule", message)
         word = re.match(r"\s*(?:the |unknown )?([a-z_]+)", rest).group(1)
         arg = {"rho": "rho", "gam": "name", "sam": "name", "gsam": "name"}.get(word, word)
         cases.append(("schedule/preset", fn, arg, call))
+    return cases
 
-    x, y, params = tg.make_problem(n=32, d=6, k=4, seed=6)
+
+def _update_cases(t: types.SimpleNamespace):
+    """The bad calls of ``update`` (arguments, state, device axis) of every factory."""
+    cases = []
+    x, y, params = t.make_problem(n=32, d=6, k=4, seed=6)
     params = jax.tree.map(jnp.float32, params)
-    loss_fn = lambda p: tg.softmax_loss(p, x, y)
+    loss_fn = lambda p: t.softmax_loss(p, x, y)
     grads = jax.grad(loss_fn)(params)
-    for name, (factory, _) in tg.FACTORIES.items():
-        for case, change, _, _ in tg.UPDATE_CASES:
+    for name, (factory, _) in t.FACTORIES.items():
+        for case, change, _, _ in t.UPDATE_CASES:
             arg = {
                 "grad_fn": "grad_fn",
                 "updates": "updates",
@@ -67,10 +117,10 @@ def _cases():
                 jax.block_until_ready(out)
 
             cases.append(("update", name, arg, run))
-        for other in tg.FACTORIES:
+        for other in t.FACTORIES:
             if other != name and {name, other} != {"sam", "gsam"}:
 
-                def wrong_state(factory=factory, other=tg.FACTORIES[other][0]):
+                def wrong_state(factory=factory, other=t.FACTORIES[other][0]):
                     tx = factory()
                     tx.update(grads, other().init(params), params, loss_fn=loss_fn)
 
@@ -86,14 +136,13 @@ def _cases():
             jax.pmap(step, axis_name="devices", in_axes=(0, None))(jnp.ones(4), params)
 
         cases += [("axis", name, "axis_name", unbound), ("axis", name, "axis_name", other_axis)]
-
-    for measure, call, _, message in tf.BAD_FLATNESS_CALLS:
-        cases.append(("flatness", measure, re.match(r"[a-z_]+", message).group(0), call))
     return cases
 
 
-def main():
-    cases = _cases()
+def main(paths: list[str]):
+    if not paths:
+        sys.exit("error: name the test files that hold the tables, e.g. " + EXAMPLE)
+    cases = _cases(load_tables(paths))
     tally = Counter()
     per_category = Counter()
     examples = {}
@@ -127,4 +176,4 @@ def main():
 
 if __name__ == "__main__":
     jax.config.update("jax_num_cpu_devices", 4)
-    main()
+    main(sys.argv[1:])
