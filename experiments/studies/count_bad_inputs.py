@@ -1,9 +1,10 @@
 """Count bad inputs and classify the library's reaction: clear / obscure / silent.
 
-The bad inputs are the tables of the test files named on the command line (today
-tests/test_gam.py and tests/test_flatness.py); each table is looked up by its name in
-whichever of the files defines it. Run from the repository root (it uses 4 fake CPU devices):
-  python -m experiments.studies.count_bad_inputs tests/test_gam.py tests/test_flatness.py
+The bad inputs are the tables of the test files named on the command line; each table is
+looked up by its name in whichever of the files defines it. Run from the repository root
+(it uses 4 fake CPU devices):
+  python -m experiments.studies.count_bad_inputs tests/library/test_validation.py \
+      tests/library/perturbations.py tests/library/test_gam.py tests/library/test_flatness.py
 Name those test files of a newer checkout in an older one to count before a change.
 clear: TypeError or ValueError raised at construction (or when update is traced) whose
 message names the function and the argument; obscure: any other exception, or a message
@@ -19,22 +20,22 @@ from collections import Counter
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def load_tables(paths: list[str]) -> types.SimpleNamespace:
     """The names the study reads, each from whichever of the files at ``paths`` defines it.
 
-    The files are data here, loaded by path (their folder is not put on ``sys.path``)."""
+    The files are data here, loaded by path; while they load, their folders are on
+    ``sys.path`` (as pytest puts them) for the helpers they import from each other."""
     modules = []
-    for path in map(pathlib.Path, paths):
-        spec = importlib.util.spec_from_file_location(f"_tables_{path.stem}", path)
-        if spec is None or spec.loader is None or not path.is_file():
-            sys.exit(
-                f"error: {path} is not a Python file; name the test files that hold the tables."
-            )
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        modules.append(module)
+    folders = sorted({str(pathlib.Path(p).resolve().parent) for p in paths})
+    sys.path[:0] = folders
+    try:
+        for path in map(pathlib.Path, paths):
+            modules.append(_load(path))
+    finally:
+        del sys.path[: len(folders)]
     names = {}
     for name in TABLES:
         owner = next((m for m in modules if hasattr(m, name)), None)
@@ -44,7 +45,20 @@ def load_tables(paths: list[str]) -> types.SimpleNamespace:
     return types.SimpleNamespace(**names)
 
 
-EXAMPLE = "tests/test_gam.py tests/test_flatness.py"
+def _load(path: pathlib.Path) -> types.ModuleType:
+    """The module of the file at ``path``."""
+    spec = importlib.util.spec_from_file_location(f"_tables_{path.stem}", path)
+    if spec is None or spec.loader is None or not path.is_file():
+        sys.exit(f"error: {path} is not a Python file; name the test files that hold the tables.")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+EXAMPLE = (
+    "tests/library/test_validation.py tests/library/perturbations.py "
+    "tests/library/test_gam.py tests/library/test_flatness.py"
+)
 # What the study reads from the test files.
 TABLES = (
     "_hyperparameter_cases",
@@ -52,7 +66,7 @@ TABLES = (
     "test_bad_schedule_and_preset_arguments",
     "make_problem",
     "softmax_loss",
-    "FACTORIES",
+    "FAMILY",
     "UPDATE_CASES",
     "BAD_FLATNESS_CALLS",
 )
@@ -95,7 +109,7 @@ def _update_cases(t: types.SimpleNamespace):
     params = jax.tree.map(jnp.float32, params)
     loss_fn = lambda p: t.softmax_loss(p, x, y)
     grads = jax.grad(loss_fn)(params)
-    for name, (factory, _) in t.FACTORIES.items():
+    for name, factory in ((name, row.factory) for name, row in t.FAMILY.items()):
         for case, change, _, _ in t.UPDATE_CASES:
             arg = {
                 "grad_fn": "grad_fn",
@@ -117,14 +131,12 @@ def _update_cases(t: types.SimpleNamespace):
                 jax.block_until_ready(out)
 
             cases.append(("update", name, arg, run))
-        for other in t.FACTORIES:
-            if other != name and {name, other} != {"sam", "gsam"}:
 
-                def wrong_state(factory=factory, other=t.FACTORIES[other][0]):
-                    tx = factory()
-                    tx.update(grads, other().init(params), params, loss_fn=loss_fn)
+        def foreign_state(factory=factory):  # every perturbation shares its count state
+            tx = factory()
+            tx.update(grads, optax.adam(0.1).init(params), params, loss_fn=loss_fn)
 
-                cases.append(("state", name, "state", wrong_state))
+        cases.append(("state", name, "state", foreign_state))
 
         def unbound(factory=factory):
             tx = factory(axis_name="batch")
