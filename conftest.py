@@ -34,4 +34,4 @@ def x64():
 
 
 # Scripts, not tests: mypy's inputs (one must fail to type-check) and a measurement.
-collect_ignore = ["tests/library/typing", "tests/measure_parallel_gaps.py"]
+collect_ignore = ["tests/library/typing", "tests/experiments/measure_parallel_gaps.py"]

@@ -72,7 +72,7 @@ napoleon_numpy_docstring = False
 
 myst_enable_extensions = ["dollarmath", "amsmath"]
 myst_heading_anchors = 3
-nb_execution_mode = "off"  # tests/test_notebook.py executes it
+nb_execution_mode = "off"  # tests/experiments/test_notebook.py executes it
 
 # The notebook lives in experiments/; Sphinx reads only its own source folder.
 notebooks = DOCS / "notebooks"

@@ -6,8 +6,8 @@ Runs every cell in a fresh kernel, in the full setting (not the test suite's qui
 with this checkout's ``gam_optax`` first on the kernel's path (the install cell then installs
 nothing), stores the outputs, and records in the notebook's metadata the SHA-256 of the code
 cells' sources it ran. The documentation renders those stored outputs (it does not execute
-the notebook); ``tests/test_notebook.py`` fails when a code cell has changed since the last
-refresh. About a minute on 2 CPU cores.
+the notebook); ``tests/experiments/test_notebook.py`` fails when a code cell has changed
+since the last refresh. About a minute on 2 CPU cores.
 """
 
 from __future__ import annotations

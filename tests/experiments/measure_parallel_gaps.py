@@ -1,9 +1,9 @@
 """Largest relative gaps of the data-parallel runs to the one-device run, float64 and float32.
 
-    python tests/measure_parallel_gaps.py
+    python tests/experiments/measure_parallel_gaps.py
 
-Builds the runs of ``tests/test_parallel.py`` (4 fake CPU devices, 3 steps) in both dtypes;
-the figures are in ``experiments/RESULTS.md``. Not a test: it prints, and asserts nothing.
+Builds the runs of ``tests/experiments/test_parallel.py`` (4 fake CPU devices, 3 steps) in both
+dtypes; the figures are in ``experiments/RESULTS.md``. Not a test: it prints, and asserts nothing.
 """
 
 import pathlib

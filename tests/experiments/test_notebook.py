@@ -24,7 +24,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-ROOT = pathlib.Path(__file__).parents[1]
+ROOT = pathlib.Path(__file__).parents[2]
 NOTEBOOK = ROOT / "experiments" / "notebooks" / "gam_quickstart.ipynb"
 REFRESH = "python experiments/notebooks/refresh.py"
 

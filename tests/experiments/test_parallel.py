@@ -22,24 +22,15 @@ import sys
 import jax
 import numpy as np
 import pytest
+import tiny
 
 from experiments import ConfigError, input_pipeline, parallel, train
-from experiments.configs import default
 
-ROOT = pathlib.Path(__file__).parents[1]
+ROOT = pathlib.Path(__file__).parents[2]
 
 # 3 steps of a global batch of 32 (8 per device); augmentation off unless a test turns it on
 # (under pmap and shard_map each device draws its own, so only 'jit' keeps the global draw).
-TINY = dict(
-    num_epochs=1,
-    steps_per_epoch=3,
-    batch_size=32,
-    num_train_examples=256,
-    num_test_examples=64,
-    eval_batch_size=64,
-    progress_bar=False,
-    dtype="float64",
-)
+TINY = tiny.fields(num_epochs=1, steps_per_epoch=3, dtype="float64")
 RTOL, ATOL = 1e-10, 1e-12  # float64; see the module docstring
 
 
@@ -50,8 +41,7 @@ def float64():
 
 
 def tiny_config(**overrides):
-    config = default.get_config()
-    config.update({**TINY, **overrides})
+    config = tiny.config(TINY, **overrides)
     config.model_kwargs = dict(widths=(8, 16))
     config.augment.crop_padding = 0
     return config

@@ -20,32 +20,23 @@ import numpy as np
 import optax
 import pytest
 import tensorflow_datasets as tfds
+import tiny
 
 import gam_optax
 from experiments import ConfigError, input_pipeline, models, plot, run_flatness, train
 from experiments import compare as main_job
 from experiments.configs import cifar10_resnet18, default
 
-ROOT = pathlib.Path(__file__).parents[1]
+ROOT = pathlib.Path(__file__).parents[2]
 
 # A tiny digits run: 6 epochs of 2 steps, evaluated on 200 test images.
-TINY = dict(
-    optimizer="sgd",
-    num_epochs=6,
-    steps_per_epoch=2,
-    batch_size=32,
-    num_train_examples=256,
-    num_test_examples=200,
-    eval_batch_size=100,
-    keep_checkpoints=3,
-    progress_bar=False,
+TINY = tiny.fields(
+    optimizer="sgd", num_epochs=6, num_test_examples=200, eval_batch_size=100, keep_checkpoints=3
 )
 
 
 def tiny_config(**overrides):
-    config = default.get_config()
-    config.update({**TINY, **overrides})
-    return config
+    return tiny.config(TINY, **overrides)
 
 
 def files(workdir: pathlib.Path) -> dict[str, bytes]:

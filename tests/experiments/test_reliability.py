@@ -16,28 +16,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 
 from experiments import ConfigError, TrainingDiverged, checkpoints, input_pipeline, models, train
 from experiments import compare as main_job
-from experiments.configs import default
 
-ROOT = pathlib.Path(__file__).parents[1]
+ROOT = pathlib.Path(__file__).parents[2]
 
-TINY = dict(
-    optimizer="sgd",
-    num_epochs=2,
-    steps_per_epoch=2,
-    batch_size=32,
-    num_train_examples=128,
-    num_test_examples=64,
-    eval_batch_size=64,
-    progress_bar=False,
-)
+TINY = tiny.fields(optimizer="sgd", num_train_examples=128)
 
 
 def tiny_config(**overrides):
-    config = default.get_config()
-    config.update({**TINY, **overrides})
+    config = tiny.config(TINY, **overrides)
     config.model_kwargs = dict(widths=(8, 16))
     return config
 
