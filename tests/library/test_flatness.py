@@ -365,6 +365,58 @@ def test_errors_are_early_and_clear():
         )
 
 
+def _bad_calls_of(measure, call, count, tree_loss):
+    """(measure, call, error, message) for the bad arguments every measure shares."""
+    ones = jnp.ones(2)
+    # Integer or bool parameters: the loss would be differentiated at integer points.
+    for params, path in (
+        (jnp.array([1, 2]), r"params has dtype int32"),
+        (jnp.array([True, False]), r"params has dtype bool"),
+        ({"w": ones, "n": jnp.array([3])}, r"params\['n'\] has dtype int32"),
+    ):
+        kw = {"loss": tree_loss} if isinstance(params, dict) else {}
+        yield measure, lambda c=call, p=params, kw=kw: c(p, **kw), TypeError, path
+    for value, error in (
+        (0, ValueError),
+        (-3, ValueError),
+        (2.0, ValueError),
+        ("3", ValueError),
+        (True, ValueError),
+        (None, ValueError),
+    ):
+        yield (
+            measure,
+            lambda c=call, n=count, v=value: c(ones, **{n: v}),
+            error,
+            f"{count} must be an integer >= 1",
+        )
+    for key in (0, "key", jax.random.split(KEY, 3), jnp.zeros(3, jnp.uint32)):
+        yield (
+            measure,
+            lambda c=call, k=key: c(ones, key=k),
+            TypeError,
+            "key must be one PRNG key, e.g. key=jax.random.key",
+        )
+    if "flatness" in measure:
+        for rho, error, fragment in (
+            (-0.1, ValueError, "must be a finite number >= 0"),
+            (float("inf"), ValueError, "must be a finite number >= 0"),
+            ("0.1", TypeError, "must be a real number"),
+            (None, TypeError, "must be a real number"),
+            (True, TypeError, "must be a real number, got the bool"),
+            (jnp.ones(2), ValueError, "must be a scalar"),
+            (lambda t: 0.1, TypeError, "must be a number, not a schedule"),
+        ):
+            yield (
+                measure,
+                lambda c=call, r=rho: c(ones, rho=r),
+                error,
+                f"rho {fragment}.*Pass a finite Python float"
+                if "schedule" not in fragment
+                else f"rho {fragment}",
+            )
+
+
 def _bad_flatness_calls():
     """(call, error, message) for bad arguments of every measure."""
     loss = lambda p: jnp.sum(jnp.asarray(p, jnp.float32) ** 2)
@@ -391,54 +443,7 @@ def _bad_flatness_calls():
         "first_order_flatness": "num_steps",
     }
     for measure, call in measures.items():
-        # Integer or bool parameters: the loss would be differentiated at integer points.
-        for params, path in (
-            (jnp.array([1, 2]), r"params has dtype int32"),
-            (jnp.array([True, False]), r"params has dtype bool"),
-            ({"w": ones, "n": jnp.array([3])}, r"params\['n'\] has dtype int32"),
-        ):
-            kw = {"loss": tree_loss} if isinstance(params, dict) else {}
-            yield measure, lambda c=call, p=params, kw=kw: c(p, **kw), TypeError, path
-        count = counts[measure]
-        for value, error in (
-            (0, ValueError),
-            (-3, ValueError),
-            (2.0, ValueError),
-            ("3", ValueError),
-            (True, ValueError),
-            (None, ValueError),
-        ):
-            yield (
-                measure,
-                lambda c=call, n=count, v=value: c(ones, **{n: v}),
-                error,
-                f"{count} must be an integer >= 1",
-            )
-        for key in (0, "key", jax.random.split(KEY, 3), jnp.zeros(3, jnp.uint32)):
-            yield (
-                measure,
-                lambda c=call, k=key: c(ones, key=k),
-                TypeError,
-                "key must be one PRNG key, e.g. key=jax.random.key",
-            )
-        if "flatness" in measure:
-            for rho, error, fragment in (
-                (-0.1, ValueError, "must be a finite number >= 0"),
-                (float("inf"), ValueError, "must be a finite number >= 0"),
-                ("0.1", TypeError, "must be a real number"),
-                (None, TypeError, "must be a real number"),
-                (True, TypeError, "must be a real number, got the bool"),
-                (jnp.ones(2), ValueError, "must be a scalar"),
-                (lambda t: 0.1, TypeError, "must be a number, not a schedule"),
-            ):
-                yield (
-                    measure,
-                    lambda c=call, r=rho: c(ones, rho=r),
-                    error,
-                    f"rho {fragment}.*Pass a finite Python float"
-                    if "schedule" not in fragment
-                    else f"rho {fragment}",
-                )
+        yield from _bad_calls_of(measure, call, counts[measure], tree_loss)
     yield (
         "hessian_top_eigenvalue",
         lambda: flatness.hessian_top_eigenvalue(loss, ones, KEY, return_eigenvector="yes"),
