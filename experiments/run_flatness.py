@@ -20,7 +20,7 @@ import jax
 import ml_collections
 from jax.tree_util import Partial
 
-from experiments import checkpoints, input_pipeline, models, train
+from experiments import checkpoints, input_pipeline, models, step
 from gam_optax import flatness
 
 WHOLE_BATCH_LIMIT = 4096  # training_objective takes up to this many examples in one pass
@@ -48,7 +48,7 @@ def training_objective(
         images = input_pipeline.normalize(batch["image"], ds.mean, ds.std)
         variables = {"params": params, "batch_stats": batch_stats}
         logits = model.apply(variables, images, train=False)
-        return train.smoothed_cross_entropy(logits, batch["label"], config.label_smoothing).mean()
+        return step.smoothed_cross_entropy(logits, batch["label"], config.label_smoothing).mean()
 
     data = {"image": ds.train_images, "label": ds.train_labels}
     if len(ds.train_labels) <= WHOLE_BATCH_LIMIT:

@@ -58,16 +58,6 @@ from experiments.step import (  # noqa: F401 (the step's names, also importable 
 restore_checkpoint = checkpoints.restore_checkpoint  # a finished run's state, verified
 
 
-def __getattr__(name: str) -> Any:
-    """``train.training_objective``, now ``experiments.run_flatness.training_objective``
-    (imported on first use: ``run_flatness`` imports this module)."""
-    if name == "training_objective":
-        from experiments import run_flatness
-
-        return run_flatness.training_objective
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str | pathlib.Path,

@@ -396,7 +396,6 @@ def test_training_objective_is_the_smoothed_loss_on_clean_training_images(digits
     workdir, _ = digits_run
     config = tiny_config()
     loss_fn, params = run_flatness.training_objective(config, workdir, num_examples=64)
-    assert train.training_objective is run_flatness.training_objective  # its former home
     assert isinstance(loss_fn, jax.tree_util.Partial)  # its data are traced, not constants
     ds = input_pipeline.load("digits", num_train_examples=64)
     expected = reference_objective(workdir, ds.train_images, ds.train_labels)
