@@ -23,9 +23,17 @@ import tensorflow_datasets as tfds
 import tiny
 
 import gam_optax
-from experiments import ConfigError, input_pipeline, models, plot, run_flatness, train
+from experiments import (
+    ConfigError,
+    checkpoints,
+    input_pipeline,
+    models,
+    plot,
+    run_flatness,
+    train,
+)
 from experiments import compare as main_job
-from experiments.configs import cifar10_resnet18, default
+from experiments.configs import cifar10_resnet18, default, mnist1d
 
 ROOT = pathlib.Path(__file__).parents[2]
 
@@ -402,11 +410,11 @@ def test_training_objective_is_the_smoothed_loss_on_clean_training_images(digits
     np.testing.assert_allclose(jax.jit(loss_fn)(params), expected, rtol=1e-5)
 
 
-def reference_objective(workdir, images, labels):
-    """The smoothed loss of the small CNN of the run in ``workdir``, BatchNorm in inference."""
+def reference_objective(workdir, images, labels, dataset="digits", model="small_cnn"):
+    """The smoothed loss of the network of the run in ``workdir``, BatchNorm in inference."""
     state = train.restore_checkpoint(workdir)
-    ds = input_pipeline.load("digits")
-    model = models.create_model("small_cnn", 10)
+    ds = input_pipeline.load(dataset)
+    model = models.create_model(model, 10)
     images = input_pipeline.normalize(images, ds.mean, ds.std)
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     logits = jax.jit(functools.partial(model.apply, train=False))(variables, images)
@@ -443,19 +451,24 @@ def test_main_job_compares_sgd_and_gam_side_by_side(tmp_path, capsys, monkeypatc
         assert cells[1] == f"{record['test_accuracy']:.4f}"
         assert cells[-1] == f"{measured[i]:.2f}"
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    # Both trained on the same noisy labels: the flatness objective is built on them.
-    config = default.get_config()
-    config.label_noise = 0.4
+    # Both trained on the same noisy MNIST-1D labels: the flatness objective is built on them.
+    config = mnist1d.get_config("0.4")
     noisy = input_pipeline.for_run(config).train_labels
-    assert np.sum(noisy != input_pipeline.load("digits").train_labels) == round(0.4 * 898)
-    images = input_pipeline.load("digits").train_images
+    clean = input_pipeline.load("mnist1d")
+    assert np.sum(noisy != clean.train_labels) == round(0.4 * 4000)
     for name in ("sgd", "gam"):
         loss_fn, params = run_flatness.training_objective(config, tmp_path / name, 256)
-        expected = reference_objective(tmp_path / name, images[:256], noisy[:256])
+        expected = reference_objective(
+            tmp_path / name, clean.train_images[:256], noisy[:256], "mnist1d", "cnn1d"
+        )
         np.testing.assert_allclose(jax.jit(loss_fn)(params), expected, rtol=1e-5)
-    # The same budget: one epoch of 898 // 64 = 14 steps each.
+    # The same budget: one epoch of 4000 // 100 = 40 steps each; GAM at its validated radius.
     steps = [int(train.restore_checkpoint(tmp_path / name)["step"]) for name in ("sgd", "gam")]
-    assert steps == [14, 14]
+    assert steps == [40, 40]
+    store = checkpoints.Checkpoints(tmp_path / "gam")
+    saved = store.meta(1)["config"]
+    store.close()
+    assert (saved["optimizer"], saved["gam"]["rho_prime"]) == ("gam", 0.2)
 
 
 def read_summaries(directory: pathlib.Path) -> dict[str, dict[int, float]]:
