@@ -1,5 +1,7 @@
 """Tests of gam_optax.flatness against dense Hessians (jax.hessian + eigh) and closed forms."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ from jax.flatten_util import ravel_pytree
 from jax.tree_util import Partial
 
 from gam_optax import flatness
+from gam_optax._validation import describe
 
 KEY = jax.random.key(0)
 
@@ -395,7 +398,7 @@ def _bad_calls_of(measure, call, count, tree_loss):
             measure,
             lambda c=call, k=key: c(ones, key=k),
             TypeError,
-            "key must be one PRNG key, e.g. key=jax.random.key",
+            "key must be one PRNG key, e.g. key=jax.random.key.*, got " + re.escape(describe(key)),
         )
     if "flatness" in measure:
         for rho, error, fragment in (

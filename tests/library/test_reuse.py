@@ -263,6 +263,9 @@ def test_has_aux_passes_through_to_the_inner_transformation(x64):
         (dict(eps=-1.0), ValueError, "eps must be a finite number >= 0"),
         (dict(average="all"), ValueError, "'direction'"),
         (dict(inner=optax.sgd), TypeError, "inner must be an optax transformation"),
+        (dict(rescale="yes"), TypeError, "reuse: rescale must be a Python bool.*got str 'yes'"),
+        (dict(axis_name=0), TypeError, "reuse: axis_name must be a string"),
+        (dict(every=np.array([5, 6])), ValueError, "every must be a positive integer"),
     ],
 )
 def test_invalid_arguments_fail_at_construction(kwargs, error, message):

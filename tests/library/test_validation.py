@@ -132,7 +132,7 @@ def test_bad_options_name_the_argument(factory, kwargs, error, message):
         (
             lambda: gam_optax.proportional_schedule(0.1, 0.1, 0.0, 0.2, 0.02),
             TypeError,
-            "proportional_schedule: lr_schedule must be a schedule",
+            r"proportional_schedule: lr_schedule must be a schedule .*got float 0\.1\.",
         ),
         (
             lambda: gam_optax.proportional_schedule(LR, 0.1, 0.0, -0.2, 0.02),
