@@ -152,6 +152,21 @@ def test_every_gradient_runs_gam_on_the_clipped_gradient_field(x64):
     assert relative_error(flat(wrong), expected) > 0.1
 
 
+def test_every_gradient_hands_each_evaluation_point_to_the_transform(x64):
+    """add_decayed_weights(w) at every point is GAM on L + w/2 |theta|^2: the transform sees
+    the point each gradient is taken at, not only theta."""
+    params, loss, grad = _softmax_problem()
+    w = 0.3
+    decayed = lambda t: grad(t) + w * t
+    expected = numpy_gam(flat(params), decayed, **HYPER)
+    tx = gam_optax.every_gradient(optax.add_decayed_weights(w), gam_optax.gam(**HYPER))
+    direction, _ = tx.update(jax.grad(loss)(params), tx.init(params), params, loss_fn=loss)
+    assert relative_error(flat(direction), expected) < 1e-10
+    # Decay at theta alone (the transform given the params, not the point) is another step.
+    at_theta = lambda t: grad(t) + w * flat(params)
+    assert relative_error(flat(direction), numpy_gam(flat(params), at_theta, **HYPER)) > 1e-3
+
+
 def test_clip_before_gam_is_wrong_and_every_gradient_or_after_is_right(x64):
     """The issue's example: chain(clip_by_global_norm(1e-3), gam(), sgd(0.1)), 3 steps."""
     params, loss, _ = _softmax_problem()
