@@ -347,6 +347,18 @@ def test_bad_update_inputs_fail_at_trace_time(
         jax.jit(run)(args["updates"], args["state"], args["params"])
 
 
+@pytest.mark.parametrize("transformation", list(FAMILY))
+def test_an_integer_loss_is_refused_by_name(sharded_problem, transformation):
+    """A loss_fn returning an integer (a count of correct predictions, say) has no gradient."""
+    x, y, params = sharded_problem
+    tx = FAMILY[transformation].factory()
+    grads = jax.grad(lambda p: softmax_loss(p, x, y))(params)
+    count = lambda p: jnp.sum(jnp.argmax(x @ p["w"] + p["b"], axis=-1) == y, dtype=jnp.int32)
+    message = f"{transformation}: loss_fn must return a floating-point scalar, got int32"
+    with pytest.raises(TypeError, match=re.escape(message)):
+        jax.jit(lambda p: tx.update(grads, tx.init(p), p, loss_fn=count))(params)
+
+
 def test_the_step_count_state_is_one_class_under_its_old_names():
     assert gam_optax.SAMState is gam_optax.GAMState is gam_optax.PerturbationState
     assert gam_optax.GAMPenaltyState is gam_optax.PerturbationState
