@@ -359,6 +359,21 @@ def test_an_integer_loss_is_refused_by_name(sharded_problem, transformation):
         jax.jit(lambda p: tx.update(grads, tx.init(p), p, loss_fn=count))(params)
 
 
+@pytest.mark.parametrize("transformation", list(FAMILY))
+@pytest.mark.parametrize(
+    ("argument", "value", "kind"), [("loss_fn", 3.0, "float"), ("grad_fn", "g", "str")]
+)
+def test_a_loss_or_gradient_that_is_no_function_is_named(
+    sharded_problem, transformation, argument, value, kind
+):
+    x, y, params = sharded_problem
+    tx = FAMILY[transformation].factory()
+    grads = jax.grad(lambda p: softmax_loss(p, x, y))(params)
+    message = f"{transformation}: {argument} must be callable, got {kind}."
+    with pytest.raises(TypeError, match=re.escape(message)):
+        tx.update(grads, tx.init(params), params, **{argument: value})
+
+
 def test_the_step_count_state_is_one_class_under_its_old_names():
     assert gam_optax.SAMState is gam_optax.GAMState is gam_optax.PerturbationState
     assert gam_optax.GAMPenaltyState is gam_optax.PerturbationState
