@@ -133,7 +133,7 @@ def cached(workdir: pathlib.Path, wanted: dict[str, Any]) -> dict[str, Any] | No
         defaults=json.loads(default.get_config().to_json_best_effort()),
     )
     if differ:
-        diffs = "; ".join(f"{k}: {old!r} there, {new!r} here" for k, (old, new) in differ.items())
+        diffs = checkpoints.describe_changes(differ, "there", "here")
         raise ConfigError(
             f"{workdir} holds a finished run of other settings ({diffs}); use another --workdir."
         )
