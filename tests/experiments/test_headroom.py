@@ -1,6 +1,8 @@
 """The headroom benchmark's protocol: radii chosen on validation, paired test runs."""
 
 import json
+import threading
+from concurrent import futures
 
 import numpy as np
 import pytest
@@ -81,6 +83,39 @@ def test_radii_are_chosen_on_validation_and_tested_paired_by_seed(tmp_path, runs
     assert saved["choices"] == summary["choices"] and len(saved["results"]) == 12
 
 
+def test_jobs_run_each_run_once_in_the_workers_and_change_no_result(tmp_path, runs, monkeypatch):
+    """--jobs 2: the workers run every run the sequential pass then reads (cached, for real),
+    each once, and the summary is --jobs 1's. The digits setting leaves out gam_penalty."""
+    fake, ran = reproduce.run_one, []
+
+    def run_one(*args, **kwargs):
+        ran.append(threading.current_thread() is threading.main_thread())
+        return fake(*args, **kwargs)
+
+    pools = []
+
+    def pool(jobs, context, initializer, initargs):
+        assert context.get_start_method() == "spawn" and initargs[0].name == "compilation_cache"
+        pools.append(jobs)
+        return futures.ThreadPoolExecutor(jobs)  # the test's fake run_one lives in this process
+
+    monkeypatch.setattr(reproduce, "run_one", run_one)
+    monkeypatch.setattr(futures, "ProcessPoolExecutor", pool)
+    argv = ["--setting", "noise40", "--seeds", "3", "--tune-seeds", "2"]
+    [alone] = headroom.main([*argv, "--workdir", str(tmp_path / "alone")])
+    sequential = sorted((spec, seed, v) for spec, seed, v, _ in runs)
+    assert not pools and all(ran)
+    runs.clear(), ran.clear()
+    [parallel] = headroom.main([*argv, "--workdir", str(tmp_path / "parallel"), "--jobs", "2"])
+    assert pools == [2]
+    in_workers = sorted((c[0], c[1], c[2]) for c, main in zip(runs, ran) if not main)
+    in_main = sorted((c[0], c[1], c[2]) for c, main in zip(runs, ran) if main)
+    assert in_workers == in_main == sequential  # each run once in a worker, then read
+    assert parallel == alone
+    assert list(alone["choices"]) == list(headroom.DIGITS)  # no gam_penalty on digits
+    assert len(sequential) == 4 * 5 * 2 + 7 * 3  # 4 grids of 5 values x 2 seeds, 7 x 3 tests
+
+
 def test_paired_differences_and_their_interval():
     results = [
         {"optimizer": "sgd", "name": "sgd", "seed": s, "final_test_accuracy": a}
@@ -121,6 +156,9 @@ def test_choice_overrides_and_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         headroom.main(["--setting", "lowdata", "--optimizers", "sgd", "reuse"])
     assert "reuse takes gam's radius: add gam" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        headroom.main(["--setting", "noise40", "--jobs", "0"])
+    assert "--jobs must be >= 1 (runs at a time), got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         headroom.main(["--setting", "noise40", "--config.gam.rhoo=0.1"])
     assert "setting noise40: --config=" in capsys.readouterr().err  # checked before any run
