@@ -9,6 +9,9 @@ Settings, each a config of the training program:
   label noise on the training split (the test labels are clean), 30 epochs;
 - ``lowdata``: ``configs/digits_lowdata.py``, 180 of the 898 training examples, 30 epochs.
 
+Every setting runs :data:`DEFAULT_OPTIMIZERS` unless ``--optimizers`` says otherwise; the
+digits settings leave out ``gam_penalty`` (:data:`DIGITS`).
+
 The protocol, per setting:
 
 1. **Radius on validation.** Each optimizer's radius (GAM-Hessian's penalty) is chosen from
@@ -32,12 +35,16 @@ The protocol, per setting:
 ::
 
     python -m experiments.headroom --setting mnist1d_noise40 --workdir runs/headroom --seeds 10
+    python -m experiments.headroom --setting mnist1d_noise40 mnist1d noise40 --seeds 10 \
+        --workdir runs/headroom --jobs 2   # the whole benchmark, two runs at a time
     python -m experiments.headroom --plot --workdir runs/headroom   # every finished setting
     python -m experiments.headroom --setting noise40 --config.num_epochs=10  # fields changed
 
 Each run is the setting's config with the method's overrides (:func:`overrides`, e.g.
 ``{"optimizer": "sam", "sam.rho": 0.1}``). A finished run is reused when its whole config is
-the one asked, so an interrupted benchmark continues, and more seeds extend it.
+the one asked, so an interrupted benchmark continues, and more seeds extend it. ``--jobs N``
+trains N runs at a time, each in its own process (:func:`prefetch`), then prints from the
+cache: the same runs and tables as ``--jobs 1``.
 ``--probe-radius`` is the radius of the flatness probe R1, not a radius of the optimizers.
 """
 
@@ -56,6 +63,7 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+import scipy.stats
 from matplotlib.figure import Figure
 
 from experiments import ConfigError, configs, reproduce, tables, xla_options
@@ -470,12 +478,15 @@ def comparison_table(comparisons: dict[str, dict[str, Any]]) -> str:
     rows = []
     for label, row in comparisons.items():
         accuracy = row["final_test_accuracy"]
-        half = 100 * (accuracy["high"] - accuracy["low"]) / 2
-        cells = [label, str(accuracy["n"]), fmt(accuracy, "{:+.2f}", 100), f"{half:.2f}"]
+        half, n = (accuracy["high"] - accuracy["low"]) / 2, accuracy["n"]
+        std = half * np.sqrt(n) / scipy.stats.t.ppf(0.975, max(n - 1, 1))  # the seeds' spread
+        cells = [label, str(n), fmt(accuracy, "{:+.2f}", 100), f"{100 * half:.2f}"]
+        cells.append(str(reproduce.seeds_needed(std, MARGIN)) if n > 1 else "-")
         for key, f in (("top_eigenvalue", "{:+.2f}"), ("trace", "{:+.1f}")):
             cells.append(fmt(row[key], f) if key in row else "-")
         rows.append(cells)
-    header = ["comparison", "seeds", "test acc, points, 95% CI", "half-width", "top eig", "trace"]
+    header = ["comparison", "seeds", "test acc, points, 95% CI", "half-width"]
+    header += [f"seeds for +-{100 * MARGIN:.1f}", "top eig", "trace"]
     return (
         tables.table(header, rows, markdown=True) + "\n\npaired by seed (same data, order, noise)"
     )

@@ -216,6 +216,24 @@ def interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float
     return mean - half, mean + half
 
 
+def seeds_needed(std: float, half_width: float, level: float = 0.95) -> int:
+    """The fewest paired seeds ``n`` (at least 2) whose Student-t interval has a half-width
+    ``t(n - 1) * std / sqrt(n)`` of at most ``half_width``, were the seeds' spread ``std``:
+    what a target precision would cost, from the spread measured so far.
+
+    >>> seeds_needed(std=0.3, half_width=0.3)  # t(5) / sqrt(6) = 1.05, t(6) / sqrt(7) = 0.92
+    7
+    """
+    if not half_width > 0:
+        raise ValueError(f"half_width must be > 0, got {half_width}")
+    quantile = lambda n: scipy.stats.t.ppf(0.5 + level / 2, n - 1)
+    z = scipy.stats.norm.ppf(0.5 + level / 2)  # t(n - 1) > z: no n below (z * std / h)^2
+    n = max(2, int((z * std / half_width) ** 2))
+    while quantile(n) * std / np.sqrt(n) > half_width:
+        n += 1
+    return n
+
+
 def interval_table(results: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
     """95% intervals of the mean over seeds, one row per optimizer."""
     rows = []

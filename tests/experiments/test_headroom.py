@@ -6,6 +6,7 @@ from concurrent import futures
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from experiments import configs, headroom, reproduce
 
@@ -108,8 +109,8 @@ def test_jobs_run_each_run_once_in_the_workers_and_change_no_result(tmp_path, ru
     runs.clear(), ran.clear()
     [parallel] = headroom.main([*argv, "--workdir", str(tmp_path / "parallel"), "--jobs", "2"])
     assert pools == [2]
-    in_workers = sorted((c[0], c[1], c[2]) for c, main in zip(runs, ran) if not main)
-    in_main = sorted((c[0], c[1], c[2]) for c, main in zip(runs, ran) if main)
+    in_workers = sorted((c[0], c[1], c[2]) for c, main in zip(runs, ran, strict=True) if not main)
+    in_main = sorted((c[0], c[1], c[2]) for c, main in zip(runs, ran, strict=True) if main)
     assert in_workers == in_main == sequential  # each run once in a worker, then read
     assert parallel == alone
     assert list(alone["choices"]) == list(headroom.DIGITS)  # no gam_penalty on digits
@@ -129,6 +130,22 @@ def test_paired_differences_and_their_interval():
     low, high = reproduce.interval(diffs["gam"])
     half = 4.302652729911275 * np.std([0.03, 0.01, 0.04], ddof=1) / np.sqrt(3)  # t(0.975, 2)
     np.testing.assert_allclose([low, high], [0.08 / 3 - half, 0.08 / 3 + half])
+
+
+def test_seeds_needed_for_a_half_width_is_the_fewest_that_reach_it():
+    half_width = lambda std, n: scipy.stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)
+    for std in (0.0, 0.001, 0.003, 0.0144, 0.025):
+        n = reproduce.seeds_needed(std, 0.003)
+        assert half_width(std, n) <= 0.003 and (n == 2 or half_width(std, n - 1) > 0.003)
+    # About (1.96 std / h)^2 for many seeds: std 1.44 points -> 89 + the t correction.
+    assert 89 <= reproduce.seeds_needed(0.0144, 0.003) <= 92
+    # The table's column, from an interval of 10 seeds with std 1.44 points: its seeds.
+    half, needed = half_width(0.0144, 10), reproduce.seeds_needed(0.0144, 0.003)
+    row = {"mean": 0.0779, "low": 0.0779 - half, "high": 0.0779 + half, "n": 10}
+    table = headroom.comparison_table({"gam - sgd": {"final_test_accuracy": row}})
+    assert f"| gam - sgd | 10 | +7.79 [+6.76, +8.82] | 1.03 | {needed} |" in table
+    with pytest.raises(ValueError, match="half_width must be > 0, got 0"):
+        reproduce.seeds_needed(0.01, 0)
 
 
 def test_choice_overrides_and_bad_arguments(tmp_path, capsys):
@@ -167,3 +184,21 @@ def test_choice_overrides_and_bad_arguments(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main([*argv, "--rho", "0.1"])
         assert "--rho is now --probe-radius" in capsys.readouterr().err
+
+
+def test_jobs_train_in_spawned_processes_as_one_process_does(tmp_path, capfd):
+    """--jobs 2 for real: two spawned workers train two tiny test runs; each result equals the
+    run trained in this process (the same config gives the same run, wherever it runs)."""
+    argv = ["--setting", "lowdata", "--optimizers", "sgd", "--seeds", "2", "--epochs", "1"]
+    argv += ["--flatness-examples", "32", "--config.steps_per_epoch=2", "--config.batch_size=32"]
+    argv += ["--config.num_test_examples=64", "--config.eval_batch_size=64"]
+    [parallel] = headroom.main([*argv, "--jobs", "2", "--workdir", str(tmp_path / "parallel")])
+    # Each run is reported twice: by the worker that trained it, then read by the main pass.
+    assert capfd.readouterr().err.count("done lowdata/test/sgd-seed1\n") == 2
+    [alone] = headroom.main([*argv, "--workdir", str(tmp_path / "alone")])
+    assert capfd.readouterr().err.count("done lowdata/test/sgd-seed1\n") == 1
+    assert [r["seed"] for r in parallel["results"]] == [r["seed"] for r in alone["results"]]
+    for mine, theirs in zip(alone["results"], parallel["results"], strict=True):
+        assert mine["final_test_accuracy"] == theirs["final_test_accuracy"]
+        np.testing.assert_allclose(mine["top_eigenvalue"], theirs["top_eigenvalue"], rtol=1e-5)
+        assert mine["config"] == theirs["config"]
