@@ -59,6 +59,7 @@ import pathlib
 import sys
 from collections.abc import Callable, Sequence
 from concurrent import futures
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import ml_collections
@@ -627,6 +628,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             print(f"\nplot: {plot(args.workdir)}")
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    except BrokenProcessPool:
+        sys.exit(
+            "error: a --jobs worker process died (killed, or out of memory): run the same "
+            "command again to continue (finished runs are kept), with fewer --jobs if memory"
+            " ran out."
+        )
     return summaries
 
 

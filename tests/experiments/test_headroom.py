@@ -3,6 +3,7 @@
 import json
 import threading
 from concurrent import futures
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pytest
@@ -117,6 +118,20 @@ def test_jobs_run_each_run_once_in_the_workers_and_change_no_result(tmp_path, ru
     assert len(sequential) == 4 * 5 * 2 + 7 * 3  # 4 grids of 5 values x 2 seeds, 7 x 3 tests
 
 
+def test_a_worker_that_dies_is_one_line_saying_what_to_do(tmp_path, monkeypatch, capsys):
+    def run_one(*args, **kwargs):
+        raise BrokenProcessPool("A process in the process pool was terminated abruptly")
+
+    monkeypatch.setattr(reproduce, "run_one", run_one)
+    monkeypatch.setattr(
+        futures, "ProcessPoolExecutor", lambda jobs, *_: futures.ThreadPoolExecutor(jobs)
+    )
+    with pytest.raises(SystemExit) as exited:
+        headroom.main(["--setting", "noise40", "--workdir", str(tmp_path), "--jobs", "2"])
+    assert str(exited.value).startswith("error: a --jobs worker process died (killed, or out of")
+    assert "run the same command again to continue" in str(exited.value)
+
+
 def test_paired_differences_and_their_interval():
     results = [
         {"optimizer": "sgd", "name": "sgd", "seed": s, "final_test_accuracy": a}
@@ -189,14 +204,14 @@ def test_choice_overrides_and_bad_arguments(tmp_path, capsys):
 def test_jobs_train_in_spawned_processes_as_one_process_does(tmp_path, capfd):
     """--jobs 2 for real: two spawned workers train two tiny test runs; each result equals the
     run trained in this process (the same config gives the same run, wherever it runs)."""
-    argv = ["--setting", "lowdata", "--optimizers", "sgd", "--seeds", "2", "--epochs", "1"]
+    argv = ["--setting", "mnist1d", "--optimizers", "sgd", "--seeds", "2", "--epochs", "1"]
     argv += ["--flatness-examples", "32", "--config.steps_per_epoch=2", "--config.batch_size=32"]
     argv += ["--config.num_test_examples=64", "--config.eval_batch_size=64"]
     [parallel] = headroom.main([*argv, "--jobs", "2", "--workdir", str(tmp_path / "parallel")])
     # Each run is reported twice: by the worker that trained it, then read by the main pass.
-    assert capfd.readouterr().err.count("done lowdata/test/sgd-seed1\n") == 2
+    assert capfd.readouterr().err.count("done mnist1d/test/sgd-seed1\n") == 2
     [alone] = headroom.main([*argv, "--workdir", str(tmp_path / "alone")])
-    assert capfd.readouterr().err.count("done lowdata/test/sgd-seed1\n") == 1
+    assert capfd.readouterr().err.count("done mnist1d/test/sgd-seed1\n") == 1
     assert [r["seed"] for r in parallel["results"]] == [r["seed"] for r in alone["results"]]
     for mine, theirs in zip(alone["results"], parallel["results"], strict=True):
         assert mine["final_test_accuracy"] == theirs["final_test_accuracy"]
