@@ -90,9 +90,9 @@ DIGITS = ("sgd", "sam", "gam", "sam_gam", "reuse", "adamw", "gam_adamw")
 SETTINGS = {
     "mnist1d": Setting("mnist1d.py:0.0", 1000, "MNIST-1D"),
     "mnist1d_noise40": Setting("mnist1d.py:0.4", 1000, "MNIST-1D, 40% label noise"),
-    "noise20": Setting("digits_noisy.py:0.2", 200, "20% label noise", DIGITS),
-    "noise40": Setting("digits_noisy.py:0.4", 200, "40% label noise", DIGITS),
-    "lowdata": Setting("digits_lowdata.py", 60, "180 training examples", DIGITS),
+    "noise20": Setting("digits_noisy.py:0.2", 200, "digits, 20% label noise", DIGITS),
+    "noise40": Setting("digits_noisy.py:0.4", 200, "digits, 40% label noise", DIGITS),
+    "lowdata": Setting("digits_lowdata.py", 60, "digits, 180 training examples", DIGITS),
 }
 
 
