@@ -4,8 +4,8 @@ import warnings as _warnings
 from typing import Any as _Any
 
 from gam_optax import flatness
-from gam_optax._builder import PerturbationState
 from gam_optax._every_gradient import every_gradient
+from gam_optax._frame import PerturbationState
 from gam_optax._gam import GAMState, gam
 from gam_optax._penalty import GAMPenaltyState, gam_penalty, sam_gam
 from gam_optax._penalty import gam_hessian as gam_hessian  # deprecated, not in __all__
@@ -15,7 +15,9 @@ from gam_optax._sam import GSAM_PRESETS, SAM_PRESETS, SAMState, gsam, gsam_prese
 from gam_optax._schedules import proportional_schedule
 from gam_optax._transparent import (
     TransparentGAMState,
+    TransparentState,
     outer_params,
+    transparent,
     transparent_gam,
     transparent_phase,
 )
@@ -35,6 +37,7 @@ __all__ = [
     "ReuseState",
     "SAMState",
     "TransparentGAMState",
+    "TransparentState",
     "every_gradient",
     "flatness",
     "from_released_names",
@@ -50,6 +53,7 @@ __all__ = [
     "sam",
     "sam_gam",
     "sam_preset",
+    "transparent",
     "transparent_gam",
     "transparent_phase",
 ]

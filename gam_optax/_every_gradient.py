@@ -16,7 +16,7 @@ def every_gradient(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Apply a stateless ``transform`` (e.g. clipping) to every gradient ``inner`` uses.
 
-    ``inner`` (:func:`gam`, :func:`sam`, :func:`gsam`, :func:`gam_hessian`,
+    ``inner`` (:func:`gam`, :func:`sam`, :func:`gsam`, :func:`gam_penalty`,
     :func:`reuse`...) combines your ``g0`` with the gradients it evaluates at perturbed
     points. A transformation placed *before* it in a chain changes ``g0`` alone: GAM's
     finite difference ``g1 - g0`` then compares a clipped gradient with an unclipped one
@@ -83,20 +83,20 @@ def every_gradient(
         return inner.init(params)
 
     def update_fn(updates, state, params=None, *, loss_fn=None, grad_fn=None, **extra_args):
-        if params is None:
-            raise ValueError(
-                f"{name}: update needs params, the point g0 was computed at: "
-                "tx.update(grads, state, params, loss_fn=loss_fn)."
-            )
-        if (loss_fn is None) == (grad_fn is None) or not callable(loss_fn or grad_fn):
-            # inner says what is missing or wrong, in its own terms.
+        if (
+            params is None
+            or (loss_fn is None) == (grad_fn is None)
+            or not callable(loss_fn or grad_fn)
+        ):  # inner says what is missing or wrong, in its own terms
             return inner.update(
                 updates, state, params, loss_fn=loss_fn, grad_fn=grad_fn, **extra_args
             )
         if loss_fn is not None:
+            _validation.check_arity(loss_fn, "loss_fn", 1, name, "loss_fn=lambda p: loss(p, batch)")
             gradient = jax.grad(_loss_only(loss_fn))
             transformed = lambda point, i: apply(gradient(point), point)
         else:
+            _validation.check_arity(grad_fn, "grad_fn", 2, name, "grad_fn=lambda p, i: grads at p")
             transformed = lambda point, i: apply(grad_fn(point, i), point)
         return inner.update(
             apply(updates, params), state, params, grad_fn=transformed, **extra_args

@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Literal
+from typing import Literal, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from gam_optax._builder import PerturbationState, Step, perturbation
-from gam_optax._tree_math import (
-    Params,
-    add,
-    add_scaled,
-    ascent_step,
-    cast_like,
-    orthogonal_part,
-    upcast,
-    where,
+from gam_optax._frame import Algorithm, Options, PerturbationState, Probe, perturbation
+from gam_optax._tree_math import Params, add, add_scaled, axpy, cast_like, orthogonal_part, zeros_up
+from gam_optax._validation import (
+    Average,
+    Mask,
+    check_bool,
+    check_choice,
+    check_finite,
+    check_nonnegative,
 )
-from gam_optax._validation import Average, Mask, check_choice, check_finite, check_nonnegative
 
 HMinusWeighting = Literal["released", "paper"]
 
@@ -117,10 +113,11 @@ def gam(
       (e.g. SAM-ON: perturb only the normalisation layers). None: all.
     unroll: True (default): the model's gradient is traced, and compiled, once per extra
       gradient. False: once, in a ``jax.lax.scan`` over the three points (each computed from
-      the gradients before it), the same arithmetic: a program about a third the size. On
-      XLA:CPU keep the default: it canonicalises convolutions only outside loops, and a
-      convolutional model's step runs ~10x slower in one (``experiments/RESULTS.md``,
-      "Compile once"). With ``grad_fn``, ``i`` is then a traced int32 (1, 2, 3).
+      the gradients before it), the same arithmetic: half the model's convolutions in the
+      program. On XLA:CPU keep the default: it canonicalises convolutions only outside
+      loops, and a small convolutional model's step was measured 41x slower in one (issue
+      28's measurement, a quiet 2-core Xeon). With ``grad_fn``, ``i`` is then a traced
+      int32 (1, 2, 3).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
@@ -160,106 +157,38 @@ def gam(
         " 'released': h_minus = g0 + |1 - beta| g2 (the published runs); 'paper': "
         "h_minus = beta g0 + (1 - beta) g2 (Algorithm 2).",
     )
+    check_bool("hessian", hessian, "gam")
     # h_minus = w0 g0 + w2 g2: g0 + |1 - beta| g2 as released, beta g0 + (1 - beta) g2 in the paper.
     w0, w2 = (1.0, abs(1.0 - beta)) if h_minus_weighting == "released" else (beta, 1.0 - beta)
 
-    def direction(step: Step) -> optax.Updates:
-        ascend = functools.partial(ascent_step, eps=eps, adaptive=adaptive, mask=step.mask)
-        h_plus, h_minus = (_unrolled if unroll else _scanned)(
-            step, step.value(rho), step.value(rho_prime), alpha=alpha, w0=w0, w2=w2, ascend=ascend
-        )
-        h_perp = orthogonal_part(h_minus, h_plus, eps)
-        return add_scaled(h_plus, -gamma, h_perp)
+    # Each gradient is folded into h_+ and h_- (kept in at least float32) as it arrives.
+    def first(c):  # theta1 = theta + rho' u(g0)
+        sums = Sums(h_plus=zeros_up(c.theta), h_minus=axpy(w0, c.g0))
+        return sums, Probe(c.theta, c.ascend(c.g0, c.theta, c.value(rho_prime)))
 
-    frame: dict[str, Any] = dict(
-        eps=eps, has_aux=has_aux, axis_name=axis_name, average=average, mask=mask
-    )
-    flags = dict(adaptive=adaptive, hessian=hessian, unroll=unroll)
-    return perturbation("gam", direction, exact=hessian, **flags, **frame)
+    def at_theta1(c, sums, g1):  # h0 = g1 - g0 ~ rho' H u(g0): theta2 ascends ||grad L||
+        theta2 = add(c.theta, c.ascend(g1.change(c.g0), c.theta, c.value(rho)))
+        return sums._replace(h_plus=axpy(alpha, g1.gradient, sums.h_plus)), Probe(theta2)
 
+    def at_theta2(c, sums, g2):  # theta3 = theta2 + rho' u(g2): a SAM step from theta2
+        theta2 = g2.point
+        e3 = c.ascend(g2.gradient, theta2, c.value(rho_prime))
+        return sums._replace(h_minus=axpy(w2, g2.gradient, sums.h_minus)), Probe(theta2, e3)
 
-# ----------------------------------------------------------------------------
-# The three extra gradients, two formulations of the same arithmetic: each gradient is
-# folded into the running sums h_+ and h_- (kept in at least float32) as it arrives. The
-# scan's carry holds three parameter-sized vectors while a gradient is evaluated: the
-# point, h_+ (or g0) and h_- (or g0). The unrolled program is scheduled by XLA (ordering
-# it with optimization barriers did not lower its temporary memory).
-# ----------------------------------------------------------------------------
+    def at_theta3(c, sums, g3):
+        return sums._replace(h_plus=axpy(1.0 - alpha, g3.gradient, sums.h_plus)), None
 
+    def direction(c, sums):  # d = h_+ - gamma h_perp
+        h_plus, h_minus = cast_like(sums.h_plus, c.theta), cast_like(sums.h_minus, c.g0)
+        return add_scaled(h_plus, -gamma, orthogonal_part(h_minus, h_plus, eps))
 
-def _up(tree: Params) -> Params:
-    return jax.tree.map(upcast, tree)
+    algorithm = Algorithm(first, (at_theta1, at_theta2, at_theta3), direction, exact=hessian)
+    options = Options("gam", eps, adaptive, has_aux, axis_name, average, mask, unroll)
+    return perturbation(algorithm, options)
 
 
-def _axpy(a, x: Params, y: Params | None = None) -> Params:
-    """``a * x (+ y)``, in at least float32 (the running sums)."""
-    if y is None:
-        return jax.tree.map(lambda u: a * upcast(u), x)
-    return jax.tree.map(lambda u, v: v + a * upcast(u), x, y)
+class Sums(NamedTuple):
+    """GAM's running sums: ``h_+ = alpha g1 + (1 - alpha) g3``, ``h_- = w0 g0 + w2 g2``."""
 
-
-def _finish(h_plus: Params, h_minus: Params, step: Step) -> tuple[Params, Params]:
-    """The sums in the dtypes of the gradients they add up: ``g1, g3`` (params'), ``g0``."""
-    return cast_like(h_plus, step.params), cast_like(h_minus, step.g0)
-
-
-def _unrolled(step, r, r_prime, *, alpha, w0, w2, ascend):
-    """``(h_+, h_-)`` with the model's gradient traced three times (``unroll=True``)."""
-    oracle, params, g0 = step.oracle, step.params, step.g0
-    # theta1 = theta + rho' u(g0): a SAM step.
-    g1 = oracle.after_step(params, g0, ascend(g0, params, r_prime), 1)
-    # h0 = g1 - g0 ~ rho' H u(g0): theta2 ascends the gradient norm.
-    theta2 = add(params, ascend(add_scaled(g1, -1.0, g0), params, r))
-    h_plus = _axpy(alpha, g1)
-    g2 = oracle.at(theta2, 2)
-    h_minus = _axpy(w2, g2, _axpy(w0, g0))
-    # theta3 = theta2 + rho' u(g2): a SAM step from theta2 (exact mode: g2 + H(theta2) e3).
-    g3 = oracle.after_step(theta2, g2, ascend(g2, theta2, r_prime), 3)
-    return _finish(_axpy(1.0 - alpha, g3, h_plus), h_minus, step)
-
-
-def _scanned(step, r, r_prime, *, alpha, w0, w2, ascend):
-    """``(h_+, h_-)`` with the model's gradient traced once (``unroll=False``).
-
-    A ``jax.lax.scan`` over ``i = 0, 1, 2`` evaluates ``g_{i+1}`` at the point in its carry,
-    then computes the next point and folds ``g_{i+1}`` into the sums, each of the three
-    transitions chosen with ``jnp.where`` (the same arithmetic as :func:`_unrolled`). The
-    carry ``(point, a, b)``: ``(theta1, g0, g0) -> (theta2, alpha g1, w0 g0) ->
-    (theta3, alpha g1, w0 g0 + w2 g2) -> (-, h_+, h_-)``. In the exact mode the point is
-    ``(x, e)`` and the pass gives ``g(x)`` and ``H(x) e``: ``(theta, e1)``, ``(theta2, 0)``,
-    ``(theta2, e3)``; ``g1 = g0 + H e1``, ``g3 = g2 + H e3``.
-    """
-    oracle, params, g0 = step.oracle, step.params, step.g0
-    g0_up = _up(g0)
-
-    def transition(i, g, a, b, at):
-        """The next point (from ``at``, the current base point), and the next sums."""
-        theta2 = add(params, ascend(add_scaled(g, -1.0, a), params, r))  # i = 0: g = g1
-        e3 = ascend(g, at, r_prime)  # i = 1: g = g2, at = theta2
-        a = where(i == 0, _axpy(alpha, g), where(i == 2, _axpy(1.0 - alpha, g, a), a))
-        b = where(i == 0, _axpy(w0, b), where(i == 1, _axpy(w2, g, b), b))
-        return theta2, e3, a, b
-
-    if not oracle.exact:
-
-        def body(carry, i):
-            point, a, b = carry
-            g = oracle.at(point, i + 1)
-            theta2, e3, a, b = transition(i, g, a, b, point)
-            return (where(i == 0, theta2, add(point, e3)), a, b), None
-
-        carry = (add(params, ascend(g0, params, r_prime)), g0_up, g0_up)
-    else:
-
-        def body(carry, i):
-            x, e, a, b = carry
-            g_x, hessian_e = oracle.gradient_and_hessian_product(x, e, i + 1)
-            base = where(i == 0, cast_like(a, g0), g_x)  # g0 at i = 0, else g(x) = g2
-            g = where(i == 1, g_x, add(base, hessian_e))
-            theta2, e3, a, b = transition(i, g, a, b, x)
-            zero = jax.tree.map(jnp.zeros_like, e3)
-            return (where(i == 0, theta2, x), where(i == 0, zero, e3), a, b), None
-
-        carry = (params, ascend(g0, params, r_prime), g0_up, g0_up)
-    carry, _ = jax.lax.scan(body, carry, jnp.arange(3, dtype=jnp.int32))
-    return _finish(carry[-2], carry[-1], step)
+    h_plus: Params
+    h_minus: Params

@@ -13,25 +13,22 @@ kept for one release with a ``DeprecationWarning``.
 
 from __future__ import annotations
 
-import inspect
 import warnings
-from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from gam_optax._builder import PerturbationState, Step, perturbation
-from gam_optax._tree_math import (
-    add,
-    add_scaled,
-    ascent_step,
-    cast_like,
-    scale,
-    subtract,
-    unit,
-    where,
+from gam_optax._frame import (
+    Algorithm,
+    Options,
+    Perturbation,
+    PerturbationState,
+    Probe,
+    perturbation,
 )
+from gam_optax._tree_math import Params, add, add_scaled, ascent_step, scale
 from gam_optax._validation import Average, Mask, check_nonnegative, check_positive
 
 GAMPenaltyState = PerturbationState  # the state of gam_penalty and sam_gam: the step count
@@ -117,7 +114,8 @@ def gam_penalty(
       Zhang, Xu, Yu, Zou and Cui, "Gradient Norm Aware Minimization Seeks First-Order
       Flatness and Improves Generalization", CVPR 2023, https://arxiv.org/abs/2303.03108
     """
-    return _algorithm_1("gam_penalty", sam_rho=None, **locals())
+    options = Options("gam_penalty", eps, False, has_aux, axis_name, average, mask, unroll)
+    return _algorithm_1(options, rho, penalty, None, hvp_step)
 
 
 def sam_gam(
@@ -151,7 +149,7 @@ def sam_gam(
 
     With ``hvp_step=r``, each :math:`H v` becomes :math:`(\nabla L(x + r v) -
     \nabla L(x)) / r`. With ``sam_rho`` the same value as ``hvp_step`` (the same object, or
-    equal concrete numbers) and no ``mask`` (or one that selects everything), SAM's point
+    equal concrete numbers) and no ``mask`` (or a tree of bools that selects everything), SAM's point
     :math:`\theta + r\,u(g_0)` is the first finite-difference point: a step then costs
     three gradients beyond :math:`g_0`, as :func:`gam` does; otherwise SAM's gradient is
     one more (e.g. under ``optax.inject_hyperparams``, whose values are separate arrays).
@@ -195,7 +193,8 @@ def sam_gam(
             "float >= 0 (SAM's radius, e.g. sam_rho=0.05) or an optax schedule; for GAM's "
             "penalty without SAM's step use gam_optax.gam_penalty(rho, penalty)."
         )
-    return _algorithm_1("sam_gam", **locals())
+    options = Options("sam_gam", eps, False, has_aux, axis_name, average, mask, unroll)
+    return _algorithm_1(options, rho, penalty, sam_rho, hvp_step)
 
 
 def gam_hessian(
@@ -203,7 +202,13 @@ def gam_hessian(
     penalty: float | jax.Array,
     *,
     sam_rho: optax.ScalarOrSchedule | None = None,
-    **options: Any,
+    eps: float | jax.Array = 1e-12,
+    has_aux: bool = False,
+    axis_name: str | None = None,
+    average: Average = "direction",
+    mask: Mask | None = None,
+    hvp_step: optax.ScalarOrSchedule | None = None,
+    unroll: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """Deprecated: :func:`gam_penalty`, or :func:`sam_gam` when ``sam_rho`` is given.
 
@@ -219,119 +224,91 @@ def gam_hessian(
         DeprecationWarning,
         stacklevel=2,
     )
-    try:
-        arguments = inspect.signature(gam_penalty).bind(rho, penalty, **options)
-    except TypeError as error:
-        raise TypeError(f"gam_hessian() {error}") from None
-    arguments.apply_defaults()  # gam_penalty's defaults, which are sam_gam's
-    return _algorithm_1("gam_hessian", sam_rho=sam_rho, **arguments.arguments)
+    options = Options("gam_hessian", eps, False, has_aux, axis_name, average, mask, unroll)
+    return _algorithm_1(options, rho, penalty, sam_rho, hvp_step)
+
+
+class PenaltySums(NamedTuple):
+    """Algorithm 1's running values: ``d = loss_gradient + penalty * h_norm``.
+
+    Attributes:
+      loss_gradient: ``g0``, or SAM's gradient ``g(theta + sam_rho u(g0))``.
+      g_adv: the gradient at ``theta_adv``, the base of the last Hessian-vector product.
+      h_norm: the penalty's gradient, ``rho H(theta_adv) u(g_adv)``.
+    """
+
+    loss_gradient: Params
+    g_adv: Params
+    h_norm: Params
 
 
 def _algorithm_1(
-    name: str,
+    options: Options,
     rho: optax.ScalarOrSchedule,
     penalty: float | jax.Array,
     sam_rho: optax.ScalarOrSchedule | None,
-    *,
     hvp_step: optax.ScalarOrSchedule | None,
-    unroll: bool,
-    eps: float | jax.Array,
-    **options,
-) -> optax.GradientTransformationExtraArgs:
-    r"""The transformation behind the three public names; ``name`` is the one errors give.
+) -> Perturbation:
+    r"""The transformation behind the three public names (``options.name`` in errors).
 
     .. math::
       f = H(\theta)\,u(g_0), \quad \theta_{adv} = \theta + \rho\,u(f), \quad
       h_{norm} = \rho\,H(\theta_{adv})\,u(\nabla L(\theta_{adv})), \quad
       d = g + \text{penalty}\cdot h_{norm}
 
-    with :math:`g = g_0`, or SAM's gradient :math:`\nabla L(\theta + \rho_s\,u(g_0))`
-    (``sam_rho``); with ``hvp_step=r`` each :math:`H v` is a finite difference of gradients.
-    ``options``: ``has_aux``, ``axis_name``, ``average``, ``mask``, checked by the frame.
+    Each :math:`H(x)\,u(v)` is a probe at :math:`x` with the step :math:`s\,u(v)`: exact
+    (:math:`s = 1`, a Hessian-vector product) or, with ``hvp_step``, the finite difference
+    :math:`(g(x + s\,u(v)) - g(x)) / s`. ``g`` is :math:`g_0`, or SAM's gradient
+    :math:`\nabla L(\theta + \rho_s\,u(g_0))`, the first probe's when it is the same point.
     """
+    name = options.name
     check_nonnegative("rho", rho, name, schedule=True)
     check_nonnegative("penalty", penalty, name)
     if sam_rho is not None:
         check_nonnegative("sam_rho", sam_rho, name, schedule=True)
     if hvp_step is not None:
         check_positive("hvp_step", hvp_step, name, schedule=True)
-    same_step = sam_rho is not None and _same_value(sam_rho, hvp_step)
+    exact = hvp_step is None
+    selects_all = options.mask is None or (
+        not callable(options.mask) and all(jax.tree.leaves(options.mask))
+    )  # a mask function is known only once it sees the params: SAM's point is then apart
+    shared = sam_rho is not None and selects_all and _same_value(sam_rho, hvp_step)
+    separate = sam_rho is not None and not shared
 
-    def direction(step: Step) -> optax.Updates:
-        r_fd = None if hvp_step is None else step.value(hvp_step)
-        g_fd, h_norm = (_unrolled if unroll else _scanned)(step, step.value(rho), r_fd, eps)
-        # The loss part: g0, or SAM's gradient g(theta + sam_rho u(g0)).
-        if sam_rho is None:
-            loss_gradient = step.g0
-        elif same_step and (step.mask is None or all(jax.tree.leaves(step.mask))):
-            loss_gradient = g_fd  # the same point: theta + r_fd u(g0)
-        else:
-            loss_gradient = step.sam_gradient(step.value(sam_rho), eps=eps, i=4)
-        return add_scaled(loss_gradient, penalty, h_norm)
+    def s(c):  # the step of each H v: 1 (exact), or the finite difference's
+        return 1.0 if exact else c.value(hvp_step)
 
-    return perturbation(name, direction, eps=eps, unroll=unroll, **options)
+    def hessian_probe(c, x, v):  # H(x) u(v) ~ change / s
+        return Probe(x, ascent_step(v, x, s(c), eps=options.eps))
 
+    def first(c):
+        zeros = jax.tree.map(jnp.zeros_like, c.theta)
+        return PenaltySums(c.g0, zeros, zeros), hessian_probe(c, c.theta, c.g0)
 
-def _unrolled(step, r, r_fd, eps):
-    """``(g_fd, h_norm)`` (``g_fd``: None in the exact mode), one trace per evaluation."""
-    oracle, params, g0, m = step.oracle, step.params, step.g0, step.mask
-    if r_fd is None:
-        # f = H(theta) u(g0): the gradient of the gradient norm.
-        g_fd, f = None, oracle.hessian_product(params, unit(g0, eps), 1)
-    else:
-        # f = g(theta + r_fd u(g0)) - g0 = r_fd H(theta) u(g0) + O(r_fd^2).
-        g_fd = oracle.at(add(params, ascent_step(g0, params, r_fd, eps=eps)), 1)
-        f = subtract(g_fd, g0)
-    # theta_adv = theta + rho u(f): one ascent step on ||grad L||.
-    theta_adv = add(params, ascent_step(f, params, r, eps=eps, mask=m))
-    g_adv = oracle.at(theta_adv, 2)
-    # h_norm = rho H(theta_adv) u(g_adv): the gradient of R1.
-    if r_fd is None:
-        return g_fd, scale(oracle.hessian_product(theta_adv, unit(g_adv, eps), 3), r)
-    e = ascent_step(g_adv, theta_adv, r_fd, eps=eps)
-    g_fd_adv = oracle.at(add(theta_adv, e), 3)
-    return g_fd, scale(subtract(g_fd_adv, g_adv), r / r_fd)
+    def at_theta(c, sums, g):  # f = H(theta) u(g0): theta_adv ascends ||grad L||
+        theta_adv = add(c.theta, c.ascend(g.change(c.g0), c.theta, c.value(rho)))
+        if shared:  # theta + s u(g0) is SAM's point: g is SAM's gradient
+            sums = sums._replace(loss_gradient=g.gradient)
+        return sums, Probe(theta_adv)
 
+    def at_theta_adv(c, sums, g_adv):
+        return sums._replace(g_adv=g_adv.gradient), hessian_probe(c, g_adv.point, g_adv.gradient)
 
-def _scanned(step, r, r_fd, eps):
-    """:func:`_unrolled` with the model's gradient traced once: a ``jax.lax.scan`` over the
-    three evaluations ``i = 0, 1, 2``, the transitions chosen with ``jnp.where``.
+    def after_theta_adv(c, sums, g):  # h_norm = rho H(theta_adv) u(g_adv)
+        h_norm = scale(g.change(sums.g_adv), c.value(rho) / s(c))
+        if not separate:
+            return sums._replace(h_norm=h_norm), None
+        sam_point = add(c.theta, c.ascend(c.g0, c.theta, c.value(sam_rho)))
+        return sums._replace(h_norm=h_norm), Probe(sam_point)  # a gradient, never linearised
 
-    Exact: the carry ``(x, v)`` runs ``(theta, u(g0)) -> (theta_adv, 0) -> (theta_adv,
-    u(g_adv))``; each pass gives ``g(x)`` and ``H(x) v``. Finite: the carry holds the point,
-    ``theta + r_fd u(g0) -> theta_adv -> theta_adv + r_fd u(g_adv)``, and the gradient before.
-    """
-    oracle, params, g0, m = step.oracle, step.params, step.g0, step.mask
+    def at_sam_point(c, sums, g_sam):
+        return sums._replace(loss_gradient=g_sam.gradient), None
 
-    def theta_adv(f):
-        return add(params, ascent_step(f, params, r, eps=eps, mask=m))
+    def direction(c, sums):
+        return add_scaled(sums.loss_gradient, penalty, sums.h_norm)
 
-    if r_fd is None:
-
-        def body(carry, i):
-            x, v, _ = carry
-            g_x, hessian_v = oracle.gradient_and_hessian_product(x, cast_like(v, x), i + 1)
-            zero = jax.tree.map(jnp.zeros_like, v)
-            x_next = where(i == 0, theta_adv(hessian_v), x)  # i = 0: hessian_v = f
-            v_next = where(i == 0, zero, unit(g_x, eps))  # i = 1: g_x = g_adv
-            return (x_next, v_next, hessian_v), None
-
-        carry = (params, unit(g0, eps), g0)
-        (_, _, hessian_v), _ = jax.lax.scan(body, carry, jnp.arange(3, dtype=jnp.int32))
-        return None, scale(hessian_v, r)
-
-    def body(carry, i):
-        point, before, g_fd, _ = carry
-        g = oracle.at(point, i + 1)
-        difference = subtract(g, before)  # i = 0: f; i = 2: g_fd_adv - g_adv
-        e = ascent_step(g, point, r_fd, eps=eps)  # i = 1: from theta_adv along g_adv
-        point = where(i == 0, theta_adv(difference), add(point, e))
-        return (point, g, where(i == 0, g, g_fd), difference), None
-
-    theta_fd = add(params, ascent_step(g0, params, r_fd, eps=eps))
-    carry = (theta_fd, g0, g0, g0)
-    (_, _, g_fd, difference), _ = jax.lax.scan(body, carry, jnp.arange(3, dtype=jnp.int32))
-    return g_fd, scale(difference, r / r_fd)
+    steps = (at_theta, at_theta_adv, after_theta_adv) + ((at_sam_point,) if separate else ())
+    return perturbation(Algorithm(first, steps, direction, exact=exact), options)
 
 
 def _same_value(a: optax.ScalarOrSchedule, b: optax.ScalarOrSchedule | None) -> bool:

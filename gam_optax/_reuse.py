@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gam_optax._builder import value_at
+from gam_optax._frame import PerturbationState
 from gam_optax._oracle import Averaging
 from gam_optax._sam import sam
 from gam_optax._tree_math import add_scaled, cast_like, global_norm, orthogonal_part, safe_inverse
@@ -22,10 +22,9 @@ from gam_optax._validation import (
     check_axis_bound,
     check_axis_name,
     check_bool,
-    check_float_params,
-    check_like_params,
     check_nonnegative,
-    check_state,
+    check_transformation,
+    check_update,
 )
 
 CPU_CONDITIONAL_WARNING = (
@@ -42,40 +41,28 @@ class ReuseState(NamedTuple):
     """State of :func:`reuse`.
 
     Attributes:
-      count: the number of updates so far (int32); ``count % every == 0`` refreshes.
+      count: the number of updates so far (int32); ``count % every == 0`` refreshes. The
+        inner transformation's own count (its schedules') is this one.
       v: the part of the last refresh direction orthogonal to its ``g0``, in the
         parameters' dtypes.
-      inner_state: the state of the wrapped transformation; its step counters
-        (fields named ``count``) advance on every step, refresh or not.
     """
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     v: optax.Params
-    inner_state: optax.OptState
-
-
-def _check_every(every) -> None:
-    if isinstance(every, jax.core.Tracer):  # inside optax.inject_hyperparams
-        return
-    if isinstance(every, (jax.Array, np.ndarray)) and np.ndim(every) == 0:
-        if np.issubdtype(np.asarray(every).dtype, np.integer):
-            every = int(every)
-    if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
-        raise ValueError(
-            f"reuse: every must be a positive integer (the refresh period in steps, e.g. 5), "
-            f"got {every!r}."
-        )
 
 
 def _check_options(inner, every, alpha, rescale, eps, axis_name, average) -> None:
     """The checks of :func:`reuse`'s arguments, at construction."""
     name = "reuse"
-    if not (hasattr(inner, "init") and hasattr(inner, "update")):
-        raise TypeError(
-            f"reuse: inner must be an optax transformation such as gam_optax.gam(), "
-            f"got {type(inner).__name__}."
-        )
-    _check_every(every)
+    check_transformation("inner", inner, name, " such as gam_optax.gam()")
+    if not isinstance(every, jax.core.Tracer):  # inside optax.inject_hyperparams
+        if isinstance(every, (jax.Array, np.ndarray)) and np.ndim(every) == 0:
+            every = int(every) if np.issubdtype(np.asarray(every).dtype, np.integer) else every
+        if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
+            raise ValueError(
+                f"reuse: every must be a positive integer (the refresh period in steps, e.g. "
+                f"5), got {every!r}."
+            )
     check_nonnegative("alpha", alpha, name, schedule=True)
     check_bool("rescale", rescale, name)
     check_nonnegative("eps", eps, name)
@@ -83,36 +70,15 @@ def _check_options(inner, every, alpha, rescale, eps, axis_name, average) -> Non
     check_average(average, name)
 
 
-def _check_update(updates, state, params, refresh, axis_name) -> None:
-    """The checks of ``reuse(...).update``'s arguments, when it is traced."""
-    name = "reuse"
-    if params is None:
-        raise ValueError(
-            "reuse: update needs params, the point g0 was computed at: "
-            "tx.update(grads, state, params, loss_fn=loss_fn)."
-        )
-    if refresh is not None and not isinstance(refresh, bool):
+def _check_inner_state(inner_state) -> None:
+    """``inner`` is a member of the family (alone, or in :func:`every_gradient`)."""
+    if not isinstance(inner_state, PerturbationState):
         raise TypeError(
-            f"reuse.update: refresh must be a Python bool (True: run the inner "
-            f"transformation), chosen outside jax.jit, or None; got {refresh!r}. Pass it "
-            f"as a static argument: jax.jit(step, static_argnames='refresh')."
+            "reuse: inner must be a sharpness-aware member of gam_optax (sam, gsam, gam, "
+            "gam_penalty, sam_gam, or every_gradient of one), whose state is the step count; "
+            f"its init gave {type(inner_state).__name__}. Put the base optimizer after reuse in "
+            "the chain: optax.chain(gam_optax.reuse(gam_optax.gam()), optax.sgd(0.1))."
         )
-    check_state(state, ReuseState, name)
-    check_float_params(params, name)
-    check_like_params(updates, params, "updates (g0)", name)
-    check_axis_bound(axis_name, name)
-
-
-def _advance_counts(state: optax.OptState) -> optax.OptState:
-    """Every step counter (a field named ``count``) of an optax state, plus one."""
-
-    def advance(path, leaf):
-        key = path[-1] if path else None
-        if isinstance(key, jax.tree_util.GetAttrKey) and key.name == "count":
-            return optax.safe_increment(leaf)
-        return leaf
-
-    return jax.tree_util.tree_map_with_path(advance, state)
 
 
 def reuse(
@@ -214,20 +180,25 @@ def reuse(
     averaging = Averaging(axis_name, average)
 
     def init_fn(params: optax.Params) -> ReuseState:
-        return ReuseState(
-            count=jnp.zeros([], jnp.int32),
-            v=jax.tree.map(jnp.zeros_like, params),
-            inner_state=inner.init(params),
-        )
+        _check_inner_state(inner.init(params))
+        return ReuseState(count=jnp.zeros([], jnp.int32), v=jax.tree.map(jnp.zeros_like, params))
 
     def update_fn(updates, state, params=None, *, refresh=None, **extra_args):
-        _check_update(updates, state, params, refresh, axis_name)
-        a = value_at(alpha, state.count)
+        if refresh is not None and not isinstance(refresh, bool):
+            raise TypeError(
+                f"reuse.update: refresh must be a Python bool (True: run the inner "
+                f"transformation), chosen outside jax.jit, or None; got {refresh!r}. Pass it "
+                f"as a static argument: jax.jit(step, static_argnames='refresh')."
+            )
+        check_update("reuse", updates, state, params, ReuseState)
+        check_axis_bound(axis_name, "reuse")
+        a = alpha(state.count) if callable(alpha) else alpha
 
         def do_refresh(_):
-            direction, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+            inner_state = PerturbationState(count=state.count)  # inner counts every step
+            direction, _ = inner.update(updates, inner_state, params, **extra_args)
             v = orthogonal_part(direction, averaged.reduce(updates), eps)
-            return cast_like(direction, updates), cast_like(v, params), inner_state
+            return cast_like(direction, updates), cast_like(v, params)
 
         def do_skip(_):
             g0 = averaging.reduce(updates)
@@ -235,19 +206,15 @@ def reuse(
                 c = a * global_norm(g0) * safe_inverse(global_norm(state.v), eps)
             else:  # the length it had at the refresh, times alpha
                 c = a
-            direction = averaging.finish(add_scaled(g0, c, state.v))
-            return direction, state.v, _advance_counts(state.inner_state)
+            return averaging.finish(add_scaled(g0, c, state.v)), state.v
 
         if refresh is None:  # chosen on device from the count
             if jax.default_backend() == "cpu":
                 warnings.warn(CPU_CONDITIONAL_WARNING, stacklevel=2)
-            direction, v, inner_state = jax.lax.cond(
-                state.count % every == 0, do_refresh, do_skip, None
-            )
+            direction, v = jax.lax.cond(state.count % every == 0, do_refresh, do_skip, None)
         else:  # chosen by the caller: one branch is compiled, no conditional
-            direction, v, inner_state = (do_refresh if refresh else do_skip)(None)
-        count = optax.safe_increment(state.count)
-        return direction, ReuseState(count=count, v=v, inner_state=inner_state)
+            direction, v = (do_refresh if refresh else do_skip)(None)
+        return direction, ReuseState(count=optax.safe_increment(state.count), v=v)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -6,9 +6,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from gam_optax._builder import PerturbationState, Step, perturbation
+from gam_optax._frame import Algorithm, Options, PerturbationState, Probe, perturbation
 from gam_optax._schedules import proportional_schedule
 from gam_optax._tree_math import add_scaled, orthogonal_part
 from gam_optax._validation import Average, Mask, check_finite, check_nonnegative
@@ -25,6 +26,7 @@ def sam(
     axis_name: str | None = None,
     average: Average = "direction",
     mask: Mask | None = None,
+    unroll: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Sharpness-Aware Minimization (SAM), and ASAM with ``adaptive=True``.
 
@@ -71,6 +73,8 @@ def sam(
         The gradients are still taken, and ``d`` returned, for every parameter; the
         ascent steps move the selected leaves only, their length measured on them
         (e.g. SAM-ON: perturb only the normalisation layers). None: all.
+      unroll: True (default): the gradient is traced inline. False: in a one-step
+        ``jax.lax.scan``, as every member's ``unroll=False`` (see :func:`gam`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
@@ -101,15 +105,25 @@ def sam(
       https://arxiv.org/abs/2102.11600
     """
     check_nonnegative("rho", rho, "sam", schedule=True)
+    algorithm = Algorithm(sam_probe(rho), (keep_gradient,), lambda c, g1: g1)
+    options = Options("sam", eps, adaptive, has_aux, axis_name, average, mask, unroll)
+    return perturbation(algorithm, options)
 
-    def direction(step: Step) -> optax.Updates:
-        # theta1 = theta + e(g0); d = g1.
-        return step.sam_gradient(step.value(rho), eps=eps, adaptive=adaptive)
 
-    frame: dict[str, Any] = dict(
-        eps=eps, has_aux=has_aux, axis_name=axis_name, average=average, mask=mask
-    )
-    return perturbation("sam", direction, adaptive=adaptive, **frame)
+def sam_probe(rho: optax.ScalarOrSchedule):
+    """``c -> (carry, probe)``: the point ``theta + e`` of SAM's gradient ``g1``."""
+
+    def first(c):
+        g1 = jax.tree.map(jnp.zeros_like, c.theta)  # not taken yet
+        return g1, Probe(c.theta, c.ascend(c.g0, c.theta, c.value(rho)))
+
+    return first
+
+
+def keep_gradient(c, carry, g1):
+    """The step that keeps the gradient it receives, ``g1``, as the carry."""
+    del c, carry
+    return g1.gradient, None
 
 
 def gsam(
@@ -122,6 +136,7 @@ def gsam(
     axis_name: str | None = None,
     average: Average = "direction",
     mask: Mask | None = None,
+    unroll: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Surrogate Gap guided Sharpness-Aware Minimization (GSAM).
 
@@ -154,6 +169,7 @@ def gsam(
         decomposes per device and averages only ``d``; ``'gradients'``
         averages ``g0`` and ``g1`` (exact large-batch GSAM).
       mask: the parameters the SAM step may move, as in :func:`sam`. None: all.
+      unroll: as in :func:`sam`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` takes
@@ -175,16 +191,12 @@ def gsam(
     check_nonnegative("rho", rho, "gsam", schedule=True)
     check_finite("alpha", alpha, "gsam")
 
-    def direction(step: Step) -> optax.Updates:
-        g1 = step.sam_gradient(step.value(rho), eps=eps, adaptive=adaptive)
-        # The part of g0 orthogonal to g1 descends the surrogate gap.
-        g_perp = orthogonal_part(step.g0, g1, eps)
-        return add_scaled(g1, -alpha, g_perp)
+    def direction(c, g1):  # the part of g0 orthogonal to g1 descends the surrogate gap
+        return add_scaled(g1, -alpha, orthogonal_part(c.g0, g1, eps))
 
-    frame: dict[str, Any] = dict(
-        eps=eps, has_aux=has_aux, axis_name=axis_name, average=average, mask=mask
-    )
-    return perturbation("gsam", direction, adaptive=adaptive, **frame)
+    algorithm = Algorithm(sam_probe(rho), (keep_gradient,), direction)
+    options = Options("gsam", eps, adaptive, has_aux, axis_name, average, mask, unroll)
+    return perturbation(algorithm, options)
 
 
 # ----------------------------------------------------------------------------

@@ -132,6 +132,13 @@ def subtract(a: Params, b: Params) -> Params:
     return jax.tree.map(jnp.subtract, a, b)
 
 
-def where(pred: jax.Array, a: Params, b: Params) -> Params:
-    """``a`` where ``pred`` else ``b``, leaf by leaf (a traced choice inside a scan)."""
-    return jax.tree.map(lambda u, v: jnp.where(pred, u, v), a, b)
+def axpy(a: Any, x: Params, y: Params | None = None) -> Params:
+    """``a * x (+ y)`` in at least float32: a running sum of gradients."""
+    if y is None:
+        return jax.tree.map(lambda u: a * upcast(u), x)
+    return jax.tree.map(lambda u, v: v + a * upcast(u), x, y)
+
+
+def zeros_up(like: Params) -> Params:
+    """Zeros like ``like``, in at least float32: an empty running sum."""
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, upcast(x).dtype), like)

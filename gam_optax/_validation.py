@@ -9,6 +9,7 @@ are static then).
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from gam_optax import _compat
 from gam_optax._tree_math import Params
@@ -343,3 +345,48 @@ def resolve_mask(mask: Mask | None, params: Params, transformation: str) -> Para
             f"{transformation}: mask must have the tree structure of params (or a prefix of "
             f"it): {e}"
         ) from None
+
+
+def check_arity(fn: Any, what: str, count: int, transformation: str, example: str) -> None:
+    """``fn`` is callable with ``count`` positional arguments (where its signature shows)."""
+    if not callable(fn):
+        raise TypeError(
+            f"{transformation}: {what} must be callable, got {describe(fn)}; e.g. {example}."
+        )
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to check
+        return
+    try:
+        signature.bind(*[None] * count)
+    except TypeError:
+        raises = "the params" if count == 1 else "the params and i (the evaluation's number)"
+        raise TypeError(
+            f"{transformation}: {what} must take {raises} as its {count} positional "
+            f"argument(s); its signature is {what}{signature}. Close over the rest, e.g. "
+            f"{example}."
+        ) from None
+
+
+def check_update(
+    transformation: str, updates: Params, state: Any, params: Params, state_type: type
+) -> None:
+    """The checks of every ``update`` of the family, when it is traced: the state is this
+    transformation's, ``params`` are given, real floating point and like the gradient."""
+    check_state(state, state_type, transformation)
+    if params is None:
+        raise ValueError(
+            f"{transformation}: update needs params, the point the gradient was computed "
+            "at: tx.update(grads, state, params, ...)."
+        )
+    masked = lambda x: isinstance(x, optax.MaskedNode)
+    if any(map(masked, jax.tree.leaves((updates, params), is_leaf=masked))):
+        raise TypeError(
+            f"{transformation}: the updates hold optax.MaskedNode leaves: it runs inside "
+            "optax.masked or optax.partition, whose hidden parameters loss_fn cannot be "
+            f"evaluated without. Put {transformation} outside them (first in the chain) and "
+            f"pass {transformation}(..., mask=...) to perturb only some parameters; the "
+            "gradients stay those of all of them."
+        )
+    check_float_params(params, transformation)
+    check_like_params(updates, params, "updates (g0)", transformation)

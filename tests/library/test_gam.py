@@ -550,7 +550,7 @@ def test_invalid_update_arguments_fail_clearly(f32_problem):
     state, grads = tx.init(params), jax.grad(loss_fn)(params)
     with pytest.raises(ValueError, match="loss_fn=lambda p: loss"):
         tx.update(grads, state, params)
-    with pytest.raises(ValueError, match="both was given"):
+    with pytest.raises(ValueError, match="both were given"):
         tx.update(grads, state, params, loss_fn=loss_fn, grad_fn=lambda p, i: grads)
     with pytest.raises(ValueError, match="needs params"):
         tx.update(grads, state, None, loss_fn=loss_fn)

@@ -107,7 +107,7 @@ def test_directions_match_numpy_reference(x64, rescale, inner_name):
     expected = numpy_reuse(numpy_inner, grad, flat(params), 8, 3, alpha, 0.05, rescale)
     for t, (d, e) in enumerate(zip(got, expected, strict=True)):
         np.testing.assert_allclose(flat(d), e, rtol=1e-10, atol=1e-12, err_msg=f"step {t}")
-    assert int(state.count) == 8 and int(state.inner_state.count) == 8
+    assert int(state.count) == 8
     # The reused component really changes the skip steps: they are not plain g0.
     assert np.linalg.norm(expected[1] - grad(flat(params) - 0.05 * expected[0])) > 1e-3
 
@@ -262,7 +262,7 @@ def test_has_aux_passes_through_to_the_inner_transformation(x64):
         (dict(alpha=lambda t: -1.0 + 0 * t), ValueError, "alpha schedule at step 0"),
         (dict(eps=-1.0), ValueError, "eps must be a finite number >= 0"),
         (dict(average="all"), ValueError, "'direction'"),
-        (dict(inner=optax.sgd), TypeError, "inner must be an optax transformation"),
+        (dict(inner=optax.sgd), TypeError, "inner must be an optax GradientTransformation"),
         (dict(rescale="yes"), TypeError, "reuse: rescale must be a Python bool.*got str 'yes'"),
         (dict(axis_name=0), TypeError, "reuse: axis_name must be a string"),
         (dict(every=np.array([5, 6])), ValueError, "every must be a positive integer"),

@@ -1,0 +1,212 @@
+"""The frame: an algorithm of the family written once, run in every mode.
+
+An :class:`Algorithm` is what the paper writes: the points where it takes gradients, each
+computed from the gradients before it, and how it combines them into the direction ``d``.
+``first(c)`` gives the running sums (the *carry*) and the first :class:`Probe`; each of
+``steps`` receives the next gradient (an :class:`Evaluation`), folds it into the carry and
+names the next probe (None after the last); ``direction(c, carry)`` is ``d``. ``c`` is the
+:class:`Context` of the step: ``theta``, ``g0``, the hyperparameters' values, the ascent.
+
+:func:`perturbation` runs it inline (``unroll=True``: one traced gradient per probe) or in a
+``jax.lax.scan`` (``unroll=False``: one traced gradient for all of them, the step chosen by
+``jax.lax.switch``); :func:`gam_optax.transparent` runs it one gradient per ``update`` call.
+The checks of every mode live here and in ``_validation``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gam_optax._oracle import Evaluation, GradientOracle, Probe, make_oracle
+from gam_optax._tree_math import Params, ascent_step, cast_like
+from gam_optax._validation import (
+    Average,
+    Mask,
+    check_average,
+    check_axis_name,
+    check_bool,
+    check_nonnegative,
+    check_update,
+    resolve_mask,
+)
+
+Carry = Any  # an algorithm's running sums: a pytree of fixed shapes and dtypes
+
+
+class PerturbationState(NamedTuple):
+    """State of :func:`sam`, :func:`gsam`, :func:`gam`, :func:`gam_penalty` and
+    :func:`sam_gam`, also named ``SAMState``, ``GAMState`` and ``GAMPenaltyState``.
+
+    Attributes:
+      count: the number of updates so far (int32); schedules of the radii are evaluated
+        at it.
+    """
+
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What an algorithm reads in one step.
+
+    Attributes:
+      theta: the parameters, where the caller's ``g0`` was computed.
+      g0: the caller's gradient (averaged over devices in 'gradients' mode).
+      count: the number of finished steps; schedules are evaluated at it.
+      mask: the leaves the ascent steps may move (a tree of bools), or None: all.
+      eps: ``xi``, added to every norm denominator.
+      adaptive: ASAM-style ascent steps.
+    """
+
+    theta: Params
+    g0: Params
+    count: jax.Array
+    mask: Params | None
+    eps: Any
+    adaptive: bool
+
+    def value(self, hyperparameter: optax.ScalarOrSchedule) -> Any:
+        """A hyperparameter (a number or a schedule of the step count) at this step."""
+        return hyperparameter(self.count) if callable(hyperparameter) else hyperparameter
+
+    def ascend(self, v: Params, at: Params, radius: Any) -> Params:
+        """The ascent step ``e`` of length ``radius`` along ``v`` at ``at`` (adaptive and
+        masked as the options say): ``r v / (||v|| + xi)``."""
+        return ascent_step(v, at, radius, eps=self.eps, adaptive=self.adaptive, mask=self.mask)
+
+
+Step = Callable[[Context, Carry, Evaluation], tuple[Carry, Probe | None]]
+
+
+class Algorithm(NamedTuple):
+    """An algorithm of the family: its probes and its combination (see the module).
+
+    Attributes:
+      first: ``c -> (carry, probe)``: the sums before any extra gradient, the first point.
+      steps: one function a gradient, ``(c, carry, g_k) -> (carry, next probe or None)``.
+        The carry keeps the shapes and dtypes ``first`` gave it.
+      direction: ``(c, carry) -> d``.
+      exact: probes with a step are linearised (Hessian-vector products).
+    """
+
+    first: Callable[[Context], tuple[Carry, Probe]]
+    steps: Sequence[Step]
+    direction: Callable[[Context, Carry], Params]
+    exact: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The options every member takes, checked once by :func:`perturbation`."""
+
+    name: str
+    eps: Any = 1e-12
+    adaptive: bool = False
+    has_aux: bool = False
+    axis_name: str | None = None
+    average: Average = "direction"
+    mask: Mask | None = None
+    unroll: bool = True
+
+    def check(self) -> None:
+        check_nonnegative("eps", self.eps, self.name)
+        for flag in ("adaptive", "has_aux", "unroll"):
+            check_bool(flag, getattr(self, flag), self.name)
+        check_axis_name(self.axis_name, self.name)
+        check_average(self.average, self.name)
+
+    def context(self, theta: Params, g0: Params, count: jax.Array) -> Context:
+        mask = resolve_mask(self.mask, theta, self.name)
+        return Context(theta, g0, count, mask, self.eps, self.adaptive)
+
+
+class Perturbation(optax.GradientTransformationExtraArgs):
+    """A member of the family: an optax transformation that also holds the
+    :class:`Algorithm` and :class:`Options` it was built from, so that another mode
+    (:func:`gam_optax.transparent`) can run the same definition."""
+
+    algorithm: Algorithm
+    options: Options
+
+
+def run_inline(algorithm: Algorithm, c: Context, oracle: GradientOracle) -> Params:
+    """``d``, the model's gradient traced once per probe."""
+    carry, probe = algorithm.first(c)
+    for i, step in enumerate(algorithm.steps, start=1):
+        carry, probe = step(c, carry, oracle.evaluate(probe, i))
+    return algorithm.direction(c, carry)
+
+
+def _uniform(probe: Probe, exact: bool) -> Probe:
+    """The probe in one shape for every step of a scan: ``(point + step, None)``, or in the
+    exact mode ``(point, step)`` with a zero step for a probe without one."""
+    if not exact:
+        return Probe(probe.point if probe.step is None else jax.tree.map(jnp.add, *probe))
+    step = jax.tree.map(jnp.zeros_like, probe.point) if probe.step is None else probe.step
+    return Probe(probe.point, cast_like(step, probe.point))
+
+
+def run_scanned(algorithm: Algorithm, c: Context, oracle: GradientOracle) -> Params:
+    """``d``, the model's gradient traced once: a ``jax.lax.scan`` over the probes, each
+    step's arithmetic chosen by ``jax.lax.switch`` (``i`` is then a traced int32)."""
+    carry, probe = algorithm.first(c)
+
+    def branch(step: Step) -> Callable:
+        def run(carry, probe, evaluation):
+            new_carry, new_probe = step(c, carry, evaluation)
+            new_probe = probe if new_probe is None else _uniform(new_probe, algorithm.exact)
+            return oracle.per_device((cast_like(new_carry, carry), cast_like(new_probe, probe)))
+
+        return run
+
+    branches = [branch(step) for step in algorithm.steps]
+
+    def body(state, i):
+        carry, probe = state
+        return jax.lax.switch(i, branches, carry, probe, oracle.evaluate(probe, i + 1)), None
+
+    start = oracle.per_device((carry, _uniform(probe, algorithm.exact)))
+    (carry, _), _ = jax.lax.scan(body, start, jnp.arange(len(branches), dtype=jnp.int32))
+    return algorithm.direction(c, carry)
+
+
+def perturbation(algorithm: Algorithm, options: Options) -> Perturbation:
+    """The optax transformation whose ``update`` returns ``algorithm``'s direction.
+
+    ``update(g0, state, params, loss_fn=...)`` (or ``grad_fn=``) checks its arguments,
+    builds the oracle, runs the algorithm inline or scanned (``options.unroll``), averages
+    ``d`` over devices in 'direction' mode and casts it to the dtypes of ``g0``.
+    """
+    options.check()
+
+    def init_fn(params: optax.Params) -> PerturbationState:
+        del params
+        return PerturbationState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None, *, loss_fn=None, grad_fn=None, **extra_args):
+        del extra_args  # a chain hands every member every extra argument
+        check_update(options.name, updates, state, params, PerturbationState)
+        oracle = make_oracle(
+            options.name,
+            loss_fn=loss_fn,
+            grad_fn=grad_fn,
+            has_aux=options.has_aux,
+            axis_name=options.axis_name,
+            average=options.average,
+            exact=algorithm.exact,
+        )
+        c = options.context(params, oracle.incoming(updates, options.name), state.count)
+        d = (run_inline if options.unroll else run_scanned)(algorithm, c, oracle)
+        return cast_like(oracle.finish(d), updates), PerturbationState(
+            count=optax.safe_increment(state.count)
+        )
+
+    transformation = Perturbation(init_fn, update_fn)
+    transformation.algorithm, transformation.options = algorithm, options
+    return transformation
