@@ -149,8 +149,8 @@ def sam_gam(
 
     With ``hvp_step=r``, each :math:`H v` becomes :math:`(\nabla L(x + r v) -
     \nabla L(x)) / r`. With ``sam_rho`` the same value as ``hvp_step`` (the same object, or
-    equal concrete numbers) and no ``mask`` (or a tree of bools that selects everything), SAM's point
-    :math:`\theta + r\,u(g_0)` is the first finite-difference point: a step then costs
+    equal concrete numbers) and no ``mask`` (or a tree of bools that selects everything),
+    SAM's point :math:`\theta + r\,u(g_0)` is the first finite-difference point: a step costs
     three gradients beyond :math:`g_0`, as :func:`gam` does; otherwise SAM's gradient is
     one more (e.g. under ``optax.inject_hyperparams``, whose values are separate arrays).
 
