@@ -1,5 +1,8 @@
-"""The README's Flax recipes work: Linen with BatchNorm, and NNX's nnx.Optimizer."""
+"""The README's Flax recipes work: Linen with BatchNorm, and NNX's nnx.Optimizer; and
+gam_optax.flax's misuse (wrong model, loss, wrt, loss_fn/grad_fn) gets a one-line error that
+names the argument and the fix, at nnx_loss_fn's call or loss_fn's first trace."""
 
+import functools
 import pathlib
 import subprocess
 import sys
@@ -9,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 import gam_optax
@@ -266,3 +270,273 @@ def test_nnx_loss_fn_keeps_batchnorm_statistics_dropout_masks_and_rng_right(x64)
         )
     assert _rng_counts(model) == [1]
     assert float(jnp.max(jnp.abs(model.bn.mean[...]))) > 1e-3  # the statistics moved
+
+
+# ----------------------------------------------------------------------------- misuse
+
+
+class LoRANet(nnx.Module):
+    """nnx.Param (Linear), nnx.LoRAParam (a subclass of nnx.Param) and nnx.BatchStat."""
+
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(3, 4, rngs=rngs)
+        self.bn = nnx.BatchNorm(4, rngs=rngs)
+        self.lora = nnx.LoRA(3, 2, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.bn(self.lin(x)) + self.lora(x)
+
+
+X3 = jnp.linspace(-1.0, 1.0, 15).reshape(5, 3)
+
+
+def _loss(m):
+    return jnp.mean(m(X3) ** 2)
+
+
+def _step_with(optimizer_wrt, loss_fn_wrt):
+    """One jitted SAM step, the optimizer and nnx_loss_fn built with these filters."""
+    model = LoRANet(nnx.Rngs(0))
+    tx = optax.chain(gam_optax.sam(0.05), optax.sgd(0.1))
+    optimizer = nnx.Optimizer(model, tx, wrt=optimizer_wrt)
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss_fn = gam_optax.flax.nnx_loss_fn(model, _loss, wrt=loss_fn_wrt)
+        grads = nnx.grad(_loss, argnums=nnx.DiffState(0, optimizer_wrt))(model)
+        optimizer.update(model, grads, loss_fn=loss_fn)
+
+    step(model, optimizer)
+    return model
+
+
+def _call_loss_fn(wrt, given):
+    """loss_fn of nnx_loss_fn(..., wrt=wrt) called with the params ``given`` selects."""
+    model = LoRANet(nnx.Rngs(0))
+    loss_fn = gam_optax.flax.nnx_loss_fn(model, _loss, wrt=wrt)
+    return loss_fn(nnx.state(model, given))
+
+
+def _nnx_loss_fn(model, loss, **kwargs):
+    return lambda: gam_optax.flax.nnx_loss_fn(model(), loss, **kwargs)
+
+
+def _linear():
+    return nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+
+
+def _apply_gradients(**kwargs):
+    params = {"w": jnp.array([2.0, -1.0])}
+    loss = lambda p: jnp.sum((p["w"] - 1.0) ** 2)
+    tx = optax.chain(gam_optax.gam(), optax.sgd(0.1))
+    state = gam_optax.flax.TrainState.create(apply_fn=None, params=params, tx=tx)
+    return lambda: state.apply_gradients(grads=jax.grad(loss)(params), **kwargs)
+
+
+ONES = jnp.ones((3, 2))
+_square = lambda m: jnp.sum(m(ONES) ** 2)
+_grad = lambda p, i: jax.tree.map(jnp.ones_like, p)
+
+# id -> (the misuse, exception, a substring naming the argument, one naming the fix)
+MISUSE = {
+    "linen-model": (
+        _nnx_loss_fn(lambda: nn.Dense(3), _square),
+        TypeError,
+        "model is a Linen module (Dense)",
+        "use gam_optax.flax.TrainState",
+    ),
+    "params-as-model": (
+        _nnx_loss_fn(lambda: {"w": jnp.ones(2)}, _square),
+        TypeError,
+        "model must be an nnx.Module",
+        "loss_fn=lambda p: loss(p, batch) to tx.update",
+    ),
+    "state-as-model": (
+        _nnx_loss_fn(lambda: nnx.state(_linear()), _square),
+        TypeError,
+        "model must be an nnx.Module (the model nnx.Optimizer updates), got State",
+        "pass the model itself",
+    ),
+    "optimizer-as-model": (
+        _nnx_loss_fn(lambda: nnx.Optimizer(_linear(), optax.sgd(0.1), wrt=nnx.Param), _square),
+        TypeError,
+        "model is an nnx.Optimizer",
+        "pass the model it updates",
+    ),
+    "swapped-arguments": (
+        lambda: gam_optax.flax.nnx_loss_fn(_square, _linear()),
+        TypeError,
+        "model is a function and loss an nnx.Module",
+        "call nnx_loss_fn(model, loss)",
+    ),
+    "string-loss": (
+        _nnx_loss_fn(_linear, "mse"),
+        TypeError,
+        "loss must be a function loss(model) -> scalar, got str 'mse'",
+        "loss=lambda m:",
+    ),
+    "none-loss": (
+        _nnx_loss_fn(_linear, None),
+        TypeError,
+        "loss must be a function loss(model) -> scalar, got NoneType",
+        "loss=lambda m:",
+    ),
+    "two-argument-loss": (
+        _nnx_loss_fn(_linear, lambda m, batch: _square(m)),
+        TypeError,
+        "loss must take the model alone",
+        "close over the batch, nnx_loss_fn(model, lambda m: loss(m, batch))",
+    ),
+    "keyword-only-batch-loss": (
+        _nnx_loss_fn(_linear, lambda m, *, batch: _square(m)),
+        TypeError,
+        "loss must take the model alone",
+        "close over the batch",
+    ),
+    "no-argument-loss": (
+        _nnx_loss_fn(_linear, lambda: 0.0),
+        TypeError,
+        "loss must take the model alone",
+        "close over the batch",
+    ),
+    "wrt-not-a-filter": (
+        _nnx_loss_fn(_linear, _square, wrt=3),
+        TypeError,
+        "wrt=3 is not an nnx filter",
+        "pass the wrt your nnx.Optimizer was built with",
+    ),
+    "wrt-selects-nothing": (
+        _nnx_loss_fn(_linear, _square, wrt=nnx.BatchStat),
+        ValueError,
+        "wrt=nnx.BatchStat selects no variable of model",
+        "pass the wrt your nnx.Optimizer was built with",
+    ),
+    # The optimizer's wrt differs from nnx_loss_fn's: at loss_fn's first (traced) call.
+    "wrt-narrower-than-optimizer": (
+        lambda: _step_with(nnx.Param, nnx.LoRAParam),
+        ValueError,
+        "nnx_loss_fn(..., wrt=nnx.LoRAParam): loss_fn got params other than those wrt selects",
+        "pass nnx_loss_fn(model, loss, wrt=nnx.Param), the wrt of your nnx.Optimizer",
+    ),
+    "wrt-wider-than-optimizer": (
+        lambda: _step_with(nnx.LoRAParam, nnx.Param),
+        ValueError,
+        "nnx_loss_fn(..., wrt=nnx.Param): loss_fn got params other than those wrt selects",
+        "pass nnx_loss_fn(model, loss, wrt=nnx.LoRAParam), the wrt of your nnx.Optimizer",
+    ),
+    "wrt-everything": (
+        lambda: _step_with(nnx.Param, ...),
+        ValueError,
+        "wrt=...): loss_fn got params other than those wrt selects from the model (missing: bn",
+        "wrt=nnx.Param), the wrt of your nnx.Optimizer",
+    ),
+    "wrt-two-kinds": (
+        lambda: _call_loss_fn(nnx.Param, nnx.Any(nnx.Param, nnx.BatchStat)),
+        ValueError,
+        "loss_fn got params other than those wrt selects from the model (extra: bn.mean",
+        "wrt=nnx.Any(nnx.BatchStat, nnx.Param)), the wrt of your nnx.Optimizer",
+    ),
+    "wrt-by-path": (  # no Variable-type filter selects these: the fix names none
+        lambda: _call_loss_fn(nnx.Param, nnx.All(nnx.Param, nnx.PathContains("lin"))),
+        ValueError,
+        "loss_fn got params other than those wrt selects from the model (missing: bn.bias",
+        "pass nnx_loss_fn the wrt your nnx.Optimizer was built with",
+    ),
+    "apply-gradients-both": (
+        _apply_gradients(loss_fn=lambda p: 0.0, grad_fn=_grad),
+        ValueError,
+        "apply_gradients: got both loss_fn and grad_fn",
+        "pass one",
+    ),
+    "apply-gradients-string-loss-fn": (
+        _apply_gradients(loss_fn="mse"),
+        TypeError,
+        "apply_gradients: loss_fn must be a function params -> loss, got str",
+        "loss_fn=lambda p: loss(p, batch)",
+    ),
+    "apply-gradients-two-argument-loss-fn": (
+        _apply_gradients(loss_fn=lambda p, batch: 0.0),
+        TypeError,
+        "apply_gradients: loss_fn must take the params alone",
+        "close over the batch, loss_fn=lambda p: loss(p, batch)",
+    ),
+    "apply-gradients-one-argument-grad-fn": (
+        _apply_gradients(grad_fn=lambda p: p),
+        TypeError,
+        "apply_gradients: grad_fn must take (params, i)",
+        "grad_fn=lambda p, i: jax.grad(loss)(p, batch)",
+    ),
+    "apply-gradients-grad-fn-not-callable": (
+        _apply_gradients(grad_fn=3),
+        TypeError,
+        "apply_gradients: grad_fn must be a function (params, i) -> grads, got int",
+        "grad_fn=lambda p, i:",
+    ),
+}
+
+
+@pytest.mark.parametrize(("misuse", "error", "argument", "fix"), MISUSE.values(), ids=MISUSE)
+def test_flax_misuse_names_the_argument_and_the_fix(misuse, error, argument, fix):
+    with pytest.raises(error) as raised:
+        misuse()
+    message = str(raised.value)
+    assert argument in message
+    assert fix in message
+    assert "\n" not in message  # one line
+
+
+class _NoSignature:
+    """A callable whose signature Python cannot read: not checked, its call decides."""
+
+    __signature__ = "unreadable"
+
+    def __call__(self, model):
+        return _square(model)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        _square,
+        functools.partial(lambda m, batch: jnp.sum(m(batch) ** 2), batch=ONES),
+        lambda m, batch=ONES: jnp.sum(m(batch) ** 2),
+        lambda *args: _square(args[0]),
+        jax.jit(_square),
+        _NoSignature(),
+    ],
+    ids=["lambda", "partial", "default-batch", "varargs", "jax-jit", "no-signature"],
+)
+def test_nnx_loss_fn_accepts_every_loss_of_the_model_alone(loss):
+    model = _linear()
+    loss_fn = gam_optax.flax.nnx_loss_fn(model, loss)
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    moved = jax.tree.map(lambda p: p + 1.0, params)
+    np.testing.assert_allclose(loss_fn(params), _square(model), rtol=1e-6)
+    assert abs(float(loss_fn(moved)) - float(_square(model))) > 1e-3  # the params are used
+
+
+@pytest.mark.parametrize("wrt", [nnx.Param, nnx.LoRAParam], ids=["param", "lora"])
+def test_matching_wrt_steps_only_what_it_selects(wrt):
+    before = LoRANet(nnx.Rngs(0))
+    after = _step_with(wrt, wrt)
+    moved = {
+        ".".join(map(str, path)): bool(np.any(np.asarray(a) != np.asarray(b)))
+        for (path, a), (_, b) in zip(
+            nnx.to_flat_state(nnx.state(after, nnx.Param)),
+            nnx.to_flat_state(nnx.state(before, nnx.Param)),
+            strict=True,
+        )
+    }
+    assert all(moved[k] == (wrt is nnx.Param or k.startswith("lora")) for k in moved), moved
+
+
+def test_train_state_accepts_grad_fn_of_params_and_index():
+    params = {"w": jnp.array([2.0, -1.0])}
+    loss = lambda p: jnp.sum((p["w"] - 1.0) ** 2)
+    tx = optax.chain(gam_optax.gam(), optax.sgd(0.1))
+    state = gam_optax.flax.TrainState.create(apply_fn=None, params=params, tx=tx)
+    g0 = jax.grad(loss)(params)
+    by_grad = state.apply_gradients(grads=g0, grad_fn=lambda p, i: jax.grad(loss)(p))
+    by_loss = state.apply_gradients(grads=g0, loss_fn=loss)
+    np.testing.assert_allclose(by_grad.params["w"], by_loss.params["w"], rtol=1e-6)
+    assert float(jnp.max(jnp.abs(by_grad.params["w"] - params["w"]))) > 1e-3
