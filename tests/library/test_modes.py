@@ -1,0 +1,162 @@
+"""Every member of the family in every mode equals its inline one-call form (float64).
+
+The table is ``perturbations.FAMILY``: each row with every option on (a radius schedule,
+ASAM's adaptive steps where the member has them, a mask), in its finite-difference mode and
+its exact mode where it has one. Five steps of ``optax.chain(member, SGD with momentum)``,
+a new batch each step, run
+
+* inline (``unroll=True``, the reference);
+* ``unroll=False``: one traced gradient in a ``jax.lax.scan``;
+* ``gam_optax.transparent(member, SGD with momentum)``: one gradient per ``update`` call,
+  each batch fed ``calls`` times (the exact modes refuse it, by name);
+
+and the parameters and the momentum must agree to round-off. ``optax.contrib.sam``'s
+default mode is the reference for transparent SAM.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from perturbations import FAMILY
+from test_family import make_problem, softmax_loss
+
+import gam_optax
+
+STEPS = 5
+CASES = {
+    **{f"{name}": (name, row.everything) for name, row in FAMILY.items()},
+    **{
+        f"{name}_exact": (name, {**row.everything, **row.exact})
+        for name, row in FAMILY.items()
+        if row.exact is not None
+    },
+    # sam_rho the hvp_step and no mask: SAM's gradient is the first probe's (4 calls).
+    "sam_gam_shared": ("sam_gam", dict(rho=FAMILY["sam_gam"].everything["rho"])),
+}
+# Gradients per step with g0: the transparent mode's calls, and the README's table.
+CALLS = {"sam": 2, "gsam": 2, "gam": 4, "gam_penalty": 4, "sam_gam": 5, "sam_gam_shared": 4}
+
+
+def member(case, **options):
+    name, kwargs = CASES[case]
+    return FAMILY[name].factory(**kwargs, **options)
+
+
+def outer():
+    return optax.sgd(0.1, momentum=0.9)
+
+
+def batches():
+    x, y, params = make_problem(n=12)
+    return params, [(x + 0.1 * t, y) for t in range(STEPS)]
+
+
+def relative(a, b):
+    """The largest difference relative to the tree's scale (float64 round-off: ~1e-15)."""
+    a, b = jax.tree.leaves(a), jax.tree.leaves(b)
+    scale = max(float(jnp.max(jnp.abs(v))) for v in b)
+    return max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(a, b, strict=True)) / scale
+
+
+@functools.cache
+def inline(case):
+    """Params and momentum after STEPS inline steps (float64), computed once a case."""
+    with jax.enable_x64(True):
+        return train(optax.chain(member(case), outer()), calls=1, loss_fn=True)
+
+
+def train(tx, calls, loss_fn):
+    params, data = batches()
+    state = tx.init(params)
+
+    @jax.jit
+    def call(params, state, x, y):
+        loss = lambda p: softmax_loss(p, x, y)
+        extra = dict(loss_fn=loss) if loss_fn else {}
+        updates, state = tx.update(jax.grad(loss)(params), state, params, **extra)
+        return optax.apply_updates(params, updates), state
+
+    for x, y in data:
+        for _ in range(calls):  # the same batch, once a call
+            params, state = call(params, state, x, y)
+    return params, state
+
+
+def momentum(state):
+    """The SGD momentum (``optax.TraceState``) anywhere in an optimizer state."""
+    traces = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, optax.TraceState))]
+    (trace,) = [s for s in traces if isinstance(s, optax.TraceState)]
+    return trace.trace
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_unroll_false_equals_the_inline_step(case, x64):
+    params, state = train(optax.chain(member(case, unroll=False), outer()), 1, loss_fn=True)
+    want_params, want_state = inline(case)
+    assert relative(params, want_params) < 1e-12
+    assert relative(momentum(state), momentum(want_state)) < 1e-12
+    assert relative(params, batches()[0]) > 1e-3  # it trained
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_transparent_equals_the_inline_step(case, x64):
+    if case.endswith("_exact"):
+        fix = "hessian=False" if case.startswith("gam_exact") else "hvp_step=0.01"
+        with pytest.raises(ValueError, match=f"exact mode takes Hessian-vector products.*{fix}"):
+            gam_optax.transparent(member(case), outer())
+        return
+    tx = gam_optax.transparent(member(case), outer())
+    params, state = train(tx, CALLS[case.removesuffix("_exact")], loss_fn=False)
+    want_params, want_state = inline(case)
+    assert int(gam_optax.transparent_phase(state)) == 0  # a whole number of steps
+    assert int(state.count) == STEPS  # the steps counted: the schedules' clock
+    assert relative(params, want_params) < 1e-12
+    assert relative(momentum(state), momentum(want_state)) < 1e-12
+
+
+def test_transparent_sam_is_optax_contrib_sams_default_mode(x64):
+    """A peer's implementation as the reference: optax.contrib.sam's transparent mode with
+    the adversarial optimizer of SAM's paper (normalise, step rho), eps=0 as optax."""
+    rho = 0.05
+    ours = gam_optax.transparent(gam_optax.sam(rho, eps=0.0), outer())
+    theirs = optax.contrib.sam(outer(), optax.chain(optax.contrib.normalize(), optax.sgd(rho)))
+    params, state = train(ours, 2, loss_fn=False)
+    want_params, want_state = train(theirs, 2, loss_fn=False)
+    assert relative(params, want_params) < 1e-12
+    assert relative(momentum(state), momentum(want_state)) < 1e-12
+    assert relative(params, batches()[0]) > 1e-3
+
+
+def test_transparent_refuses_what_it_cannot_run():
+    gam = gam_optax.gam()
+    with pytest.raises(TypeError, match="transparent: optimizer is gam_optax.gam.*outer"):
+        gam_optax.transparent(outer(), gam)  # swapped
+    with pytest.raises(TypeError, match="transparent: perturbation must be a member.*chain"):
+        gam_optax.transparent(optax.chain(gam, outer()), outer())
+    with pytest.raises(ValueError, match="axis_name='batch'.*jax.lax.pmean"):
+        gam_optax.transparent(gam_optax.sam(axis_name="batch"), outer())
+    with pytest.raises(TypeError, match="transparent_gam: optimizer is gam_optax.gam"):
+        gam_optax.transparent_gam(gam)
+    tx = gam_optax.transparent(gam, outer())
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(TypeError, match="no loss_fn; it would be ignored, and a call is 1/4"):
+        tx.update(params, tx.init(params), params, loss_fn=lambda p: jnp.sum(p["w"]))
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_calls_per_step_is_one_plus_the_traced_gradients(name):
+    """The transparent mode's calls are g0 plus the gradients one inline update takes."""
+    params = {"w": jnp.ones((2, 2)), "b": jnp.zeros(2)}
+    seen = []
+
+    def grad_fn(p, i):
+        seen.append(i)
+        return jax.tree.map(jnp.cos, p)
+
+    tx = FAMILY[name].factory(**FAMILY[name].everything)
+    tx.update(jax.tree.map(jnp.sin, params), tx.init(params), params, grad_fn=grad_fn)
+    assert seen == list(range(1, len(seen) + 1))
+    assert gam_optax._transparent.calls_per_step(tx) == 1 + len(seen) == CALLS[name]
