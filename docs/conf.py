@@ -1,9 +1,11 @@
 """Sphinx configuration of the gam-optax documentation.
 
-Build it with ``sphinx-build -W -b html docs docs/_build/html`` (warnings are errors, and
-none is suppressed). The guides are sections of the README, included so that there is one
-source; the API reference comes from the docstrings; the quick-start notebook is rendered
-without being executed (the test suite executes it).
+Build it with ``pip install -e ".[docs]" && sphinx-build -W --keep-going -b html docs
+docs/_build/html`` (the README's command; warnings are errors, and none is suppressed). Each
+guide includes its section of the README, so that there is one source, and continues with
+what the README leaves out; CONTRIBUTING.md is a page too. The API reference comes from the
+docstrings (autodoc imports ``gam_optax.flax``: the ``docs`` extra installs Flax); the
+quick-start notebook is rendered without being executed (the test suite executes it).
 
 The build needs no network: the links to the jax, optax and flax documentation
 (intersphinx) come from the small inventories in ``docs/inventories/``, one line per name
@@ -113,20 +115,29 @@ for _name, _url in INTERSPHINX_SITES.items():
 
 # -- The README's sections as pages ------------------------------------------------------
 
-# The README's links to repository files that are pages here, from the README's folder.
-README_LINKS = {"experiments/RESULTS.md": "/results.md"}
+# The README's and CONTRIBUTING.md's links to repository files that are pages here, from
+# the repository's root: each guide ``docs/guides/NAME.md`` is the page ``/guides/NAME``.
+README_LINKS = {
+    "experiments/RESULTS.md": "/results.md",
+    "CONTRIBUTING.md": "/contributing.md",
+    "README.md": "/index.md",
+    **{
+        f"docs/guides/{guide.name}": f"/guides/{guide.name}"
+        for guide in sorted((DOCS / "guides").glob("*.md"))
+    },
+}
 
 
 def _readme_as_guide(app, relative_path, parent_docname, content):
-    """The README included in a guide page: its ``###`` subsections become ``##`` (the page
-    title is the README's ``##``) and its links to repository files that are pages here
-    lead to those pages."""
-    if pathlib.Path(relative_path).name != "README.md":
+    """The README (or CONTRIBUTING.md) included in a page: its links to repository files that
+    are pages here lead to those pages, and in a guide the README's ``###`` subsections
+    become ``##`` (the page title is the README's ``##``)."""
+    if pathlib.Path(relative_path).name not in ("README.md", "CONTRIBUTING.md"):
         return
     text = content[0]
     for file, page in README_LINKS.items():
         text = text.replace(f"]({file})", f"]({page})")
-    if parent_docname != "index":
+    if pathlib.Path(relative_path).name == "README.md" and parent_docname != "index":
         out, fenced = [], False
         for line in text.splitlines():
             if line.startswith("```"):

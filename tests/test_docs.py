@@ -1,8 +1,11 @@
 """The documentation and the package metadata say what the code is.
 
-Every public name is in the API reference; no warning of the documentation build is
-silenced; user-facing text cites no issue numbers (readers cannot see the tracker); the
-changelog follows Keep a Changelog and has a section for the version; the version is
+Every ```python block of the guides in ``docs/`` runs and does what its text says (as
+``tests/test_readme.py`` checks the README's); each guide includes README sections that
+exist; CI builds the site with the README's command in an environment holding only the
+``docs`` extra; every public name is in the API reference; no warning of the documentation
+build is silenced; user-facing text cites no issue numbers (readers cannot see the tracker);
+the changelog follows Keep a Changelog and has a section for the version; the version is
 written once; the README's table of supported versions is the pyproject's bounds.
 """
 
@@ -11,12 +14,151 @@ import pathlib
 import re
 import tomllib
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 
 import gam_optax
 
 ROOT = pathlib.Path(__file__).parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+GUIDES = sorted((ROOT / "docs").rglob("*.md"))
+BLOCKS = [
+    (path.relative_to(ROOT), text)
+    for path in GUIDES
+    for text in re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), re.S)
+]
+
+
+def block(marker: str) -> str:
+    found = [text for _, text in BLOCKS if marker in text]
+    assert len(found) == 1, f"expected one docs block containing {marker!r}, found {len(found)}"
+    return found[0]
+
+
+def data(n=32, d=6, k=3):
+    """A learnable problem: the label is the largest of the first k features."""
+    x = jax.random.normal(jax.random.key(0), (n, d))
+    return x, jnp.argmax(x[:, :k], axis=1)
+
+
+def flatness_measures():
+    """Lanczos gives the top eigenvalue: checked on a quadratic with a known Hessian."""
+    a = jnp.diag(jnp.array([5.0, 2.0, 1.0, 0.5]))
+    batches = jnp.ones((3, 2))  # leading axis B, unused by the loss
+
+    def loss_fn(p, batch):
+        return 0.5 * p @ a @ p + 0.0 * jnp.sum(batch)
+
+    namespace = {"jax": jax, "loss_fn": loss_fn, "batches": batches, "params": jnp.ones(4)}
+    exec(block("from gam_optax import flatness"), namespace)
+    top = namespace["flatness"].hessian_top_eigenvalue(
+        namespace["loss"], namespace["params"], jax.random.key(0)
+    )
+    assert float(top) == pytest.approx(5.0, rel=1e-4)
+
+
+def clipping():
+    """Both chains train; their first step is clipped (the gradient's norm is above 1)."""
+    x, y = data()
+    params = {"w": jnp.zeros((6, 3)), "b": jnp.zeros(3)}
+    loss = lambda p: (
+        10 * optax.softmax_cross_entropy_with_integer_labels(x @ p["w"] + p["b"], y).mean()
+    )
+    assert float(optax.tree.norm(jax.grad(loss)(params))) > 2.0
+    namespace = dict(optax=optax, gam_optax=gam_optax)
+    exec(block("gam_optax.every_gradient("), namespace)
+    for name in ("clip_the_direction", "clip_every_gradient"):
+        tx, p = namespace[name], params
+        state = tx.init(p)
+        step = jax.jit(lambda p, s, tx=tx: tx.update(jax.grad(loss)(p), s, p, loss_fn=loss))
+        for i in range(20):
+            updates, state = step(p, state)
+            if i == 0:  # lr 0.1 along a direction of norm <= 1
+                assert float(optax.tree.norm(updates)) <= 0.1 + 1e-6
+            p = optax.apply_updates(p, updates)
+        assert float(loss(p)) < 0.8 * float(loss(params))
+
+
+def transparent():
+    """Flax's own TrainState with transparent_gam: it trains; 4 calls a step; outer_params."""
+    x, y = data()
+    model = nn.Dense(3)
+    params = model.init(jax.random.key(0), x)
+    loss = lambda p, batch: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply(p, batch[0]), batch[1]
+    ).mean()
+    batches = [(x, y)] * 10
+    namespace = dict(jax=jax, optax=optax, gam_optax=gam_optax, model=model)
+    namespace.update(params=params, loss=loss, batches=batches)
+    exec(block("gam_optax.transparent_gam("), namespace)
+    state = namespace["state"]
+    assert int(state.step) == 40 and int(gam_optax.transparent_phase(state.opt_state)) == 0
+    jax.tree.map(np.testing.assert_array_equal, namespace["params"], state.params)
+    assert float(loss(state.params, (x, y))) < 0.8 * float(loss(params, (x, y)))
+
+
+SCAFFOLDS = {
+    "from gam_optax import flatness": flatness_measures,
+    "gam_optax.every_gradient(": clipping,
+    "gam_optax.transparent_gam(": transparent,
+}
+
+
+def test_every_docs_block_is_run_by_a_test():
+    assert BLOCKS, "no ```python block in docs/"
+    for path, text in BLOCKS:
+        owners = [marker for marker in SCAFFOLDS if marker in text]
+        assert len(owners) == 1, f"{path}: block without exactly one test:\n{text[:300]}"
+
+
+@pytest.mark.parametrize("marker", list(SCAFFOLDS))
+def test_docs_block_runs_and_does_what_it_says(marker):
+    SCAFFOLDS[marker]()
+
+
+def test_each_guide_includes_readme_sections_that_exist_in_order():
+    headings = re.findall(r"^#+ .+$", re.sub(r"^```.*?^```", "", README, flags=re.S | re.M), re.M)
+    included = set()
+    for path in GUIDES:
+        text = path.read_text(encoding="utf-8")
+        for start, end in re.findall(
+            r"```\{include\} [./]*README\.md\n:start-after: \"(.+)\"\n:end-before: \"(.+)\"", text
+        ):
+            assert start in headings and end in headings, f"{path.name}: {start} .. {end}"
+            assert headings.index(start) < headings.index(end), path.name
+            included.add(start)
+    # the front page (the intro and the quick start) and a guide per user-facing section
+    sections = ["Install", "Use in a chain", "With Flax", "Data parallel", "Performance"]
+    assert included == {"# gam-optax", *(f"## {s}" for s in [*sections, "The experiments"])}
+
+
+def test_ci_builds_the_docs_with_the_readme_command_in_a_docs_only_environment():
+    (command,) = re.findall(r"^pip install -e \"\.\[docs\]\" && sphinx-build .*$", README, re.M)
+    assert "-W" in command.split()  # warnings are errors
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    lines = [line.strip() for line in ci.splitlines()]
+    assert command in lines, ".ci/run must run the README's docs command as written"
+    # ... in a subshell that activates a virtual environment of its own, into which nothing
+    # but pip itself is installed before it, and before the test environment exists
+    at = lines.index(command)
+    opening = max(i for i in range(at) if lines[i] == "(")
+    subshell = lines[opening + 1 : at]
+    (activate,) = [line for line in subshell if line.startswith("source ")]
+    venv = re.fullmatch(r'source "\$(\w+)/bin/activate"', activate)[1]
+    assert f'python3 -m venv "${venv}"' in lines[:opening]
+    installs = [line for line in subshell if "pip install" in line]
+    assert installs == ["python -m pip install --quiet --upgrade pip"]
+    assert lines[at + 1] == ")"
+    assert at < lines.index('python -m pip install --quiet -e ".[test]"')
+    docs_extra = PYPROJECT["project"]["optional-dependencies"]["docs"]
+    assert "gam-optax[flax]" in docs_extra  # autodoc imports gam_optax.flax
+    for package in ("sphinx", "myst-nb", "furo"):
+        assert any(r.startswith(f"{package}>=") for r in docs_extra), package
 
 
 def documented_names() -> set[str]:
