@@ -22,7 +22,7 @@ class Perturbation(NamedTuple):
     numbers: dict[str, tuple[bool | str, bool]]
     flags: tuple[str, ...]  # the options that must be Python bools
     # test_modes: every option on (a radius schedule, adaptive where it exists, a mask)...
-    everything: dict = {}
+    everything: dict
     exact: dict | None = None  # ...and the keywords of its exact mode, if it has one
 
 

@@ -132,17 +132,17 @@ def test_transparent_sam_is_optax_contrib_sams_default_mode(x64):
 
 def test_transparent_refuses_what_it_cannot_run():
     gam = gam_optax.gam()
-    with pytest.raises(TypeError, match="transparent: optimizer is gam_optax.gam.*outer"):
+    with pytest.raises(TypeError, match=r"transparent: optimizer is gam_optax.gam.*outer"):
         gam_optax.transparent(outer(), gam)  # swapped
-    with pytest.raises(TypeError, match="transparent: perturbation must be a member.*chain"):
+    with pytest.raises(TypeError, match=r"transparent: perturbation must be a member.*chain"):
         gam_optax.transparent(optax.chain(gam, outer()), outer())
-    with pytest.raises(ValueError, match="axis_name='batch'.*jax.lax.pmean"):
+    with pytest.raises(ValueError, match=r"axis_name='batch'.*jax.lax.pmean"):
         gam_optax.transparent(gam_optax.sam(axis_name="batch"), outer())
-    with pytest.raises(TypeError, match="transparent_gam: optimizer is gam_optax.gam"):
+    with pytest.raises(TypeError, match=r"transparent_gam: optimizer is gam_optax.gam"):
         gam_optax.transparent_gam(gam)
     tx = gam_optax.transparent(gam, outer())
     params = {"w": jnp.ones(3)}
-    with pytest.raises(TypeError, match="no loss_fn; it would be ignored, and a call is 1/4"):
+    with pytest.raises(TypeError, match=r"no loss_fn; it would be ignored, and a call is 1/4"):
         tx.update(params, tx.init(params), params, loss_fn=lambda p: jnp.sum(p["w"]))
 
 
