@@ -92,11 +92,13 @@ def every_gradient(
                 updates, state, params, loss_fn=loss_fn, grad_fn=grad_fn, **extra_args
             )
         if loss_fn is not None:
-            _validation.check_arity(loss_fn, "loss_fn", 1, name, "loss_fn=lambda p: loss(p, batch)")
+            _validation.check_arity(loss_fn, "loss_fn", ("the params",), name, "lambda p: ...")
             gradient = jax.grad(_loss_only(loss_fn))
             transformed = lambda point, i: apply(gradient(point), point)
         else:
-            _validation.check_arity(grad_fn, "grad_fn", 2, name, "grad_fn=lambda p, i: grads at p")
+            _validation.check_arity(
+                grad_fn, "grad_fn", ("the params", "i"), name, "lambda p, i: ..."
+            )
             transformed = lambda point, i: apply(grad_fn(point, i), point)
         return inner.update(
             apply(updates, params), state, params, grad_fn=transformed, **extra_args

@@ -230,11 +230,11 @@ def make_oracle(
     if (loss_fn is None) == (grad_fn is None):
         raise ValueError(missing_loss_fn_message(name, both=loss_fn is not None, exact=exact))
     if loss_fn is not None:
-        check_arity(loss_fn, "loss_fn", 1, name, "loss_fn=lambda params: loss(params, batch)")
+        check_arity(loss_fn, "loss_fn", ("the params",), name, "lambda p: loss(p, batch)")
         grad_of_loss = jax.grad(_checked_scalar_loss(loss_fn, has_aux, name))
         gradient = lambda params, i: grad_of_loss(params)
     else:
-        check_arity(grad_fn, "grad_fn", 2, name, "grad_fn=lambda params, i: jax.grad(loss)(params)")
+        check_arity(grad_fn, "grad_fn", ("the params", "i"), name, "lambda p, i: grad(p, batch)")
         gradient = _checked_grad_fn(grad_fn, name)
     check_axis_bound(axis_name, name)
     return GradientOracle(axis_name, average, gradient, exact)

@@ -228,19 +228,10 @@ def transparent_gam(
     ``adaptive``, ``h_minus_weighting``, ``mask``).
 
     Examples:
-      >>> import jax, jax.numpy as jnp, optax, gam_optax
-      >>> loss = lambda p: jnp.sum((p - 1.0) ** 2) + jnp.sum(p**4)
+      >>> import optax, gam_optax
       >>> tx = gam_optax.transparent_gam(optax.sgd(0.1), rho=0.1, rho_prime=0.01)
-      >>> params = jnp.array([2.0, -1.0])
-      >>> state = tx.init(params)
-      >>> @jax.jit
-      ... def call(params, state):  # a loop that knows nothing of GAM
-      ...     updates, state = tx.update(jax.grad(loss)(params), state, params)
-      ...     return optax.apply_updates(params, updates), state
-      >>> for _ in range(4 * 100):  # 100 GAM steps
-      ...     params, state = call(params, state)
-      >>> print(f"{loss(gam_optax.outer_params(state, params)):.2f}")  # as gam(): 0.58
-      0.58
+      >>> gam_optax.transparent_phase(tx.init({"w": 1.0}))  # the call g0 goes to
+      Array(0, dtype=int32)
     """
     if isinstance(optimizer, Perturbation):
         _check_members(None, optimizer, "transparent_gam")

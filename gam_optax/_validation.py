@@ -291,23 +291,6 @@ def check_average(average: Any, transformation: str) -> None:
         )
 
 
-def check_common(
-    transformation: str,
-    *,
-    eps: Any,
-    has_aux: Any,
-    axis_name: Any,
-    average: Any,
-    **flags: Any,
-) -> None:
-    """The checks every transformation shares: ``eps``, the flags, ``axis_name``, ``average``."""
-    check_nonnegative("eps", eps, transformation)
-    for flag, value in {"has_aux": has_aux, **flags}.items():
-        check_bool(flag, value, transformation)
-    check_axis_name(axis_name, transformation)
-    check_average(average, transformation)
-
-
 def check_same_structure(tree: Params, params: Params, what: str, transformation: str) -> None:
     if jax.tree.structure(tree) != jax.tree.structure(params):  # type: ignore[operator]
         raise ValueError(
@@ -347,24 +330,26 @@ def resolve_mask(mask: Mask | None, params: Params, transformation: str) -> Para
         ) from None
 
 
-def check_arity(fn: Any, what: str, count: int, transformation: str, example: str) -> None:
-    """``fn`` is callable with ``count`` positional arguments (where its signature shows)."""
+def check_arity(
+    fn: Any, what: str, arguments: tuple[str, ...], transformation: str, example: str
+) -> None:
+    """``fn`` is callable with ``arguments`` alone, positionally (where its signature shows)."""
+    takes = " and ".join(arguments)
     if not callable(fn):
         raise TypeError(
-            f"{transformation}: {what} must be callable, got {describe(fn)}; e.g. {example}."
+            f"{transformation}: {what} must be a function of {takes}, got {describe(fn)}; "
+            f"e.g. {what}={example}."
         )
     try:
         signature = inspect.signature(fn)
-    except (TypeError, ValueError):  # a builtin or C callable: nothing to check
+    except (TypeError, ValueError):  # a builtin or C callable: its call decides
         return
     try:
-        signature.bind(*[None] * count)
+        signature.bind(*[None] * len(arguments))
     except TypeError:
-        raises = "the params" if count == 1 else "the params and i (the evaluation's number)"
         raise TypeError(
-            f"{transformation}: {what} must take {raises} as its {count} positional "
-            f"argument(s); its signature is {what}{signature}. Close over the rest, e.g. "
-            f"{example}."
+            f"{transformation}: {what} must take {takes} alone, but its signature is "
+            f"{signature}: close over the rest, e.g. {what}={example}."
         ) from None
 
 

@@ -42,7 +42,6 @@ with ``tx = optax.chain(gam_optax.gam(..., has_aux=True), ...)`` for the Linen
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +51,7 @@ from flax import nnx
 from flax.training import train_state
 
 from gam_optax import _compat
+from gam_optax._validation import check_arity
 
 
 class TrainState(train_state.TrainState):
@@ -63,7 +63,7 @@ class TrainState(train_state.TrainState):
     given as a keyword (e.g. ``batch_stats=``), like Flax's. Flax's own
     ``flax.training.train_state.TrainState`` drops ``loss_fn`` (the transformations then stop
     with an error that says so); where that class must stay, use
-    :func:`gam_optax.transparent_gam`, which needs no ``loss_fn``.
+    :func:`gam_optax.transparent`, which needs no ``loss_fn``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, gam_optax, gam_optax.flax
@@ -97,14 +97,9 @@ class TrainState(train_state.TrainState):
 
         Returns:
           The new state: ``step + 1``, the updated ``params`` and ``opt_state``.
-
-        Raises:
-          ValueError: both ``loss_fn`` and ``grad_fn`` are given.
-          TypeError: ``loss_fn`` or ``grad_fn`` is not callable, or its signature does not
-            accept ``loss_fn(params)`` / ``grad_fn(params, i)`` (checked where Python gives a
-            signature).
+        ``tx.update`` checks ``loss_fn`` and ``grad_fn`` (one of them, of the params alone /
+        of ``(params, i)``) and names the fix.
         """
-        _check_extra_args(loss_fn, grad_fn, self.params)
         extra = {k: v for k, v in (("loss_fn", loss_fn), ("grad_fn", grad_fn)) if v is not None}
         tx = optax.with_extra_args_support(self.tx)
         updates, opt_state = tx.update(grads, self.opt_state, self.params, **extra)
@@ -138,91 +133,55 @@ def nnx_loss_fn(
 
     Raises:
       TypeError: ``model`` is not an ``nnx.Module`` (a Linen module, an ``nnx.Optimizer``,
-        a pytree of params); ``loss`` is not callable, or its signature does not accept
-        ``loss(model)`` (a loss of the model and the batch: close over the batch); ``wrt`` is
-        not a filter.
-      ValueError: ``wrt`` selects no variable of ``model``; or, at ``loss_fn``'s call,
-        the params it gets have another structure than ``wrt`` splits from the model (the
-        optimizer was built with another ``wrt``): the message names the ``wrt`` to pass
-        where one Variable-type filter selects exactly those params. A callable with no
-        signature Python can read is not checked: its first call decides.
+        a pytree of params); ``loss`` does not take the model alone (close over the batch);
+        ``wrt`` is not a filter.
+      ValueError: ``wrt`` selects no variable of ``model``; or, at ``loss_fn``'s call, the
+        params it gets are not those ``wrt`` splits from the model (the optimizer's ``wrt``
+        differs).
     """
     _check_model(model, loss)
-    _check_loss(loss, model)
+    check_arity(loss, "loss", ("the model",), "nnx_loss_fn", "lambda m: loss(m, batch)")
+    try:
+        nnx.filterlib.to_predicate(wrt)
+    except (TypeError, ValueError) as error:  # Flax's message for e.g. wrt=3 is unrelated
+        raise TypeError(f"nnx_loss_fn: wrt={wrt!r:.60} is not an nnx filter: {_FIX}") from error
     # A clone: nnx.split's states share the model's variables, which your pass then updates.
-    graphdef, state, rest = _split(nnx.clone(model), wrt)
+    graphdef, state, rest = nnx.split(nnx.clone(model), wrt, ...)  # type: ignore[misc]
     expected = _paths(state)
     if not expected:
         raise ValueError(
-            f"nnx_loss_fn: wrt={_filter_name(wrt)} selects no variable of model "
-            f"({type(model).__name__}): pass the wrt your nnx.Optimizer was built with "
-            "(nnx.Optimizer(model, tx, wrt=nnx.Param) updates nnx.Param)."
+            f"nnx_loss_fn: wrt={_name(wrt)} selects no variable of model "
+            f"({type(model).__name__}): {_FIX}"
         )
 
     def loss_fn(params: Any) -> jax.Array:
         got = _paths(params)
         if got != expected:
-            raise ValueError(_wrt_mismatch(wrt, got, expected, state, rest))
+            extra, missing = sorted(got - expected)[:3], sorted(expected - got)[:3]
+            raise ValueError(
+                f"nnx_loss_fn(..., wrt={_name(wrt)}): loss_fn got params other than those wrt "
+                f"selects from the model (extra: {extra}; missing: {missing}): {_FIX}"
+            )
         return loss(_compat.nnx_merge_copy(nnx, graphdef, params, rest))
 
     return loss_fn
 
 
-# ----------------------------------------------------------------------------- checks
+_FIX = "pass the wrt your nnx.Optimizer was built with, e.g. wrt=nnx.Param."
 
 
-def _accepts(fn: Callable[..., Any], *args: Any) -> bool:
-    """Whether ``fn(*args)`` binds to ``fn``'s signature; True where there is none to read
-    (some builtins and C callables): their call then decides."""
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return True
-    try:
-        signature.bind(*args)
-    except TypeError:
-        return False
-    return True
+def _name(wrt: Any) -> str:
+    return (
+        "..." if wrt is Ellipsis else f"nnx.{wrt.__name__}" if isinstance(wrt, type) else repr(wrt)
+    )
 
 
-def _describe(fn: Any) -> str:
-    name = getattr(fn, "__qualname__", None) or type(fn).__name__
-    try:
-        return f"{name}{inspect.signature(fn)}"
-    except (TypeError, ValueError):
-        return name
-
-
-def _check_extra_args(loss_fn: Any, grad_fn: Any, params: Any) -> None:
-    where = "gam_optax.flax.TrainState.apply_gradients"
-    if loss_fn is not None and grad_fn is not None:
-        raise ValueError(
-            f"{where}: got both loss_fn and grad_fn; pass one: loss_fn=lambda p: loss(p, batch), "
-            "or grad_fn(params, i) -> grads."
-        )
-    if loss_fn is not None:
-        if not callable(loss_fn):
-            raise TypeError(
-                f"{where}: loss_fn must be a function params -> loss, got "
-                f"{type(loss_fn).__name__}: pass loss_fn=lambda p: loss(p, batch)."
-            )
-        if not _accepts(loss_fn, params):
-            raise TypeError(
-                f"{where}: loss_fn must take the params alone, and {_describe(loss_fn)} does "
-                "not: close over the batch, loss_fn=lambda p: loss(p, batch)."
-            )
-    if grad_fn is not None:
-        if not callable(grad_fn):
-            raise TypeError(
-                f"{where}: grad_fn must be a function (params, i) -> grads, got "
-                f"{type(grad_fn).__name__}: pass grad_fn=lambda p, i: jax.grad(loss)(p, batch)."
-            )
-        if not _accepts(grad_fn, params, 0):
-            raise TypeError(
-                f"{where}: grad_fn must take (params, i), i the index of the extra gradient, "
-                f"and {_describe(grad_fn)} does not: pass "
-                "grad_fn=lambda p, i: jax.grad(loss)(p, batch)."
-            )
+def _paths(tree: Any) -> frozenset[str]:
+    """The leaves' paths, the same for a state of Variables and its pure (array) form."""
+    leaves = jax.tree_util.tree_leaves_with_path(
+        tree, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+    return frozenset(".".join(str(getattr(k, "key", k)) for k in path) for path, _ in leaves)
 
 
 def _check_model(model: Any, loss: Any) -> None:
@@ -241,119 +200,14 @@ def _check_model(model: Any, loss: Any) -> None:
             "nnx.Module: for Linen use gam_optax.flax.TrainState and pass "
             "apply_gradients(grads=..., loss_fn=lambda params: loss(model.apply(...)))."
         )
-    if callable(model) and isinstance(loss, nnx.Module):
-        raise TypeError(
-            "nnx_loss_fn: model is a function and loss an nnx.Module: the arguments are "
-            "swapped; call nnx_loss_fn(model, loss)."
-        )
+    swapped = callable(model) and isinstance(loss, nnx.Module)
     raise TypeError(
         f"nnx_loss_fn: model must be an nnx.Module (the model nnx.Optimizer updates), got "
-        f"{type(model).__name__}: pass the model itself; for a pytree of params, pass "
-        "loss_fn=lambda p: loss(p, batch) to tx.update directly."
-    )
-
-
-def _check_loss(loss: Any, model: Any) -> None:
-    if not callable(loss):
-        raise TypeError(
-            f"nnx_loss_fn: loss must be a function loss(model) -> scalar, got "
-            f"{type(loss).__name__} {loss!r:.40}: pass e.g. "
-            "loss=lambda m: optax.l2_loss(m(x), y).mean()."
+        f"{type(model).__name__}: "
+        + (
+            "the arguments are swapped; call nnx_loss_fn(model, loss)."
+            if swapped
+            else "pass the model itself; for a pytree of params, pass "
+            "loss_fn=lambda p: loss(p, batch) to tx.update directly."
         )
-    if not _accepts(loss, model):
-        raise TypeError(
-            f"nnx_loss_fn: loss must take the model alone, loss(model) -> scalar, and "
-            f"{_describe(loss)} does not: close over the batch, "
-            "nnx_loss_fn(model, lambda m: loss(m, batch))."
-        )
-
-
-def _split(model: nnx.Module, wrt: Any) -> tuple[Any, Any, Any]:
-    try:
-        nnx.filterlib.to_predicate(wrt)
-    except (TypeError, ValueError) as error:  # flax's message for e.g. wrt=3 is unrelated
-        raise TypeError(
-            f"nnx_loss_fn: wrt={wrt!r:.60} is not an nnx filter: pass the wrt your "
-            "nnx.Optimizer was built with, e.g. wrt=nnx.Param."
-        ) from error
-    return nnx.split(model, wrt, ...)  # type: ignore[misc]
-
-
-def _is_variable(x: Any) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
-def _key(entry: Any) -> Any:
-    for attribute in ("key", "idx", "name"):
-        if hasattr(entry, attribute):
-            return getattr(entry, attribute)
-    return entry
-
-
-def _leaves_by_path(tree: Any) -> dict[tuple[Any, ...], Any]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)
-    return {tuple(_key(e) for e in path): leaf for path, leaf in flat}
-
-
-def _paths(tree: Any) -> frozenset[tuple[Any, ...]]:
-    """The leaves' paths, the same for a state of Variables and its pure (array) form."""
-    return frozenset(_leaves_by_path(tree))
-
-
-def _dotted(path: tuple[Any, ...]) -> str:
-    return ".".join(str(k) for k in path)
-
-
-def _some(paths: set[tuple[Any, ...]], n: int = 3) -> str:
-    names = sorted(_dotted(p) for p in paths)
-    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
-
-
-def _filter_name(wrt: Any) -> str:
-    if wrt is Ellipsis:
-        return "..."
-    if isinstance(wrt, type):
-        return f"nnx.{wrt.__name__}" if getattr(nnx, wrt.__name__, None) is wrt else wrt.__name__
-    if isinstance(wrt, nnx.filterlib.OfType):
-        return _filter_name(wrt.type)
-    if isinstance(wrt, nnx.filterlib.Any):
-        return f"nnx.Any({', '.join(_filter_name(f) for f in wrt.predicates)})"
-    if isinstance(wrt, (tuple, list)):
-        return f"({', '.join(_filter_name(f) for f in wrt)}{',' if len(wrt) == 1 else ''})"
-    return repr(wrt)
-
-
-def _guess_wrt(got: frozenset[tuple[Any, ...]], state: Any, rest: Any) -> str | None:
-    """The Variable-type filter that selects exactly the paths ``got``, if there is one."""
-    variables = {**_leaves_by_path(state), **_leaves_by_path(rest)}
-    if not got or not got <= variables.keys():
-        return None
-    kinds = {type(variables[p]) for p in got}
-    top = sorted(
-        (k for k in kinds if not any(k is not o and issubclass(k, o) for o in kinds)),
-        key=lambda k: k.__name__,
-    )
-    if {p for p, v in variables.items() if isinstance(v, tuple(top))} != got:
-        return None
-    names = [_filter_name(k) for k in top]
-    return names[0] if len(names) == 1 else f"nnx.Any({', '.join(names)})"
-
-
-def _wrt_mismatch(
-    wrt: Any, got: frozenset[tuple[Any, ...]], expected: frozenset[tuple[Any, ...]], state, rest
-) -> str:
-    differences = []
-    if got - expected:
-        differences.append(f"extra: {_some(got - expected)}")
-    if expected - got:
-        differences.append(f"missing: {_some(expected - got)}")
-    guess = _guess_wrt(got, state, rest)
-    fix = (
-        f"pass nnx_loss_fn(model, loss, wrt={guess}), the wrt of your nnx.Optimizer"
-        if guess
-        else "pass nnx_loss_fn the wrt your nnx.Optimizer was built with"
-    )
-    return (
-        f"nnx_loss_fn(..., wrt={_filter_name(wrt)}): loss_fn got params other than those "
-        f"wrt selects from the model ({'; '.join(differences)}): {fix}."
     )

@@ -369,8 +369,8 @@ def test_a_loss_or_gradient_that_is_no_function_is_named(
     x, y, params = sharded_problem
     tx = FAMILY[transformation].factory()
     grads = jax.grad(lambda p: softmax_loss(p, x, y))(params)
-    message = f"{transformation}: {argument} must be callable, got {kind} "
-    with pytest.raises(TypeError, match=re.escape(message)):
+    message = re.escape(f"{transformation}: {argument} must be a function of") + f".*got {kind} "
+    with pytest.raises(TypeError, match=message):
         tx.update(grads, tx.init(params), params, **{argument: value})
 
 
