@@ -158,20 +158,6 @@ FIRST_SCREEN = [
     'pip install -e ".[experiments]" && python -m experiments',
     'pip install -e ".[test]" && python -m pytest',
 ]
-MODES_TABLE = """\
-| member | gradients per step (with g0) | inline (default) | `unroll=False` | `gam_optax.transparent(member, optimizer)` |
-|---|---|---|---|---|
-| `sam(rho)` (ASAM: `adaptive=True`) | 2 | yes | yes | 2 calls per step |
-| `gsam(rho, alpha)` | 2 | yes | yes | 2 calls |
-| `gam(...)` | 4 | yes | yes | 4 calls |
-| `gam(..., hessian=True)` | 2 gradients + 2 Hessian-vector products | yes | yes | no (needs Hessian-vector products) |
-| `gam_penalty(rho, penalty, hvp_step=r)` | 4 | yes | yes | 4 calls |
-| `gam_penalty(rho, penalty)` (exact) | 2 gradients + 2 Hessian-vector products | yes | yes | no |
-| `sam_gam(rho, penalty, sam_rho, hvp_step=r)` | 4 when `sam_rho` is `hvp_step`, else 5 | yes | yes | 4 or 5 calls |
-| `sam_gam(rho, penalty, sam_rho)` (exact) | 3 gradients + 2 Hessian-vector products | yes | yes | no |
-"""  # noqa: E501
-
-
 def outside_code(text: str) -> str:
     return re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
 
@@ -189,14 +175,43 @@ def test_the_readme_is_short_and_in_a_readers_order():
         assert internal not in TEXT and internal in contributing, internal
 
 
-def test_the_family_and_its_modes_table_is_in_use_in_a_chain():
+def _modes_rows():
+    """The README's members x modes table: (member expression, gradients, transparent)."""
     chain = TEXT.split("## Use in a chain", 1)[1].split("\n## ", 1)[0]
-    modes = chain.split("### The family and its modes\n\n", 1)[1]
-    assert modes.startswith(MODES_TABLE)
-    for sentence in ("traces the model's gradient once per evaluation", "jax.lax.scan",
-                     "Flax's stock `TrainState`", "`transparent_gam(optimizer, ...)`",
-                     "tests/library/test_family.py"):  # fmt: skip
-        assert sentence in modes, sentence
+    table = chain.split("### The family and its modes\n\n", 1)[1].split("\n\n", 1)[0]
+    for line in table.splitlines()[2:]:
+        member, gradients, inline, scanned, transparent = line.strip("|").split(" | ")
+        assert (inline.strip(), scanned.strip()) == ("yes", "yes"), line
+        yield re.search(r"`([^`]+)`", member).group(1), gradients.strip(), transparent.strip()
+
+
+def _build(expression):
+    """The member a row names, with example values for its hyperparameters."""
+    code = expression.replace("..., ", "").replace("(...)", "()")
+    values = dict(rho=0.1, alpha=0.2, penalty=0.5, sam_rho=0.05, r=0.02)
+    return eval(f"gam_optax.{code}", {"gam_optax": gam_optax, **values})  # noqa: S307
+
+
+def test_the_family_and_its_modes_table_is_what_the_library_does():
+    """Each row's calls per step (1 + the gradients one inline update takes) and whether the
+    transparent mode runs it, computed from the member it names."""
+    from gam_optax._transparent import calls_per_step
+
+    rows = list(_modes_rows())
+    assert len(rows) == 8
+    for expression, gradients, transparent in rows:
+        member = _build(expression)
+        if transparent.startswith("no"):
+            assert "Hessian-vector products" in gradients, expression
+            with pytest.raises(ValueError, match="Hessian-vector products"):
+                gam_optax.transparent(member, optax.sgd(0.1))
+        elif expression.startswith("sam_gam"):  # 4 when sam_rho is hvp_step, else 5
+            shared = gam_optax.sam_gam(0.1, 0.5, sam_rho=0.05, hvp_step=0.05)
+            assert (calls_per_step(shared), calls_per_step(member)) == (4, 5)
+            assert transparent == "4 or 5 calls" and gradients.startswith("4 when")
+        else:
+            assert transparent.split()[:2] == [str(calls_per_step(member)), "calls"]
+            assert gradients == str(calls_per_step(member))
 
 
 def test_every_extra_a_readme_command_installs_exists_and_covers_its_command():
