@@ -536,11 +536,11 @@ def check_fits(
     differ = _config_changes(meta, config, MAY_CHANGE_ON_RESUME)
     fields = describe_changes(differ, "in the checkpoint", "now") or "no config field differs"
     raise ConfigError(
-        f"cannot resume {where}: its state does not fit the model and optimizer configured "
-        f"now ({what}; {fields}). The checkpoint is intact and nothing was changed: resume "
-        f"with the checkpoint's {', '.join(differ) or 'code'} to continue that run, or train "
-        f"this configuration in another --workdir (or pass --overwrite instead of --resume to "
-        f"replace the run)."
+        f"cannot resume {where}: the model and optimizer configured now need another state "
+        f"than the checkpoint holds ({what}; {fields}), so no --allow_changes can continue "
+        f"it. The checkpoint is intact and nothing was changed: resume with the checkpoint's "
+        f"{', '.join(differ) or 'code'} to continue that run, or train this configuration in "
+        f"another --workdir (or pass --overwrite instead of --resume to replace the run)."
     )
 
 
@@ -574,7 +574,7 @@ def check_resumable(
             f"cannot resume {where} for num_epochs={config.num_epochs}: it has trained {done} "
             f"epochs already. Nothing was changed: pass --config.num_epochs={done} (its "
             f"result) or more to continue it, or --overwrite instead of --resume to train "
-            f"{config.num_epochs} epochs from the start."
+            f"{config.num_epochs} epoch{'s' * (config.num_epochs != 1)} from the start."
         )
 
 

@@ -47,9 +47,9 @@ examples:
 Several devices: --config.parallel=jit (or pmap). The trainer's default
 --config.average=gradients (gam_optax's default is 'direction') averages every gradient over
 the devices, so a step is the one-device step on the global batch: a run, or its resume,
-takes the same steps (up to rounding) on any number of devices. Several processes (GPU hosts, TPU VMs): run the
-same command on every host with --distributed (Cloud TPU, SLURM and Open MPI are detected),
-or with --coordinator_address, --num_processes and --process_id.
+takes the same steps (up to rounding) on any number of devices. Several processes (GPU
+hosts, TPU VMs): run the same command on every host with --distributed (Cloud TPU, SLURM and
+Open MPI are detected), or with --coordinator_address, --num_processes and --process_id.
 """
 
 
