@@ -25,7 +25,7 @@ ARGPARSE_PROGRAMS = {
     "experiments.studies.count_bad_inputs": "experiments.studies.count_bad_inputs",
 }
 ABSL_PROGRAMS = ("experiments.train",)  # absl flags: run in a process of its own
-# Not checked here: the step-cost benchmark and the notebook's refresh script (issue 29).
+# Not checked here: the step-cost benchmark and the notebook's refresh script.
 NOT_CHECKED = ("experiments.benchmark", "experiments.notebooks.refresh")
 TRAINER_FLAGS = {
     "workdir",
