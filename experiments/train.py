@@ -79,8 +79,9 @@ def train_and_evaluate(
 
     Returns:
       The last epoch's record of ``metrics.jsonl`` plus ``best_test_accuracy``, ``best_epoch``,
-      ``train_time`` (seconds spent in training steps, all epochs, compilation excluded),
-      ``compile_time`` (seconds compiling the step and the evaluation, this call),
+      ``train_time`` (seconds spent in training steps, all epochs), ``compile_time``
+      (seconds compiling the step and the evaluation ahead of time, this call; a
+      multi-process pmap job compiles its step in the first step instead),
       ``epochs_trained`` (by this call: 0 if the resumed run was finished) and ``wall_time``
       (this call's seconds).
     """
