@@ -240,7 +240,9 @@ def holds_a_run(workdir: pathlib.Path) -> bool:
     return bool(checkpoint_epochs(workdir)) or (workdir / METRICS_NAME).exists()
 
 
-def check_workdir(workdir: pathlib.Path, resume: bool, overwrite: bool) -> None:
+def check_workdir(
+    workdir: pathlib.Path, resume: bool, overwrite: bool, allow_changes: Sequence[str] = ()
+) -> None:
     """Refuses to start a fresh run over an old one, unless told to resume or overwrite."""
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"--workdir {workdir} is a file, not a directory; choose another.")
@@ -248,6 +250,12 @@ def check_workdir(workdir: pathlib.Path, resume: bool, overwrite: bool) -> None:
         raise ConfigError(
             "--resume continues the run in the workdir, --overwrite deletes it: "
             "pass only one of them."
+        )
+    if allow_changes and not resume:
+        raise ConfigError(
+            f"--allow_changes={','.join(allow_changes)} applies to --resume only (the fields "
+            f"that may differ from the checkpoint's); add --resume to continue the run in "
+            f"--workdir, or drop --allow_changes for a fresh run."
         )
     if resume or overwrite or not holds_a_run(workdir):
         return
@@ -415,6 +423,18 @@ class Checkpoints:
             ) from None
         return self.restore(epoch, like, meta)
 
+    def layout(self, epoch: int) -> dict[str, tuple[int, ...]]:
+        """``{array name: shape}`` of the state written as ``epoch`` (from its metadata)."""
+        self._check_files(epoch)
+        try:
+            return layout(self.manager.item_metadata(epoch)["state"])
+        except Exception as e:
+            raise _damaged(
+                self.directory / str(epoch),
+                f"its state's metadata cannot be read: {type(e).__name__}",
+                self._older(epoch),
+            ) from None
+
     def _check_files(self, epoch: int) -> None:
         """Checks the files of ``epoch`` against its ``files.json``, once."""
         if epoch not in self._checked:
@@ -429,6 +449,12 @@ class Checkpoints:
     def close(self) -> None:
         self.finish()
         self.manager.close()
+
+
+def layout(state: Any) -> dict[str, tuple[int, ...]]:
+    """``{array name: shape}``: the same names for a state and for its written metadata."""
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    return {_name(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
 def verify(
@@ -478,25 +504,61 @@ def describe_changes(differ: Mapping[str, tuple[Any, Any]], old: str, new: str) 
     return "; ".join(f"{k}: {a!r} {old}, {b!r} {new}" for k, (a, b) in differ.items())
 
 
+def _config_changes(meta: dict[str, Any], config: Any, may_change: frozenset[str]) -> dict:
+    """:func:`changed_fields` of the checkpoint's config and ``config``."""
+    return changed_fields(
+        meta["config"],
+        json.loads(config.to_json_best_effort()),
+        may_change=may_change,
+        defaults=json.loads(default_config.get_config().to_json_best_effort()),
+    )
+
+
+def check_fits(
+    written: Mapping[str, tuple[int, ...]], fresh: Any, meta: dict[str, Any], config: Any, where
+) -> None:
+    """Refuses to continue a checkpoint whose state (``written``, its :func:`layout`) does
+    not fit the one ``config`` builds (``fresh``): another model, or another optimizer's
+    state. The checkpoint is intact; the message names the config fields that differ."""
+    wanted = layout(fresh)
+    if dict(written) == wanted:
+        return
+    missing = sorted(wanted.keys() - written.keys())
+    extra = sorted(written.keys() - wanted.keys())
+    shaped = sorted(k for k in wanted.keys() & written.keys() if wanted[k] != written[k])
+    what = (
+        f"{missing[0]} is not in the checkpoint"
+        if missing
+        else f"{extra[0]} is in the checkpoint only"
+        if extra
+        else f"{shaped[0]} has shape {written[shaped[0]]} there, {wanted[shaped[0]]} now"
+    )
+    differ = _config_changes(meta, config, MAY_CHANGE_ON_RESUME)
+    fields = describe_changes(differ, "in the checkpoint", "now") or "no config field differs"
+    raise ConfigError(
+        f"cannot resume {where}: the model and optimizer configured now need another state "
+        f"than the checkpoint holds ({what}; {fields}), so no --allow_changes can continue "
+        f"it. The checkpoint is intact and nothing was changed: resume with the checkpoint's "
+        f"{', '.join(differ) or 'code'} to continue that run, or train this configuration in "
+        f"another --workdir (or pass --overwrite instead of --resume to replace the run)."
+    )
+
+
 def check_resumable(
     meta: dict[str, Any], config: Any, where: pathlib.Path, allow_changes: Sequence[str] = ()
 ) -> None:
     """Refuses to continue a checkpoint written with a config that computes something else:
     any field but ``MAY_CHANGE_ON_RESUME`` (``num_epochs``, bookkeeping) and the fields the
-    caller deliberately changes (``allow_changes``)."""
-    wanted = json.loads(config.to_json_best_effort())
-    unknown = sorted(set(allow_changes) - set(flat_config(wanted)))
+    caller deliberately changes (``allow_changes``); and a ``num_epochs`` below the epochs
+    the checkpoint has done."""
+    fields = flat_config(json.loads(config.to_json_best_effort()))
+    unknown = sorted(set(allow_changes) - set(fields))
     if unknown:
         raise ConfigError(
             f"--allow_changes names {', '.join(unknown)}, which the config does not have; "
             f"name config fields as in --config.FIELD (e.g. learning_rate, gam.rho)."
         )
-    differ = changed_fields(
-        meta["config"],
-        wanted,
-        may_change=MAY_CHANGE_ON_RESUME | set(allow_changes),
-        defaults=json.loads(default_config.get_config().to_json_best_effort()),
-    )
+    differ = _config_changes(meta, config, MAY_CHANGE_ON_RESUME | set(allow_changes))
     if differ:
         raise ConfigError(
             f"cannot resume {where}: it was written with a different configuration "
@@ -506,13 +568,23 @@ def check_resumable(
             f"--allow_changes={','.join(differ)} to change them deliberately from here on, "
             f"choose another --workdir, or pass --overwrite instead of --resume to start over."
         )
+    done = int(meta["epoch"])
+    if config.num_epochs < done:
+        raise ConfigError(
+            f"cannot resume {where} for num_epochs={config.num_epochs}: it has trained {done} "
+            f"epochs already. Nothing was changed: pass --config.num_epochs={done} (its "
+            f"result) or more to continue it, or --overwrite instead of --resume to train "
+            f"{config.num_epochs} epoch{'s' * (config.num_epochs != 1)} from the start."
+        )
 
 
 @contextlib.contextmanager
-def claimed(workdir: pathlib.Path, resume: bool, overwrite: bool) -> Iterator[None]:
+def claimed(
+    workdir: pathlib.Path, resume: bool, overwrite: bool, allow_changes: Sequence[str] = ()
+) -> Iterator[None]:
     """The workdir, checked (:func:`check_workdir`) and locked by process 0 for the whole
     job (:func:`locked`), then checked again now that no other run can change it."""
-    check_workdir(workdir, resume, overwrite)
+    check_workdir(workdir, resume, overwrite, allow_changes)
     with contextlib.ExitStack() as stack:
         error = None
         if parallel.is_main_process():
@@ -552,7 +624,9 @@ def opened(
         epoch, state, records = 0, fresh, []
         if epochs:
             epoch, meta = epochs[-1], store.meta(epochs[-1])
-            check_resumable(meta, config, store.directory / str(epoch), allow_changes)
+            where = store.directory / str(epoch)
+            check_fits(store.layout(epoch), fresh, meta, config, where)
+            check_resumable(meta, config, where, allow_changes)
             state = store.restore(epoch, fresh, meta)
             records = meta.get("records") or [  # checkpoints from before records were kept
                 r for r in read_metrics(metrics_path) if r["epoch"] <= epoch

@@ -575,15 +575,37 @@ def plot(workdir: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("runs/headroom"))
-    parser.add_argument("--setting", nargs="*", default=[], choices=list(SETTINGS))
+def make_parser() -> argparse.ArgumentParser:
+    """The benchmark's options; ``--config.FIELD=VALUE`` flags pass through to the configs."""
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.headroom",
+        description=__doc__.split("\n\n")[0],
+        epilog="--config.FIELD=VALUE changes a field of every setting's config (e.g. "
+        "--config.num_epochs=10). The settings and the protocol: experiments/headroom.py.",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=pathlib.Path,
+        default=pathlib.Path("runs/headroom"),
+        help="where the runs, their cache and the tables go (default: runs/headroom)",
+    )
+    parser.add_argument(
+        "--setting",
+        nargs="*",
+        default=[],
+        choices=list(SETTINGS),
+        metavar="SETTING",
+        help=f"the settings to run, of {', '.join(SETTINGS)}: MNIST-1D clean or with 40%% "
+        f"label noise, digits with 20%% or 40%% label noise, or digits with 180 training "
+        f"examples",
+    )
     parser.add_argument(
         "--optimizers",
         nargs="+",
         choices=OPTIMIZERS,
-        help="default: the setting's (the digits settings leave out gam_penalty)",
+        metavar="NAME",
+        help=f"of {', '.join(OPTIMIZERS)}; default: the setting's (the digits settings leave "
+        f"out gam_penalty)",
     )
     parser.add_argument("--seeds", type=int, default=5, help="test runs per optimizer")
     parser.add_argument("--tune-seeds", type=int, default=2, help="validation runs per grid value")
@@ -595,11 +617,21 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "--probe-radius", type=float, default=0.05, help="the radius of the flatness probe R1"
     )
     parser.add_argument("--rho", type=float, help=argparse.SUPPRESS)  # renamed --probe-radius
-    parser.add_argument("--flatness-examples", type=int, default=512)
+    parser.add_argument(
+        "--flatness-examples",
+        type=int,
+        default=512,
+        help="measure flatness on the first N training examples",
+    )
     parser.add_argument(
         "--jobs", type=int, default=1, help="runs at a time, each in its own process"
     )
     parser.add_argument("--plot", action="store_true", help="plot every finished setting")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    parser = make_parser()
     args, config_flags = configs.parse_with_config(parser, argv)
     args.config_flags = config_flags  # --config.FIELD=VALUE: every setting's config changed
     if args.rho is not None:

@@ -2,7 +2,7 @@
 
   python -m experiments.plot RUN_DIR [RUN_DIR ...] --out curves.png
 
-Each RUN_DIR is a ``--workdir`` of ``experiments.train`` (it holds ``metrics.jsonl``).
+Each RUN_DIR is a ``--workdir`` of ``python -m experiments.train`` (it holds ``metrics.jsonl``).
 Solid lines are the test set, dashed lines the training set.
 """
 
@@ -51,11 +51,27 @@ def plot_runs(run_dirs: Sequence[str | pathlib.Path]) -> matplotlib.figure.Figur
     return fig
 
 
+def make_parser() -> argparse.ArgumentParser:
+    """The command line: run directories and the PNG."""
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.plot",
+        description=__doc__.split("\n")[0],
+        epilog="Solid lines are the test set, dashed lines the training set.",
+    )
+    parser.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="a --workdir of python -m experiments.train (it holds metrics.jsonl)",
+    )
+    parser.add_argument(
+        "--out", default="curves.png", help="the PNG to write (default: curves.png)"
+    )
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="workdirs of runs")
-    parser.add_argument("--out", default="curves.png", help="the PNG to write")
-    args = parser.parse_args(argv)
+    args = make_parser().parse_args(argv)
     matplotlib.use("Agg")  # files only; a notebook importing this module keeps its backend
     fig = plot_runs(args.run_dirs)
     fig.savefig(args.out, dpi=120)

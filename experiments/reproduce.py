@@ -282,8 +282,15 @@ def plot(results: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     """The driver's options; ``--config.FIELD=VALUE`` flags pass through to the config."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("runs/reproduce"))
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.reproduce", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--workdir",
+        type=pathlib.Path,
+        default=pathlib.Path("runs/reproduce"),
+        help="where the runs and the summary go (default: runs/reproduce)",
+    )
     parser.add_argument(
         "--config",
         default=None,
@@ -296,8 +303,10 @@ def make_parser() -> argparse.ArgumentParser:
         default=["sgd", "sam", "gsam", "gam"],
         help=f"NAME or NAME:KEY=VALUE,... with NAME one of {', '.join(optimizers.NAMES)}",
     )
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument(
+        "--seeds", type=int, default=5, help="runs per optimizer, seeds 0 to N - 1 (default: 5)"
+    )
+    parser.add_argument("--epochs", type=int, default=8, help="epochs per run (default: 8)")
     parser.add_argument(
         "--probe-radius", type=float, default=0.05, help="the radius of the flatness probe R1"
     )

@@ -206,6 +206,11 @@ def train_step(
     chosen = {} if refresh is None else {"refresh": refresh}
     updates, opt_state = tx.update(g0, state.opt_state, state.params, loss_fn=loss_fn, **chosen)
     params = optax.apply_updates(state.params, updates)
+    return _applied(state, params, batch_stats, opt_state, loss, logits, labels)
+
+
+def _applied(state, params, batch_stats, opt_state, loss, logits, labels):
+    """The state after a step, and its metrics (loss, accuracy, finite, skipped)."""
     # With config.skip_nonfinite_steps, optax.apply_if_finite rejected a non-finite direction:
     # keep the statistics too, and report the step as skipped rather than diverged.
     skipped = ~optax.tree_utils.tree_get(opt_state, "last_finite", default=jnp.array(True))

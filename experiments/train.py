@@ -9,18 +9,8 @@ same parameters, bit for bit, as an uninterrupted run.
 The same step runs on one device or data-parallel over every device of every process
 (``config.parallel``: ``jax.jit`` over a mesh or ``jax.pmap``; see ``experiments.parallel``).
 
-The command line (``experiments/main.py``; flags: ``--helpshort``; ``--config.<field>=...``
-overrides any field)::
-
-  python -m experiments.train --workdir=runs/digits                 # the offline default
-  python -m experiments.train --config=experiments/configs/cifar10_resnet18.py \\
-      --workdir=runs/c10 --config.optimizer=sgd --config.data_dir=~/tensorflow_datasets
-  python -m experiments.train --config=... --workdir=runs/c10 --resume
-
-Several devices: ``--config.parallel=jit`` (or ``pmap``). Several processes (GPU hosts, TPU
-VMs): run the same command on every host with ``--distributed`` (Cloud TPU, SLURM and Open
-MPI are detected), or with ``--coordinator_address=HOST0:PORT --num_processes=N
---process_id=I``.
+The command line, ``python -m experiments.train --workdir=DIR [--config=FILE] ...`` (its
+examples and flags: ``--help``), is ``experiments.cli`` run with :func:`train_and_evaluate`.
 """
 
 from __future__ import annotations
@@ -88,25 +78,36 @@ def train_and_evaluate(
         after a divergence); any other difference that changes the computation is refused.
 
     Returns:
-      The last epoch's record of ``metrics.jsonl`` plus ``best_test_accuracy``, ``best_epoch``
-      and ``train_time`` (seconds spent in training steps, all epochs).
+      The last epoch's record of ``metrics.jsonl`` plus ``best_test_accuracy``, ``best_epoch``,
+      ``train_time`` (seconds spent in training steps, all epochs), ``compile_time``
+      (seconds compiling the step and the evaluation ahead of time, this call; a
+      multi-process pmap job compiles its step in the first step instead),
+      ``epochs_trained`` (by this call: 0 if the resumed run was finished) and ``wall_time``
+      (this call's seconds).
     """
     start = time.perf_counter()
     check_config(config)
     dp = parallel.DataParallel.create(config.parallel, config.average)
     check_batch_split(config, dp.num_devices)
     workdir = pathlib.Path(workdir).expanduser().absolute()
-    with checkpoints.claimed(workdir, resume, overwrite):
+    with checkpoints.claimed(workdir, resume, overwrite, allow_changes):
         ds = input_pipeline.for_run(config)  # label noise, validation hold-out ("test" = it)
         program = build(config, ds, dp, steps_per_epoch(config, ds))
         # Resume (verified), or clear the workdir for a fresh run: only now that config, data
         # and model passed their checks.
         run = checkpoints.opened(workdir, config, program.state, resume, overwrite, allow_changes)
-        with run as (store, epoch, state, records):
-            records = _epochs(config, dp, ds, program, store, epoch, state, records)
+        with run as (store, first_epoch, state, records):
+            records, compile_time = _epochs(
+                config, dp, ds, program, store, first_epoch, state, records
+            )
         if not records:
             where = workdir / checkpoints.METRICS_NAME
             raise ConfigError(f"{where} records no epoch: nothing was trained or recorded.")
+    return _summary(records, first_epoch, compile_time, time.perf_counter() - start)
+
+
+def _summary(records, first_epoch: int, compile_time: float, wall_time: float) -> dict:
+    """What :func:`train_and_evaluate` returns, from every epoch's record."""
     best = max(records, key=lambda r: r["test_accuracy"])
     return {
         **records[-1],
@@ -114,7 +115,9 @@ def train_and_evaluate(
         "best_test_accuracy": best["test_accuracy"],
         "best_epoch": best["epoch"],
         "train_time": sum(r["train_time"] for r in records),
-        "wall_time": time.perf_counter() - start,
+        "compile_time": compile_time,
+        "epochs_trained": records[-1]["epoch"] - first_epoch,
+        "wall_time": wall_time,
     }
 
 
@@ -130,8 +133,11 @@ def steps_per_epoch(config: ml_collections.ConfigDict, ds: input_pipeline.Datase
     return steps
 
 
-def _epochs(config, dp, ds, program, store, start_epoch, state, records) -> list[dict[str, Any]]:
-    """The epochs after ``start_epoch``: train, evaluate, record, checkpoint."""
+def _epochs(config, dp, ds, program, store, start_epoch, state, records):
+    """The epochs after ``start_epoch``: train, evaluate, record, checkpoint. Returns the
+    records of every epoch and the seconds spent compiling the step and the evaluation."""
+    if start_epoch >= config.num_epochs:
+        return records, 0.0  # a finished run: nothing to compile or train
     num_train, batch_size = len(ds.train_labels), config.batch_size
     steps = steps_per_epoch(config, ds)
     _, shuffle_rng, augment_rng = jax.random.split(jax.random.key(config.seed), 3)
@@ -144,10 +150,11 @@ def _epochs(config, dp, ds, program, store, start_epoch, state, records) -> list
         {"image": ds.train_images[indices[rows]], "label": ds.train_labels[indices[rows]]}
     )
     state = dp.from_global(state)
-    train_batch = _compile_steps(
-        config, dp, program, state, read_batch(np.arange(batch_size)), augment_rng
-    )
+    compile_start = time.perf_counter()  # ahead of time: the epochs' times exclude it
+    first = read_batch(np.arange(batch_size))
+    train_batch = _compile_steps(config, dp, program, state, first, augment_rng)
     evaluate = _evaluator(config, dp, ds, program, state)
+    compile_time = time.perf_counter() - compile_start
     report = Report(config, store, start_epoch, steps)
     for epoch in range(start_epoch, config.num_epochs):
         order = np.asarray(epoch_order(epoch))[: steps * batch_size].reshape(steps, batch_size)
@@ -181,7 +188,7 @@ def _epochs(config, dp, ds, program, store, start_epoch, state, records) -> list
         store.save(epoch + 1, global_state, meta)
         report.write(record)
     report.close()
-    return records
+    return records, compile_time
 
 
 def _compile_steps(config, dp, program, state, batch, rng) -> Callable[..., Any]:
@@ -239,7 +246,7 @@ def _eval_batches(
     return jax.tree.map(lambda x: x.reshape(-1, batch_size, *x.shape[1:]), batches)
 
 
-if __name__ == "__main__":  # the command line, experiments/main.py
-    from experiments import main
+if __name__ == "__main__":
+    from experiments import cli
 
-    main.run()
+    cli.run(train_and_evaluate)

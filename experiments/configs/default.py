@@ -69,6 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
     # one-device step on the global batch); 'direction' perturbs each device with its own
     # shard and averages only the final direction (per-device "m-sharpness").
     config.parallel = "none"
+    # 'gradients', unlike gam_optax's default 'direction' (the released code): a run takes
+    # the same steps (up to rounding) on any number of devices, and resumes on any of them.
     config.average = "gradients"
 
     # Bookkeeping.

@@ -11,6 +11,7 @@ message names the function and the argument; obscure: any other exception, or a 
 that lacks either name; silent: no error (the call ran).
 """
 
+import argparse
 import importlib.util
 import pathlib
 import re
@@ -151,9 +152,25 @@ def _update_cases(t: types.SimpleNamespace):
     return cases
 
 
-def main(paths: list[str]):
-    if not paths:
-        sys.exit("error: name the test files that hold the tables, e.g. " + EXAMPLE)
+def make_parser() -> argparse.ArgumentParser:
+    """The study's command line: the test files that hold the tables."""
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.studies.count_bad_inputs",
+        description=__doc__.split("\n\n")[0],
+        epilog=f"e.g. python -m experiments.studies.count_bad_inputs {EXAMPLE}",
+    )
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        metavar="TEST_FILE",
+        help="test files that define the tables of bad inputs (each table is read from "
+        "whichever file defines it)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    paths = make_parser().parse_args(argv).paths
     cases = _cases(load_tables(paths))
     tally = Counter()
     per_category = Counter()
@@ -188,4 +205,4 @@ def main(paths: list[str]):
 
 if __name__ == "__main__":
     jax.config.update("jax_num_cpu_devices", 4)
-    main(sys.argv[1:])
+    main()

@@ -268,13 +268,24 @@ def run(names, rounds: int, grad_calls: int, step_calls: int) -> list[dict[str, 
     return rows
 
 
-def main(argv=None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
+def make_parser() -> argparse.ArgumentParser:
+    """The study's options."""
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.studies.cpu_gap", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="interleaved rounds over the variants (medians)"
+    )
     parser.add_argument("--grad-calls", type=int, default=5, help="gradients per round")
     parser.add_argument("--step-calls", type=int, default=3, help="GAM steps per round")
-    parser.add_argument("--only", nargs="+", help="variants whose name contains one of these")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--only", nargs="+", help="variants whose name contains one of these (and the default)"
+    )
+    return parser
+
+
+def main(argv=None) -> list[dict[str, Any]]:
+    args = make_parser().parse_args(argv)
     names = [n for n in VARIANTS if not args.only or any(w in n for w in args.only)]
     names = [next(iter(VARIANTS)), *[n for n in names if n != next(iter(VARIANTS))]]
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, load {os.getloadavg()}")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import zlib
 
 import jax
@@ -18,7 +19,16 @@ import numpy as np
 import pytest
 import tiny
 
-from experiments import ConfigError, TrainingDiverged, checkpoints, input_pipeline, models, train
+from experiments import (
+    ConfigError,
+    TrainingDiverged,
+    checkpoints,
+    cli,
+    input_pipeline,
+    models,
+    train,
+    xla_options,
+)
 from experiments import compare as main_job
 
 ROOT = pathlib.Path(__file__).parents[2]
@@ -356,6 +366,85 @@ def test_changed_fields_compares_every_leaf_and_fills_fields_a_run_predates():
     assert checkpoints.changed_fields(
         written, wanted, may_change=frozenset({"epochs"}), defaults={"new": "x"}
     ) == {"gam.rho": (0.2, 0.5)}
+
+
+def test_allow_changes_without_resume_is_refused_before_anything(tmp_path):
+    workdir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"--allow_changes=learning_rate applies to --resume"):
+        train.train_and_evaluate(tiny_config(), workdir, allow_changes=["learning_rate"])
+    result = run_cli(*cli_flags(workdir), "--allow_changes=learning_rate,seed")
+    assert_one_line_error(result, "--allow_changes=learning_rate,seed applies to --resume only")
+    assert "add --resume" in result.stderr and "drop --allow_changes" in result.stderr
+    assert not workdir.exists()
+
+
+def changed_widths(**overrides):
+    config = tiny_config(**overrides)
+    config.model_kwargs = dict(widths=(8, 32))
+    return config
+
+
+@pytest.mark.parametrize(
+    "config, allow, fields",
+    [
+        (tiny_config(optimizer="gam"), ["optimizer"], "optimizer: 'sgd' in the checkpoint, "),
+        (tiny_config(optimizer="gam"), [], "optimizer: 'sgd' in the checkpoint, 'gam' now"),
+        (changed_widths(), ["model_kwargs.widths"], "model_kwargs.widths: [8, 16] in the chec"),
+    ],
+)
+def test_a_state_that_does_not_fit_is_refused_as_such_not_as_damage(
+    finished_run, tmp_path, config, allow, fields
+):
+    """Another optimizer or another model, allowed or not: the checkpoint is intact, the
+    message names the fields that differ and the way on, and nothing changes."""
+    workdir = copy_of(finished_run, tmp_path)
+    before = files(workdir)
+    config.num_epochs = 4
+    with pytest.raises(ConfigError) as error:
+        train.train_and_evaluate(config, workdir, resume=True, allow_changes=allow)
+    message = str(error.value)
+    assert message.startswith(f"cannot resume {workdir / 'checkpoints' / '3'}: the model and")
+    assert fields in message and "no --allow_changes can continue it" in message
+    assert "The checkpoint is intact and nothing was changed" in message
+    assert "another --workdir" in message and "damaged" not in message
+    assert files(workdir) == before
+    checkpoints.restore_checkpoint(workdir)  # verified: intact
+
+
+def test_a_resume_to_fewer_epochs_than_done_is_refused_and_to_as_many_trains_nothing(
+    finished_run, tmp_path
+):
+    workdir = copy_of(finished_run, tmp_path)
+    before = files(workdir)
+    with pytest.raises(ConfigError) as error:
+        train.train_and_evaluate(tiny_config(num_epochs=2), workdir, resume=True)
+    message = str(error.value)
+    assert "for num_epochs=2: it has trained 3 epochs already" in message
+    assert "--config.num_epochs=3" in message and "--overwrite" in message
+    assert files(workdir) == before
+    summary = train.train_and_evaluate(tiny_config(num_epochs=3), workdir, resume=True)
+    assert (summary["epoch"], summary["epochs_trained"], summary["compile_time"]) == (3, 0, 0.0)
+    assert files(workdir) == before
+    notice, line = cli.summary_line(summary, str(workdir)).splitlines()  # what the CLI prints
+    assert notice.startswith(f"nothing was trained: {workdir} already holds all 3 epochs")
+    assert "--config.num_epochs" in notice and line.startswith("final test accuracy")
+    assert "nothing" not in cli.summary_line({**summary, "epochs_trained": 1}, str(workdir))
+
+
+def test_compilation_is_timed_apart_from_the_training_steps(tmp_path, monkeypatch):
+    """Every compilation made 1 s slower: compile_time grows by that, train_time does not."""
+    delay = 1.0
+    compile_fast = xla_options.compile_fast
+
+    def slow_compile(*args, **kwargs):
+        time.sleep(delay)
+        return compile_fast(*args, **kwargs)
+
+    monkeypatch.setattr(xla_options, "compile_fast", slow_compile)
+    summary = train.train_and_evaluate(tiny_config(num_epochs=1), tmp_path / "run")
+    assert summary["compile_time"] >= 2 * delay  # the step and the evaluation
+    assert summary["train_time"] < delay
+    assert summary["compile_time"] + summary["train_time"] < summary["wall_time"]
 
 
 def test_the_command_line_refuses_a_resume_with_another_radius(finished_run, tmp_path):
