@@ -547,6 +547,18 @@ def load_average(moment: str) -> float:
     return one
 
 
+def load_warning(before: float, after: float) -> str | None:
+    """The warning to print when the 1-minute load average before or after a measurement was
+    above ``HIGH_LOAD``; None when it was not."""
+    if max(before, after) <= HIGH_LOAD:
+        return None
+    return (
+        f"WARNING: the load average was above {HIGH_LOAD} ({before:.2f} before, {after:.2f} "
+        f"after): the compile and step times above are not fit to publish (the fusion, kernel "
+        f"and HLO-line counts do not depend on load); rerun on a quiet machine."
+    )
+
+
 def run_arithmetic(args: argparse.Namespace, setting_values: tuple) -> list[dict[str, Any]]:
     """Part 1 of --costs: the arithmetic-only table on the setting's parameters, then the
     sweep over leaves of 64 floats."""
@@ -869,12 +881,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         results = run_costs(args)
         after = load_average("after")
         load = {"before": before, "after": after}
-        if max(before, after) > HIGH_LOAD:
-            print(
-                f"WARNING: load average above {HIGH_LOAD}: the compile and step times above are "
-                f"not fit to publish (the fusion, kernel and HLO-line counts do not depend on "
-                f"load); rerun on a quiet machine."
-            )
+        warning = load_warning(before, after)
+        if warning:
+            print(warning)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(

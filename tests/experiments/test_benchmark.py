@@ -95,11 +95,24 @@ def test_costs_table_and_the_accelerator_setting_run_on_tiny_shapes(capsys):
         if r["row"] == "sgd":
             assert r["compile_x"] == r["step_x"] == r["temp_x"] == r["kernels_x"] == 1.0
             assert r["extra_copies"] == 0.0
-        else:  # GAM's program is larger than SGD's: 4 gradients, and its arithmetic
-            assert r["hlo_x"] > 1.5 and r["kernels_x"] > 1.5
+        else:  # GAM's program is larger than SGD's: 4 gradients, and its arithmetic (the
+            # kernels less so: on XLA:CPU the augmentation's random bits are 5 threefry loops)
+            assert r["hlo_x"] > 1.5 and r["kernels_x"] > 1.2
     out = capsys.readouterr().out
     assert "extra param copies" in out and "bfloat16" in out and "kernels/step" in out
-    assert out.count("load average") == 2  # before and after
+    lines = out.splitlines()
+    loads = [line.split() for line in lines if line.startswith("load average")]
+    assert [words[2] for words in loads] == ["before:", "after:"]
+    warned = any(line.startswith("WARNING") for line in lines)  # above 1.5 only
+    assert warned == (max(float(words[3]) for words in loads) > benchmark.HIGH_LOAD)
+
+
+def test_a_load_average_above_the_standard_warns():
+    assert benchmark.load_warning(0.3, 1.5) is None
+    for before, after in ((1.6, 0.2), (0.2, 1.6)):
+        warning = benchmark.load_warning(before, after)
+        assert warning.startswith("WARNING") and "not fit to publish" in warning
+        assert f"{before:.2f} before, {after:.2f} after" in warning
 
 
 # A module as XLA prints it, cut down: a nested fusion (inside a fusion's body: part of that
