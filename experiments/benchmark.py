@@ -333,7 +333,10 @@ def _computations(text: str) -> tuple[dict[str, list[str]], str | None]:
 def program_counts(text: str) -> dict[str, int]:
     """What a compiled program's optimised HLO text holds:
 
-    - ``hlo_lines``: its lines;
+    - ``hlo_lines``: the lines of its computations (each one's header, instructions and
+      closing brace; not the module's header line, nor its tables of source file names,
+      functions and stack frames, whose length follows the Python call stack that traced
+      the program);
     - ``fusions``: its ``fusion`` instructions (every kind: loop, input, output, custom),
       each counted once, in the computations the program runs as such (ENTRY, and the
       bodies, conditions and branches of its while loops, conditionals, calls and async
@@ -383,7 +386,8 @@ def program_counts(text: str) -> dict[str, int]:
         return total
 
     per_step = kernels(entry) if entry else 0
-    return {"hlo_lines": len(text.splitlines()), "fusions": fusions, "kernels": per_step}
+    lines = sum(len(instructions) + 2 for instructions in computations.values())
+    return {"hlo_lines": lines, "fusions": fusions, "kernels": per_step}
 
 
 def compiled_counts(compiled: Any) -> dict[str, int | None]:
