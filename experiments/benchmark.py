@@ -68,15 +68,7 @@ import numpy as np
 import optax
 
 import gam_optax
-from experiments import (
-    input_pipeline,
-    models,
-    optimizers,
-    parallel,
-    tables,
-    train,
-    xla_options,
-)
+from experiments import input_pipeline, models, optimizers, parallel, tables, train, xla_options
 from experiments.configs import default
 
 SETTINGS = {
