@@ -13,13 +13,30 @@ evaluations, so 4x sgd is its floor; SAM's is 2x. The amortised ones (``looksam`
     python -m experiments.benchmark --setting cpu         # a 6-conv BatchNorm CNN, batch 64
     python -m experiments.benchmark --setting cpu --compare-cpu-options
 
-``--costs`` prints, for every transformation (``sgd``, ``sam``, ``gsam``, ``gam``, its
-``unroll=False`` and ``hessian=True`` forms, ``gam_penalty``, ``reuse(gam)``'s refresh, skip
-and in-step-conditional programs), the compile time, optimised HLO lines, temporary memory
-(and the extra in parameter copies) and step time, each as a ratio to sgd's in one process.
-``--accelerator`` is its GPU setting (ResNet-18 and WRN-28-10 at CIFAR shapes, float32 and
-bfloat16; by default within a 240 s compile budget), ``--smoke`` the same on tiny shapes:
+``--costs`` prints two parts, each figure also as a ratio to sgd's in the same process, and
+the load average before and after (a warning above 1.5: its times are not to be published).
 
+1. The optimizer's arithmetic alone (issue 28): one update of each transformation (``sgd``
+   alone, ``sam``, ``gsam``, ``gam``, ``gam(unroll=False)``, ``gam(hessian=True)``,
+   ``gam_penalty(hvp_step=...)``, ``sam_gam(...)``) chained with ``optax.sgd(0.1,
+   momentum=0.9)`` on the setting's model parameters (shapes only), with a stand-in
+   gradient (``g = sin(p)``, ``grad_fn = lambda q, i: cos(q)``) so that no model is in the
+   program, jitted with donation: its fusions, kernels per step and optimised HLO lines
+   (``program_counts`` says what is counted), and its compile time (median of
+   ``--compile-rounds`` interleaved compiles; it depends on the machine's load). Then the
+   same on N leaves of 64 floats (``--leaves``, default 8 32 128), with the fusions per leaf.
+2. Every transformation's training step (``sgd``, ``sam``, ``gsam``, ``gam``, its
+   ``unroll=False`` and ``hessian=True`` forms, ``gam_penalty``, ``reuse(gam)``'s refresh,
+   skip and in-step-conditional programs): compile time, optimised HLO lines, fusions,
+   kernels per step, temporary memory (and the extra in parameter copies) and step time.
+   ``--arithmetic-only`` leaves this part out.
+
+``--accelerator`` is its GPU setting (part 1 on ResNet-18's parameters; part 2 on ResNet-18
+and WRN-28-10 at CIFAR shapes, float32 and bfloat16, by default within a 240 s compile
+budget): on a GPU, "kernels/step" is the number of kernel launches of one step. ``--smoke``
+is the same on tiny shapes (it runs on CPU):
+
+    python -m experiments.benchmark --costs --arithmetic-only      # ResNet-18's 62 leaves
     python -m experiments.benchmark --costs --setting cpu
     python -m experiments.benchmark --accelerator --json gpu_costs.json
 
@@ -37,6 +54,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import re
 import statistics
 import sys
 import time
@@ -44,9 +63,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
-from experiments import input_pipeline, optimizers, parallel, tables, train, xla_options
+import gam_optax
+from experiments import input_pipeline, models, optimizers, parallel, tables, train, xla_options
 from experiments.configs import default
 
 SETTINGS = {
@@ -246,7 +268,322 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# --costs: what each transformation's program costs beyond sgd's, in one process.
+# The size of a compiled program: HLO lines, fusions and kernels, from its optimised HLO.
+# ---------------------------------------------------------------------------------------
+
+# Instructions that launch no device work: plumbing, and the second halves of async pairs.
+NOT_KERNELS = frozenset(
+    (
+        "parameter",
+        "constant",
+        "tuple",
+        "get-tuple-element",
+        "bitcast",
+        "after-all",
+        "add-dependency",
+        "opt-barrier",
+        "domain",
+        "async-update",
+        "async-done",
+        "copy-done",
+        "all-reduce-done",
+        "all-gather-done",
+        "collective-permute-done",
+        "send-done",
+        "recv-done",
+    )
+)
+# Instructions whose called computations run as part of the program (not fusion bodies or
+# reductions' scalar functions): they are counted through, not as kernels of their own.
+CONTROL = frozenset(("while", "conditional", "call", "async-start"))
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.*?\s([a-z][a-z0-9\-]*)\(")
+_CALLED = re.compile(
+    r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)"
+)
+_BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def _computations(text: str) -> tuple[dict[str, list[str]], str | None]:
+    """The instruction lines of each computation of an HLO module's text, and ENTRY's name."""
+    computations: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in text.splitlines():
+        header = _HEADER.match(line) if line[:1] not in ("", " ", "}") else None
+        if header:
+            current = header.group(2)
+            computations[current] = []
+            entry = current if header.group(1) else entry
+        elif line.startswith("}"):
+            current = None
+        elif current is not None and line.strip():
+            computations[current].append(line)
+    return computations, entry
+
+
+def program_counts(text: str) -> dict[str, int]:
+    """What a compiled program's optimised HLO text holds:
+
+    - ``hlo_lines``: the lines of its computations (each one's header, instructions and
+      closing brace; not the module's header line, nor its tables of source file names,
+      functions and stack frames, whose length follows the Python call stack that traced
+      the program);
+    - ``fusions``: its ``fusion`` instructions (every kind: loop, input, output, custom),
+      each counted once, in the computations the program runs as such (ENTRY, and the
+      bodies, conditions and branches of its while loops, conditionals, calls and async
+      ops), not inside fusions' own bodies (a nested fusion is part of its outer kernel);
+    - ``kernels``: the instructions of those computations that launch device work per step
+      (fusions, custom calls such as cuDNN/cuBLAS ones, unfused copies or reductions...; not
+      parameters, constants, tuples, bitcasts, nor the ``-done`` halves of async pairs),
+      a while loop's body counted ``known_trip_count`` times and its condition once more
+      (once each when XLA does not know the count), a conditional by its largest branch.
+
+    On a GPU each kernel is a launch (a fusion is one kernel; a cuDNN convolution may be a
+    few); XLA:CPU runs each as one thunk."""
+    computations, entry = _computations(text)
+    fusions = 0
+    visited: set[str] = set()
+
+    def kernels(name: str) -> int:
+        nonlocal fusions
+        first = name not in visited  # a fusion counts once, wherever it runs from
+        visited.add(name)
+        total = 0
+        for line in computations.get(name, ()):
+            op = _INSTRUCTION.match(line)
+            if op is None:
+                continue
+            opcode = op.group(1)
+            if opcode in CONTROL:
+                called = dict((k, v) for k, v in _CALLED.findall(line))
+                if opcode == "while":
+                    trip = _TRIP_COUNT.search(line)
+                    n = int(trip.group(1)) if trip else 1
+                    total += n * kernels(called["body"]) + (n + 1) * kernels(called["condition"])
+                elif opcode == "conditional":
+                    branches = _BRANCHES.search(line)
+                    names = (
+                        [b.strip().lstrip("%") for b in branches.group(1).split(",")]
+                        if branches
+                        else [called[k] for k in ("true_computation", "false_computation")]
+                    )
+                    total += max(kernels(b) for b in names)
+                else:  # call, async-start: the called computation's kernels
+                    total += kernels(called.get("to_apply") or called["calls"])
+                continue
+            if opcode == "fusion":
+                fusions += first
+            total += opcode not in NOT_KERNELS
+        return total
+
+    per_step = kernels(entry) if entry else 0
+    lines = sum(len(instructions) + 2 for instructions in computations.values())
+    return {"hlo_lines": lines, "fusions": fusions, "kernels": per_step}
+
+
+def compiled_counts(compiled: Any) -> dict[str, int | None]:
+    """``program_counts`` of a compiled program (None each where the backend gives no HLO)."""
+    try:
+        text = compiled.as_text()
+    except Exception:
+        text = None
+    if not text:
+        return {"hlo_lines": None, "fusions": None, "kernels": None}
+    return program_counts(text)
+
+
+# ---------------------------------------------------------------------------------------
+# --costs, part 1: the optimizer's arithmetic alone (issue 28). The program is one update of
+# each transformation chained with SGD momentum, on a model's parameters, with a stand-in
+# gradient (g = sin(p), grad_fn(q, i) = cos(q)): no model is in it, only the tree arithmetic.
+# ---------------------------------------------------------------------------------------
+
+# row -> the transformation before optax.sgd(0.1, momentum=0.9) (None: SGD alone, the
+# baseline). The penalty forms take experiments/optimizers.py's values; sam_gam shares SAM's
+# point (sam_rho == hvp_step: 3 extra gradients, as gam). The values do not change the size.
+ARITHMETIC: dict[str, Any] = {
+    "sgd": lambda: None,
+    "sam": lambda: gam_optax.sam(),
+    "gsam": lambda: gam_optax.gsam(),
+    "gam": lambda: gam_optax.gam(),
+    "gam(unroll=False)": lambda: gam_optax.gam(unroll=False),
+    "gam(hessian=True)": lambda: gam_optax.gam(hessian=True),
+    "gam_penalty(hvp_step=0.05)": lambda: gam_optax.gam_penalty(0.1, 0.3, hvp_step=0.05),
+    "sam_gam(sam_rho=hvp_step=0.05)": lambda: gam_optax.sam_gam(
+        0.1, 0.3, sam_rho=0.05, hvp_step=0.05
+    ),
+}
+SWEEP_ROWS = ("sgd", "sam", "gam", "gam(unroll=False)")
+SWEEP_LEAVES = (8, 32, 128)  # leaves of 64 floats each
+SWEEP_LEAF_SIZE = 64
+HIGH_LOAD = 1.5  # the project's standard: timings above this load average are not published
+
+
+def arithmetic_step(row: str):
+    """A fresh (never traced) step of ``row``'s arithmetic: ``(params, state) -> (params,
+    state)``, and its optax transformation."""
+    inner = ARITHMETIC[row]()
+    sgd = optax.sgd(0.1, momentum=0.9)
+    tx = sgd if inner is None else optax.chain(inner, sgd)
+
+    def grad_fn(q, i):
+        return jax.tree.map(jnp.cos, q)
+
+    def step(params, state):
+        grads = jax.tree.map(jnp.sin, params)
+        updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
+        return optax.apply_updates(params, updates), state
+
+    return step, tx
+
+
+def model_parameters(setting_values: tuple, dtype: str = "float32") -> Any:
+    """The shapes of a setting's model parameters (``jax.eval_shape`` of its init: nothing
+    is computed), in ``dtype``."""
+    model, model_kwargs, _, image_shape, num_classes = setting_values
+    module = models.create_model(model, num_classes, **model_kwargs)
+    variables = jax.eval_shape(
+        lambda: module.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False)
+    )
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), variables["params"])
+
+
+def leaf_parameters(leaves: int, size: int = SWEEP_LEAF_SIZE, dtype: str = "float32") -> Any:
+    """``leaves`` parameter leaves of ``size`` floats each."""
+    return {f"w{k:03d}": jax.ShapeDtypeStruct((size,), dtype) for k in range(leaves)}
+
+
+def compile_arithmetic(row: str, params: Any) -> tuple[Any, float]:
+    """``row``'s arithmetic-only step, jitted with donation and compiled for ``params``, and
+    the seconds its trace + lower + compile took."""
+    start = time.perf_counter()
+    step, tx = arithmetic_step(row)
+    state = jax.eval_shape(tx.init, params)
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state).compile()
+    return compiled, time.perf_counter() - start
+
+
+def measure_arithmetic(params: Any, rows: Sequence[str], rounds: int) -> list[dict[str, Any]]:
+    """Fusions, kernels, HLO lines and compile time of each row's arithmetic-only program on
+    ``params``, each also as a ratio to sgd's (the first row). Each round compiles every row
+    once, sgd first (a fresh function each time: no cache is hit); the compile time is the
+    median over ``rounds``. The counts are those of the first round's program (they do not
+    change between compiles)."""
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds}: compile each program at least once (rounds >= 1)")
+    rows = ["sgd", *[r for r in rows if r != "sgd"]]
+    leaves = len(jax.tree.leaves(params))
+    counts, times = {}, {row: [] for row in rows}
+    for _ in range(rounds):
+        for row in rows:
+            compiled, seconds = compile_arithmetic(row, params)
+            times[row].append(seconds)
+            counts.setdefault(row, compiled_counts(compiled))
+    sgd = counts["sgd"]
+    compile_sgd = statistics.median(times["sgd"])
+    ratio = lambda value, base: (value or np.nan) / (base or np.nan)
+    return [
+        {
+            "row": row,
+            "leaves": leaves,
+            **counts[row],
+            "fusions_x": ratio(counts[row]["fusions"], sgd["fusions"]),
+            "kernels_x": ratio(counts[row]["kernels"], sgd["kernels"]),
+            "hlo_x": ratio(counts[row]["hlo_lines"], sgd["hlo_lines"]),
+            "compile_s": statistics.median(times[row]),
+            "compile_x": statistics.median(times[row]) / compile_sgd,
+        }
+        for row in rows
+    ]
+
+
+def _count(value: Any) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+ARITHMETIC_COLUMNS = (  # (heading, the cell of a result)
+    ("transformation", lambda r: r["row"]),
+    ("fusions", lambda r: _count(r["fusions"])),
+    ("x sgd", lambda r: f"{r['fusions_x']:.2f}"),
+    ("kernels/step", lambda r: _count(r["kernels"])),
+    ("HLO lines", lambda r: _count(r["hlo_lines"])),
+    ("x sgd", lambda r: f"{r['hlo_x']:.2f}"),
+    ("compile s (load-dependent)", lambda r: f"{r['compile_s']:.2f}"),
+    ("x sgd", lambda r: f"{r['compile_x']:.2f}"),
+)
+
+
+def format_arithmetic(results: Sequence[dict[str, Any]]) -> str:
+    cells = [[cell(r) for _, cell in ARITHMETIC_COLUMNS] for r in results]
+    return tables.table([heading for heading, _ in ARITHMETIC_COLUMNS], cells)
+
+
+def format_sweep(results: Sequence[dict[str, Any]]) -> str:
+    """The leaf sweep: a row per leaf count, ``fusions / HLO lines / compile s`` for each
+    transformation, and the fusions each leaf adds (the slope from the fewest leaves to the
+    most)."""
+    rows = list(dict.fromkeys(r["row"] for r in results))
+    sizes = sorted({r["leaves"] for r in results})
+    at = {(r["row"], r["leaves"]): r for r in results}
+    cell = lambda r: f"{_count(r['fusions'])} / {_count(r['hlo_lines'])} / {r['compile_s']:.2f} s"
+    cells = [[str(n), *(cell(at[row, n]) for row in rows)] for n in sizes]
+    if len(sizes) > 1 and all(at[row, n]["fusions"] is not None for row in rows for n in sizes):
+        low, high = sizes[0], sizes[-1]
+        slope = lambda row: (at[row, high]["fusions"] - at[row, low]["fusions"]) / (high - low)
+        cells.append(["fusions per leaf", *(f"{slope(row):.1f}" for row in rows)])
+    heading = "leaves (fusions / HLO lines / compile s, load-dependent)"
+    return tables.table([heading, *rows], cells)
+
+
+def load_average(moment: str) -> float:
+    """Print the load average (1, 5, 15 minutes) and return the 1-minute figure."""
+    one, five, fifteen = os.getloadavg()
+    print(f"load average {moment}: {one:.2f} {five:.2f} {fifteen:.2f} (1, 5, 15 min)")
+    return one
+
+
+def load_warning(before: float, after: float) -> str | None:
+    """The warning to print when the 1-minute load average before or after a measurement was
+    above ``HIGH_LOAD``; None when it was not."""
+    if max(before, after) <= HIGH_LOAD:
+        return None
+    return (
+        f"WARNING: the load average was above {HIGH_LOAD} ({before:.2f} before, {after:.2f} "
+        f"after): the compile and step times above are not fit to publish (the fusion, kernel "
+        f"and HLO-line counts do not depend on load); rerun on a quiet machine."
+    )
+
+
+def run_arithmetic(args: argparse.Namespace, setting_values: tuple) -> list[dict[str, Any]]:
+    """Part 1 of --costs: the arithmetic-only table on the setting's parameters, then the
+    sweep over leaves of 64 floats."""
+    rows = [r for r in (args.rows or ARITHMETIC) if r in ARITHMETIC]
+    params = model_parameters(setting_values, args.dtype)
+    leaves, floats = len(jax.tree.leaves(params)), sum(x.size for x in jax.tree.leaves(params))
+    results = measure_arithmetic(params, rows, args.compile_rounds)
+    print(
+        f"\nThe optimizer's arithmetic alone: {setting_values[0]} parameters ({leaves} leaves, "
+        f"{floats:,} {args.dtype}), stand-in gradient g = sin(p), grad_fn(q, i) = cos(q), "
+        f"chained with optax.sgd(0.1, momentum=0.9), jit with donation; compile: median of "
+        f"{args.compile_rounds} interleaved trace + lower + compile:"
+    )
+    print(format_arithmetic(results), flush=True)
+    sweep = []
+    for n in args.leaves:
+        sweep_rows = [r for r in SWEEP_ROWS if r in rows]
+        params = leaf_parameters(n, dtype=args.dtype)
+        sweep += measure_arithmetic(params, sweep_rows, args.compile_rounds)
+    if sweep:
+        print(f"\nThe same, on N leaves of {SWEEP_LEAF_SIZE} {args.dtype}:")
+        print(format_sweep(sweep), flush=True)
+    return [{"table": "arithmetic", **r} for r in results] + [
+        {"table": "arithmetic sweep", **r} for r in sweep
+    ]
+
+
+# ---------------------------------------------------------------------------------------
+# --costs, part 2: what each transformation's program costs beyond sgd's, in one process.
 # ---------------------------------------------------------------------------------------
 
 REUSE_GAM = {"reuse": {"inner": "gam", "every": 5}}
@@ -293,13 +630,6 @@ def cost_cycle(row: str) -> int:
     if optimizer == "reuse" and refresh is None:
         return sections["reuse"]["every"]
     return 1
-
-
-def hlo_lines(compiled: Any) -> int | None:
-    try:
-        return len(compiled.as_text().splitlines())
-    except Exception:
-        return None
 
 
 def temp_bytes(compiled: Any) -> int | None:
@@ -358,7 +688,7 @@ def _compile_row(row, setting, setting_values, dtype, compiler_options) -> dict[
         compiled=compiled,
         args=[state, *args[1:]],
         compile_s=time.perf_counter() - built,
-        hlo_lines=hlo_lines(compiled),
+        **compiled_counts(compiled),
         temp_bytes=temp_bytes(compiled),
         param_bytes=sum(x.nbytes for x in jax.tree.leaves(args[0].params)),
         times=[],
@@ -383,6 +713,9 @@ def _costs(row: str, p: dict[str, Any], sgd: dict[str, Any], dtype: str) -> dict
         "compile_x": p["compile_s"] / sgd["compile_s"],
         "hlo_lines": p["hlo_lines"],
         "hlo_x": ratio("hlo_lines"),
+        "fusions": p["fusions"],
+        "kernels": p["kernels"],
+        "kernels_x": ratio("kernels"),
         "temp_mib": (p["temp_bytes"] or np.nan) / 2**20,
         "temp_x": ratio("temp_bytes"),
         "extra_copies": extra,
@@ -398,6 +731,9 @@ COST_COLUMNS = (  # (heading, the cell of a result); "x sgd": the ratio to sgd's
     ("x sgd", "{compile_x:.2f}"),
     ("HLO lines", "{hlo_lines:,}"),
     ("x sgd", "{hlo_x:.2f}"),
+    ("fusions", "{fusions:,}"),
+    ("kernels/step", "{kernels:,}"),
+    ("x sgd", "{kernels_x:.2f}"),
     ("temp MiB", "{temp_mib:.1f}"),
     ("extra param copies", "{extra_copies:.2f}"),
     ("step ms", "{step_ms:.1f}"),
@@ -407,39 +743,49 @@ COST_COLUMNS = (  # (heading, the cell of a result); "x sgd": the ratio to sgd's
 
 def format_costs(results: Sequence[dict[str, Any]]) -> str:
     def cell(result, form):  # "-": the backend reported no HLO
-        return "-" if "hlo_lines" in form and not result["hlo_lines"] else form.format(**result)
+        counts = ("hlo_lines", "fusions", "kernels")
+        if any(k in form for k in counts) and not result["hlo_lines"]:
+            return "-"
+        return form.format(**result)
 
     cells = [[cell(r, form) for _, form in COST_COLUMNS] for r in results]
     return tables.table([heading for heading, _ in COST_COLUMNS], cells)
 
 
 def run_costs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The --costs mode: one table per (model, dtype) case."""
+    """The --costs mode: the arithmetic-only table and the leaf sweep (part 1), then (unless
+    ``--arithmetic-only``) one table of training steps per (model, dtype) case (part 2).
+    Every row has ``table``: "arithmetic", "arithmetic sweep" or "step"."""
     options = xla_options.fast_compiler_options() if args.compare_cpu_options else {}
     if args.accelerator:
         cases = [(m, d, (SMOKE if args.smoke else SETTINGS)[m]) for m, d in ACCELERATOR_CASES]
         rows = args.rows or list(ACCELERATOR_ROWS)
+        arithmetic_setting = "resnet18"
     else:
         values = SETTINGS[args.setting]
         if args.batch_size:
             values = (*values[:2], args.batch_size, *values[3:])
         cases = [(args.setting, args.dtype, values)]
         rows = args.rows or list(COSTS)
+        arithmetic_setting = args.setting
     budget = args.budget_s or (240.0 if args.accelerator and not args.smoke else None)
     deadline = time.perf_counter() + budget if budget else None
-    everything = []
-    for setting, dtype, values in cases:
+    values = (SMOKE if args.accelerator and args.smoke else SETTINGS)[arithmetic_setting]
+    arithmetic = run_arithmetic(args, values)
+    everything = [{"setting": arithmetic_setting, "dtype": args.dtype, **r} for r in arithmetic]
+    rows = [r for r in rows if r in COSTS]
+    for setting, dtype, values in cases if rows and not args.arithmetic_only else ():
         if deadline is not None and time.perf_counter() > deadline:
             print(f"(time budget spent: {setting} {dtype} left out)")
             continue
         results = measure_costs(setting, rows, args.rounds, values, dtype, options, deadline)
         model, model_kwargs, batch_size, image_shape, _ = values
         print(
-            f"\n{model} {model_kwargs or ''} batch {batch_size} {image_shape} {dtype}, "
-            f"parameters {results[0]['param_mib']:.1f} MiB, {args.rounds} rounds:"
+            f"\nTraining step: {model} {model_kwargs or ''} batch {batch_size} {image_shape} "
+            f"{dtype}, parameters {results[0]['param_mib']:.1f} MiB, {args.rounds} rounds:"
         )
         print(format_costs(results), flush=True)
-        everything += [{"setting": setting, **r} for r in results]
+        everything += [{"table": "step", "setting": setting, **r} for r in results]
     return everything
 
 
@@ -471,8 +817,31 @@ def _parser() -> argparse.ArgumentParser:
     costs = parser.add_argument_group(
         "--costs", "compile time, HLO size, memory and step time of each transformation"
     )
-    costs.add_argument("--costs", action="store_true", help="print the costs table")
-    costs.add_argument("--rows", nargs="+", choices=list(COSTS), help="default: all")
+    costs.add_argument("--costs", action="store_true", help="print the costs tables")
+    costs.add_argument(
+        "--rows",
+        nargs="+",
+        choices=list(dict.fromkeys([*ARITHMETIC, *COSTS])),
+        help="default: all; each table shows those of its rows given",
+    )
+    costs.add_argument(
+        "--arithmetic-only",
+        action="store_true",
+        help="only the optimizer's arithmetic (part 1), no training step (part 2)",
+    )
+    costs.add_argument(
+        "--compile-rounds",
+        type=int,
+        default=3,
+        help="part 1: the compile time is the median of this many interleaved compiles",
+    )
+    costs.add_argument(
+        "--leaves",
+        nargs="*",
+        type=int,
+        help=f"part 1's sweep: leaves of {SWEEP_LEAF_SIZE} floats (default "
+        f"{' '.join(map(str, SWEEP_LEAVES))}; --smoke: 2 4; none: no sweep)",
+    )
     costs.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     costs.add_argument("--batch-size", type=int, help="instead of the setting's")
     costs.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -496,12 +865,28 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     if args.costs or args.accelerator:
         if args.rounds < 0:
             parser.error("--rounds must be >= 0")
+        if args.compile_rounds < 1:
+            parser.error(f"--compile-rounds {args.compile_rounds}: compile at least once (>= 1)")
+        if args.leaves is None:
+            args.leaves = (2, 4) if args.smoke else SWEEP_LEAVES
+        if any(n < 1 for n in args.leaves):
+            parser.error(f"--leaves {args.leaves}: each number of leaves must be >= 1")
         device = jax.devices()[0]
         print(f"{device.platform}: {device.device_kind}, jax {jax.__version__}")
+        before = load_average("before")
         results = run_costs(args)
+        after = load_average("after")
+        load = {"before": before, "after": after}
+        warning = load_warning(before, after)
+        if warning:
+            print(warning)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"device": device.device_kind, "rows": results}, f, indent=1)
+                json.dump(
+                    {"device": device.device_kind, "load_average": load, "rows": results},
+                    f,
+                    indent=1,
+                )
         return results
     optimizers = ["sgd", *[o for o in args.optimizers if o != "sgd"]]  # sgd: the baseline
     device = jax.devices()[0]
