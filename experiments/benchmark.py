@@ -789,16 +789,29 @@ def run_costs(args: argparse.Namespace) -> list[dict[str, Any]]:
     return everything
 
 
-def _parser() -> argparse.ArgumentParser:
+def make_parser() -> argparse.ArgumentParser:
     """The command line's flags: the step-time table (default) and ``--costs``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--setting", choices=sorted(SETTINGS), default="resnet18")
-    parser.add_argument(
-        "--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS)
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.benchmark",
+        description=__doc__.split("\n\n")[0].replace("``", ""),
     )
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--compare-cpu-options", action="store_true")
+    parser.add_argument(
+        "--setting", choices=sorted(SETTINGS), default="resnet18", help="the model and shapes"
+    )
+    parser.add_argument(
+        "--optimizers",
+        nargs="+",
+        choices=list(OPTIMIZERS),
+        default=list(OPTIMIZERS),
+        help="the step-time table's rows (default: all)",
+    )
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps per optimizer")
+    parser.add_argument(
+        "--compare-cpu-options",
+        action="store_true",
+        help="also time the step with the README's XLA:CPU option",
+    )
     parser.add_argument("--no-donate", action="store_true", help="do not donate the state")
     parser.add_argument(
         "--parallel", nargs="+", choices=parallel.MODES, default=["none"], help="step layouts"
@@ -844,7 +857,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     costs.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     costs.add_argument("--batch-size", type=int, help="instead of the setting's")
-    costs.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    costs.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="the params' dtype"
+    )
     costs.add_argument(
         "--accelerator",
         action="store_true",
@@ -856,7 +871,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    parser = _parser()
+    parser = make_parser()
     args = parser.parse_args(argv)
     if args.warmup < 0 or args.repeats < 1:
         parser.error("--warmup must be >= 0 and --repeats >= 1")

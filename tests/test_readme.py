@@ -158,6 +158,8 @@ FIRST_SCREEN = [
     'pip install -e ".[experiments]" && python -m experiments',
     'pip install -e ".[test]" && python -m pytest',
 ]
+
+
 def outside_code(text: str) -> str:
     return re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
 
@@ -189,7 +191,7 @@ def _build(expression):
     """The member a row names, with example values for its hyperparameters."""
     code = expression.replace("..., ", "").replace("(...)", "()")
     values = dict(rho=0.1, alpha=0.2, penalty=0.5, sam_rho=0.05, r=0.02)
-    return eval(f"gam_optax.{code}", {"gam_optax": gam_optax, **values})  # noqa: S307
+    return eval(f"gam_optax.{code}", {"gam_optax": gam_optax, **values})
 
 
 def test_the_family_and_its_modes_table_is_what_the_library_does():

@@ -197,7 +197,7 @@ def test_program_counts_counts_fusions_once_and_kernels_per_step():
 def test_costs_measures_the_optimizers_arithmetic_alone_on_a_tiny_tree(capsys):
     """Part 1 of --costs (its CLI path: the smoke test above) on a one-conv CNN's parameters
     (5 leaves), then on 1 and 2 leaves."""
-    args = benchmark._parser().parse_args(
+    args = benchmark.make_parser().parse_args(
         ["--costs", "--compile-rounds", "1", "--leaves", "1", "2"]
     )
     tiny = ("small_cnn", {"widths": (4,)}, 1, (4, 4, 1), 2)
