@@ -16,7 +16,7 @@ evaluations, so 4x sgd is its floor; SAM's is 2x. The amortised ones (``looksam`
 ``--costs`` prints two parts, each figure also as a ratio to sgd's in the same process, and
 the load average before and after (a warning above 1.5: its times are not to be published).
 
-1. The optimizer's arithmetic alone (issue 28): one update of each transformation (``sgd``
+1. The optimizer's arithmetic alone: one update of each transformation (``sgd``
    alone, ``sam``, ``gsam``, ``gam``, ``gam(unroll=False)``, ``gam(hessian=True)``,
    ``gam_penalty(hvp_step=...)``, ``sam_gam(...)``) chained with ``optax.sgd(0.1,
    momentum=0.9)`` on the setting's model parameters (shapes only), with a stand-in
@@ -394,7 +394,7 @@ def compiled_counts(compiled: Any) -> dict[str, int | None]:
 
 
 # ---------------------------------------------------------------------------------------
-# --costs, part 1: the optimizer's arithmetic alone (issue 28). The program is one update of
+# --costs, part 1: the optimizer's arithmetic alone. The program is one update of
 # each transformation chained with SGD momentum, on a model's parameters, with a stand-in
 # gradient (g = sin(p), grad_fn(q, i) = cos(q)): no model is in it, only the tree arithmetic.
 # ---------------------------------------------------------------------------------------

@@ -7,10 +7,9 @@ computed from the gradients before it, and how it combines them into the directi
 names the next probe (None after the last); ``direction(c, carry)`` is ``d``. ``c`` is the
 :class:`Context` of the step: ``theta``, ``g0``, the hyperparameters' values, the ascent.
 
-:func:`perturbation` runs it inline (``unroll=True``: one traced gradient per probe) or in a
-``jax.lax.scan`` (``unroll=False``: one traced gradient for all of them, the step chosen by
-``jax.lax.switch``); :func:`gam_optax.transparent` runs it one gradient per ``update`` call.
-The checks of every mode live here and in ``_validation``.
+:func:`perturbation` runs it inline on a flat view of the parameters (``unroll=True``: one
+traced gradient per probe) or in a ``jax.lax.scan`` (``unroll=False``: one for all, each
+step chosen by ``jax.lax.switch``); :func:`gam_optax.transparent`, one gradient a call.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from gam_optax._oracle import Evaluation, GradientOracle, Probe, make_oracle
-from gam_optax._tree_math import Params, ascent_step, cast_like
+from gam_optax._tree_math import FlatView, Params, ascent_step, cast_like
 from gam_optax._validation import (
     Average,
     Mask,
@@ -40,12 +39,10 @@ Carry = Any  # an algorithm's running sums: a pytree of fixed shapes and dtypes
 
 
 class PerturbationState(NamedTuple):
-    """State of :func:`sam`, :func:`gsam`, :func:`gam`, :func:`gam_penalty` and
-    :func:`sam_gam`, also named ``SAMState``, ``GAMState`` and ``GAMPenaltyState``.
+    """State of every member (``SAMState``, ``GAMState``, ``GAMPenaltyState``: its names).
 
     Attributes:
-      count: the number of updates so far (int32); schedules of the radii are evaluated
-        at it.
+      count: the number of updates so far (int32), at which schedules are evaluated.
     """
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
@@ -59,7 +56,7 @@ class Context:
       theta: the parameters, where the caller's ``g0`` was computed.
       g0: the caller's gradient (averaged over devices in 'gradients' mode).
       count: the number of finished steps; schedules are evaluated at it.
-      mask: the leaves the ascent steps may move (a tree of bools), or None: all.
+      mask: the leaves the ascent steps may move (bools, a tree or flat), or None: all.
       eps: ``xi``, added to every norm denominator.
       adaptive: ASAM-style ascent steps.
     """
@@ -202,10 +199,16 @@ def perturbation(algorithm: Algorithm, options: Options) -> Perturbation:
             exact=algorithm.exact,
         )
         c = options.context(params, oracle.incoming(updates, options.name), state.count)
-        d = (run_inline if options.unroll else run_scanned)(algorithm, c, oracle)
-        return cast_like(oracle.finish(d), updates), PerturbationState(
-            count=optax.safe_increment(state.count)
-        )
+        if not options.unroll:  # leaf by leaf: a flat view costs the scan two more copies
+            d = cast_like(oracle.finish(run_scanned(algorithm, c, oracle)), updates)
+        else:  # on one flat vector: a few kernels whatever the number of leaves
+            view = FlatView(params)
+            oracle = dataclasses.replace(oracle, view=view)
+            c = dataclasses.replace(
+                c, theta=view.flat(params), g0=view.flat(c.g0), mask=view.flat(c.mask)
+            )
+            d = view.tree(oracle.finish(run_inline(algorithm, c, oracle)), updates)
+        return d, PerturbationState(count=optax.safe_increment(state.count))
 
     transformation = Perturbation(init_fn, update_fn)
     transformation.algorithm, transformation.options = algorithm, options

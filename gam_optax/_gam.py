@@ -115,8 +115,8 @@ def gam(
       gradient. False: once, in a ``jax.lax.scan`` over the three points (each computed from
       the gradients before it), the same arithmetic: half the model's convolutions in the
       program. On XLA:CPU keep the default: it canonicalises convolutions only outside
-      loops, and a small convolutional model's step was measured 41x slower in one (issue
-      28's measurement, a quiet 2-core Xeon). With ``grad_fn``, ``i`` is then a traced
+      loops, and a small convolutional model's step was measured 41x slower in one (a
+      quiet 2-core Xeon). With ``grad_fn``, ``i`` is then a traced
       int32 (1, 2, 3).
 
   Returns:

@@ -14,7 +14,7 @@ kept for one release with a ``DeprecationWarning``.
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -202,13 +202,7 @@ def gam_hessian(
     penalty: float | jax.Array,
     *,
     sam_rho: optax.ScalarOrSchedule | None = None,
-    eps: float | jax.Array = 1e-12,
-    has_aux: bool = False,
-    axis_name: str | None = None,
-    average: Average = "direction",
-    mask: Mask | None = None,
-    hvp_step: optax.ScalarOrSchedule | None = None,
-    unroll: bool = True,
+    **options: Any,
 ) -> optax.GradientTransformationExtraArgs:
     """Deprecated: :func:`gam_penalty`, or :func:`sam_gam` when ``sam_rho`` is given.
 
@@ -224,8 +218,9 @@ def gam_hessian(
         DeprecationWarning,
         stacklevel=2,
     )
-    options = Options("gam_hessian", eps, False, has_aux, axis_name, average, mask, unroll)
-    return _algorithm_1(options, rho, penalty, sam_rho, hvp_step)
+    if sam_rho is None:
+        return gam_penalty(rho, penalty, **options)
+    return sam_gam(rho, penalty, sam_rho, **options)
 
 
 class PenaltySums(NamedTuple):

@@ -93,10 +93,10 @@ def reuse(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Run ``inner`` every ``every`` steps; in between, reuse its orthogonal component.
 
-    LookSAM's amortisation (Liu et al., 2022), for any transformation of this
-    package (:func:`gam`, :func:`sam`, :func:`gsam`...). Place it first in a
-    chain, like ``inner``. With the caller's gradient :math:`g_0` and
-    :math:`t` the step count:
+    LookSAM's amortisation (Liu et al., 2022), for any member of the family
+    (:func:`gam`, :func:`sam`, :func:`gsam`..., alone or in :func:`every_gradient`).
+    Place it first in a chain. With the caller's gradient :math:`g_0` and :math:`t` the
+    step count:
 
     .. math::
       t \bmod k = 0:&\quad d = \mathrm{inner}(g_0),
@@ -105,37 +105,24 @@ def reuse(
         \quad\text{(LookSAM)}
         \qquad\text{or, with } \texttt{rescale=False}:\quad d = g_0 + \alpha_t\,v
 
-    Refresh steps cost what ``inner`` costs (GAM: 3 extra gradients, SAM: 1);
-    the other steps evaluate no gradient at all (``jax.lax.cond`` runs only the
-    taken branch), so the amortised cost is about ``(n + k - 1) / k`` gradients
-    for an inner step of ``n``. LookSAM's rule (``rescale=True``) gives the
-    reused component the length :math:`\alpha\|g_0\|`, whatever the inner
-    direction added at the refresh. GAM's orthogonal part is much shorter than
-    :math:`\|g_0\|`, so at LookSAM's ``alpha = 0.7`` that rule adds far more
-    than GAM itself does. ``rescale=False`` adds the stored component as it
-    was: ``alpha = 1`` repeats exactly what the last refresh step added
-    orthogonally to its :math:`g_0`.
+    Refresh steps cost what ``inner`` costs; the others evaluate no gradient, so an
+    inner step of ``n`` gradients costs about ``(n + k - 1) / k``. LookSAM's rule gives
+    the reused component the length :math:`\alpha\|g_0\|`: far more than GAM's own
+    orthogonal part adds at ``alpha = 0.7``. ``rescale=False`` with ``alpha = 1`` repeats
+    exactly what the last refresh added orthogonally to its :math:`g_0`.
 
-    Which steps refresh: by default ``jax.lax.cond`` on the count, inside your
-    jitted step. XLA:CPU canonicalises convolutions (into the layout its convolution
-    kernels take) only outside conditionals and loops, so a convolutional model's
-    gradients inside the conditional run as plain loop nests, and the step several
-    times slower than GAM's own (measured in ``experiments/RESULTS.md``); on the CPU
-    backend the conditional form warns. There, pass ``refresh=`` to ``update``: a
-    Python bool from your own step counter (``step % every == 0``), with the step
-    compiled once per value (``jax.jit(step, static_argnames="refresh")``); the count
-    still advances.
+    Which steps refresh: by default ``jax.lax.cond`` on the count. XLA:CPU compiles a
+    convolutional model's gradients inside a conditional as plain loop nests (several
+    times slower; it warns on the CPU backend): there pass ``refresh=step % every == 0``,
+    a Python bool, to ``update``, with ``jax.jit(step, static_argnames="refresh")``.
 
-    Data parallel (``axis_name`` inside ``jax.pmap`` / ``jax.shard_map``): build
-    ``inner`` with the same ``axis_name`` and ``average``. ``v`` is taken against
-    the device-averaged :math:`g_0`, so the state stays replicated. Skip steps
-    average :math:`g_0` first with ``average='gradients'`` (the step on the
-    global batch); with ``'direction'`` each device forms its own :math:`d`
-    from its own :math:`g_0` and the directions are averaged.
+    Data parallel: build ``inner`` with the same ``axis_name`` and ``average``. ``v`` is
+    taken against the device-averaged :math:`g_0` (the state stays replicated); skip
+    steps average :math:`g_0` (``'gradients'``) or the directions (``'direction'``).
 
     Args:
-      inner: the transformation to amortise; its ``update`` gets every extra
-        argument (``loss_fn``, ``grad_fn``...) on refresh steps.
+      inner: the member to amortise; its ``update`` gets every extra argument
+        (``loss_fn``, ``grad_fn``...) on refresh steps, and its count is ``reuse``'s.
       every: ``k``, the refresh period: steps ``0, k, 2k, ...`` run ``inner``.
       alpha: the weight of the reused component, a number or an optax schedule
         of the step count (LookSAM: 0.7).

@@ -42,18 +42,12 @@ def sam(
 
     with one global norm over the whole pytree.
 
-    Compared with ``optax.contrib.sam``: with ``eps=0`` this equals
-    ``optax.contrib.sam(opt, optax.chain(optax.contrib.normalize(),
-    optax.sgd(rho)), sync_period=2, opaque_mode=True)`` chained as
-    ``optax.chain(sam(rho, eps=0), opt)``. The differences: ``eps`` keeps a zero
-    gradient finite (optax divides by the bare norm, NaN); ``rho`` may be a
-    schedule (optax resets a schedule placed in its adversarial optimizer with
-    ``reset_state=True``); the state is a step count only, and the base
-    optimizer is whatever follows in the chain; ``grad_fn`` is called with
-    ``i = 1`` (optax: ``i = 0``); ``loss_fn`` (with ``has_aux``) may be passed
-    instead of ``grad_fn``; ``adaptive`` gives ASAM; ``average='gradients'``
-    gives exact large-batch SAM (optax's ``batch_axis_name`` is our default
-    ``'direction'`` mode).
+    Compared with ``optax.contrib.sam``: ``transparent(sam(rho, eps=0), opt)`` is its
+    default mode with the adversarial optimizer ``chain(contrib.normalize(), sgd(rho))``
+    (tested); here ``eps`` keeps a zero gradient finite (optax divides by the bare norm),
+    ``rho`` may be a schedule, ``loss_fn`` may replace ``grad_fn`` (called with ``i = 1``,
+    optax: ``i = 0``), ``adaptive`` gives ASAM and ``average='gradients'`` exact
+    large-batch SAM.
 
     Args:
       rho: the radius, a number or an optax schedule of the step count (see

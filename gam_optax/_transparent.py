@@ -228,10 +228,10 @@ def transparent_gam(
     ``adaptive``, ``h_minus_weighting``, ``mask``).
 
     Examples:
-      >>> import optax, gam_optax
+      >>> import jax.numpy as jnp, optax, gam_optax
       >>> tx = gam_optax.transparent_gam(optax.sgd(0.1), rho=0.1, rho_prime=0.01)
-      >>> gam_optax.transparent_phase(tx.init({"w": 1.0}))  # the call g0 goes to
-      Array(0, dtype=int32)
+      >>> int(gam_optax.transparent_phase(tx.init({"w": jnp.zeros(2)})))  # g0's call
+      0
     """
     if isinstance(optimizer, Perturbation):
         _check_members(None, optimizer, "transparent_gam")

@@ -89,21 +89,11 @@ def check_number(
     schedule: bool = False,
     strict: bool = False,
 ) -> None:
-    """Check a number-typed hyperparameter, or a schedule of one, where it is concrete.
-
-    Accepted: Python ints and floats, NumPy and JAX real scalars and 0-d arrays,
-    and (with ``schedule``) callables of the step count. Rejected with a message
-    that names the transformation and the argument: bools, strings, None,
-    complex numbers, arrays of other shapes, NaN and infinities, and values
-    below ``minimum`` (with ``strict``: not above it). A schedule is probed at
-    :data:`SCHEDULE_PROBE_STEPS` (step 0 and a geometric grid up to 10^7), so one
-    that goes negative later is caught if it is negative at a grid point. Tracers (values inside
-    ``optax.inject_hyperparams`` under ``jax.jit``) cannot be checked and are not.
-
-    Raises:
-      TypeError: a value of the wrong type.
-      ValueError: a value out of range, or an array of the wrong shape.
-    """
+    """Check a real scalar hyperparameter (or, with ``schedule``, a schedule of one, probed
+    at :data:`SCHEDULE_PROBE_STEPS`) where it is concrete: TypeError for bools, strings,
+    None, complex numbers; ValueError for other shapes, NaN, infinities and values below
+    ``minimum`` (``strict``: not above it). Tracers (``optax.inject_hyperparams`` under
+    ``jax.jit``) cannot be checked and are not."""
     bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
     example = "0.05" if minimum is not None else "0.5"
     remedy = f"Pass a finite Python float{bound}, e.g. {name}={example}" + (
@@ -260,7 +250,11 @@ def check_float_params(params: Params, transformation: str) -> None:
 
 def check_like_params(tree: Params, params: Params, what: str, transformation: str) -> None:
     """``tree`` (a gradient) matches ``params`` leaf by leaf: structure, shape, float dtype."""
-    check_same_structure(tree, params, what, transformation)
+    if jax.tree.structure(tree) != jax.tree.structure(params):  # type: ignore[operator]
+        raise ValueError(
+            f"{transformation}: {what} must have the same tree structure as params.\n"
+            f"  {what}: {jax.tree.structure(tree)}\n  params: {jax.tree.structure(params)}"
+        )
     for (path, leaf), param in zip(
         jax.tree.leaves_with_path(tree), jax.tree.leaves(params), strict=True
     ):
@@ -288,14 +282,6 @@ def check_average(average: Any, transformation: str) -> None:
             "'direction' (default, the released code's behaviour) perturbs each device with "
             "its own gradients and averages only the final direction; 'gradients' averages "
             "every gradient over axis_name (exact large-batch training)."
-        )
-
-
-def check_same_structure(tree: Params, params: Params, what: str, transformation: str) -> None:
-    if jax.tree.structure(tree) != jax.tree.structure(params):  # type: ignore[operator]
-        raise ValueError(
-            f"{transformation}: {what} must have the same tree structure as params.\n"
-            f"  {what}: {jax.tree.structure(tree)}\n  params: {jax.tree.structure(params)}"
         )
 
 

@@ -12,6 +12,9 @@ from jax.tree_util import Partial
 from gam_optax import flatness
 from gam_optax._validation import describe
 
+# Outside the fast tier (CONTRIBUTING.md): Flax, flatness, README examples, mypy.
+pytestmark = pytest.mark.slow
+
 KEY = jax.random.key(0)
 
 # ----------------------------------------------------------------------------

@@ -19,6 +19,9 @@ import gam_optax
 import gam_optax.flax
 from gam_optax import _compat  # nnx.merge(..., copy=True) where flax has it
 
+# Outside the fast tier (CONTRIBUTING.md): Flax, flatness, README examples, mypy.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).parents[2]
 HYPER = dict(rho=0.1, rho_prime=0.02, alpha=0.6, beta=0.5, gamma=0.1)
 

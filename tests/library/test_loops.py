@@ -23,6 +23,9 @@ from test_gam import HYPER, flat, make_problem, numpy_gam, numpy_grad, relative_
 import gam_optax
 import gam_optax.flax
 
+# Outside the fast tier (CONTRIBUTING.md): Flax, flatness, README examples, mypy.
+pytestmark = pytest.mark.slow
+
 
 def assert_close(a, b, rtol=1e-12):
     """float64: the same arithmetic in another order; 1e-12 relative to the leaf's scale."""

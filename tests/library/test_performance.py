@@ -5,6 +5,10 @@ import re
 
 import jax
 import numpy as np
+import pytest
+
+# Outside the fast tier (CONTRIBUTING.md): Flax, flatness, README examples, mypy.
+pytestmark = pytest.mark.slow
 
 README = pathlib.Path(__file__).parents[2] / "README.md"
 

@@ -5,6 +5,11 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+# Outside the fast tier (CONTRIBUTING.md): Flax, flatness, README examples, mypy.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).parents[2]
 
 
