@@ -173,7 +173,7 @@ def test_the_readme_is_short_and_in_a_readers_order():
         assert command in first_screen.splitlines()
     # contributor material lives in CONTRIBUTING.md
     contributing = (ROOT / "CONTRIBUTING.md").read_text(encoding="utf-8")
-    for internal in ("Adding a perturbation", "mutmut", "_builder.py", "pytest-xdist"):
+    for internal in ("Adding a perturbation", "mutmut", "_frame.py", "pytest-xdist"):
         assert internal not in TEXT and internal in contributing, internal
 
 
