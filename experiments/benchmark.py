@@ -827,9 +827,16 @@ def make_parser() -> argparse.ArgumentParser:
         "--cpu-devices", type=int, help="split the CPU into this many devices (before JAX starts)"
     )
     parser.add_argument("--json", help="also write the rows to this file")
-    costs = parser.add_argument_group(
-        "--costs", "compile time, HLO size, memory and step time of each transformation"
+    _add_costs_flags(
+        parser.add_argument_group(
+            "--costs", "compile time, HLO size, memory and step time of each transformation"
+        )
     )
+    return parser
+
+
+def _add_costs_flags(costs: argparse._ArgumentGroup) -> None:
+    """The flags of ``--costs`` and ``--accelerator``."""
     costs.add_argument("--costs", action="store_true", help="print the costs tables")
     costs.add_argument(
         "--rows",
@@ -867,7 +874,6 @@ def make_parser() -> argparse.ArgumentParser:
     )
     costs.add_argument("--smoke", action="store_true", help="--accelerator with tiny shapes")
     costs.add_argument("--budget-s", type=float, help="leave out what is not compiled by then")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:

@@ -136,7 +136,8 @@ def run_inline(algorithm: Algorithm, c: Context, oracle: GradientOracle) -> Para
     """``d``, the model's gradient traced once per probe."""
     carry, probe = algorithm.first(c)
     for i, step in enumerate(algorithm.steps, start=1):
-        carry, probe = step(c, carry, oracle.evaluate(probe, i))
+        carry, next_probe = step(c, carry, oracle.evaluate(probe, i))
+        probe = probe if next_probe is None else next_probe  # None: it was the last
     return algorithm.direction(c, carry)
 
 

@@ -235,7 +235,7 @@ def make_oracle(
         check_arity(loss_fn, "loss_fn", ("the params",), name, "lambda p: loss(p, batch)")
         grad_of_loss = jax.grad(_checked_scalar_loss(loss_fn, has_aux, name))
         gradient = lambda params, i: grad_of_loss(params)
-    else:
+    elif grad_fn is not None:
         check_arity(grad_fn, "grad_fn", ("the params", "i"), name, "lambda p, i: grad(p, batch)")
         gradient = _checked_grad_fn(grad_fn, name)
     check_axis_bound(axis_name, name)

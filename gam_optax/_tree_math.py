@@ -162,7 +162,7 @@ class FlatView:
             return None
         leaves = [
             jnp.full(x.shape, v) if isinstance(v, bool) else v
-            for v, x in zip(self.treedef.flatten_up_to(tree), self.like, strict=True)
+            for v, x in zip(jax.tree.leaves(tree), self.like, strict=True)
         ]
         dtype = jnp.result_type(*leaves)
         return jnp.concatenate([jnp.ravel(v).astype(dtype) for v in leaves])
