@@ -7,9 +7,9 @@ computed from the gradients before it, and how it combines them into the directi
 names the next probe (None after the last); ``direction(c, carry)`` is ``d``. ``c`` is the
 :class:`Context` of the step: ``theta``, ``g0``, the hyperparameters' values, the ascent.
 
-:func:`perturbation` runs it inline on a flat view of the parameters (``unroll=True``: one
-traced gradient per probe) or in a ``jax.lax.scan`` (``unroll=False``: one for all, each
-step chosen by ``jax.lax.switch``); :func:`gam_optax.transparent`, one gradient a call.
+:func:`perturbation` runs it inline (``unroll=True``: one traced gradient per probe) or in
+a ``jax.lax.scan`` (``unroll=False``: one for all, every step's arithmetic computed and the
+current one's kept); :func:`gam_optax.transparent`, one gradient per ``update`` call.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from gam_optax._oracle import Evaluation, GradientOracle, Probe, make_oracle
-from gam_optax._tree_math import FlatView, Params, ascent_step, cast_like
+from gam_optax._tree_math import Params, ascent_step, cast_like
 from gam_optax._validation import (
     Average,
     Mask,
@@ -56,7 +56,7 @@ class Context:
       theta: the parameters, where the caller's ``g0`` was computed.
       g0: the caller's gradient (averaged over devices in 'gradients' mode).
       count: the number of finished steps; schedules are evaluated at it.
-      mask: the leaves the ascent steps may move (bools, a tree or flat), or None: all.
+      mask: the leaves the ascent steps may move (a tree of bools), or None: all.
       eps: ``xi``, added to every norm denominator.
       adaptive: ASAM-style ascent steps.
     """
@@ -151,8 +151,9 @@ def _uniform(probe: Probe, exact: bool) -> Probe:
 
 
 def run_scanned(algorithm: Algorithm, c: Context, oracle: GradientOracle) -> Params:
-    """``d``, the model's gradient traced once: a ``jax.lax.scan`` over the probes, each
-    step's arithmetic chosen by ``jax.lax.switch`` (``i`` is then a traced int32)."""
+    """``d``, the model's gradient traced once: a ``jax.lax.scan`` over the probes (``i`` is
+    then a traced int32). Every step's arithmetic is computed and the current one's kept
+    (``select_n``); ``jax.lax.switch`` held more memory on a parameter-heavy model."""
     carry, probe = algorithm.first(c)
 
     def branch(step: Step) -> Callable:
@@ -167,7 +168,9 @@ def run_scanned(algorithm: Algorithm, c: Context, oracle: GradientOracle) -> Par
 
     def body(state, i):
         carry, probe = state
-        return jax.lax.switch(i, branches, carry, probe, oracle.evaluate(probe, i + 1)), None
+        evaluation = oracle.evaluate(probe, i + 1)  # the one traced gradient
+        outs = [run(carry, probe, evaluation) for run in branches]
+        return jax.tree.map(lambda *xs: jax.lax.select_n(i, *xs), *outs), None
 
     start = oracle.per_device((carry, _uniform(probe, algorithm.exact)))
     (carry, _), _ = jax.lax.scan(body, start, jnp.arange(len(branches), dtype=jnp.int32))
@@ -200,16 +203,10 @@ def perturbation(algorithm: Algorithm, options: Options) -> Perturbation:
             exact=algorithm.exact,
         )
         c = options.context(params, oracle.incoming(updates, options.name), state.count)
-        if not options.unroll:  # leaf by leaf: a flat view costs the scan two more copies
-            d = cast_like(oracle.finish(run_scanned(algorithm, c, oracle)), updates)
-        else:  # on one flat vector: a few kernels whatever the number of leaves
-            view = FlatView(params)
-            oracle = dataclasses.replace(oracle, view=view)
-            c = dataclasses.replace(
-                c, theta=view.flat(params), g0=view.flat(c.g0), mask=view.flat(c.mask)
-            )
-            d = view.tree(oracle.finish(run_inline(algorithm, c, oracle)), updates)
-        return d, PerturbationState(count=optax.safe_increment(state.count))
+        d = (run_inline if options.unroll else run_scanned)(algorithm, c, oracle)
+        return cast_like(oracle.finish(d), updates), PerturbationState(
+            count=optax.safe_increment(state.count)
+        )
 
     transformation = Perturbation(init_fn, update_fn)
     transformation.algorithm, transformation.options = algorithm, options

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -90,12 +90,6 @@ class GradientOracle(Averaging):
 
     gradient: Callable[[Params, int | jax.Array], Params]  # i is traced under unroll=False
     exact: bool
-    view: Any = None  # a FlatView: the points and gradients are flat vectors
-
-    def _gradient(self, point, i):
-        if self.view is None:
-            return self.gradient(self._local(point), i)
-        return self.view.flat(self.gradient(self._local(self.view.tree(point)), i))
 
     def _local(self, params: Params) -> Params:
         if self.axis_name is not None and _compat.vma_checked(self.axis_name):
@@ -113,9 +107,9 @@ class GradientOracle(Averaging):
         point, step = probe
         if step is None or not self.exact:
             at = point_of(probe)
-            return Evaluation(self.reduce(self._gradient(at, i)), at)
+            return Evaluation(self.reduce(self.gradient(self._local(at), i)), at)
         grads, hessian_step = jax.jvp(
-            lambda p: self._gradient(p, i), (self._local(point),), (self._local(step),)
+            lambda p: self.gradient(p, i), (self._local(point),), (self._local(step),)
         )
         grads, hessian_step = self.reduce(grads), self.reduce(hessian_step)
         return Evaluation(add(grads, hessian_step), point, hessian_step)

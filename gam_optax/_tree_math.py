@@ -1,4 +1,4 @@
-"""Tree maths: one L2 norm over the whole pytree, ascent steps, a flat view.
+"""Tree maths: one L2 norm over the whole pytree, ascent steps, running sums.
 
 Every transformation of the family moves the parameters a small distance along a
 normalised direction and combines gradients. Norms and inner products are accumulated
@@ -12,7 +12,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 Params = Any
@@ -52,8 +51,6 @@ def select(tree: Params, mask: Params | None) -> Params:
     """``tree`` with the leaves outside ``mask`` set to zero."""
     if mask is None:
         return tree
-    if isinstance(mask, jax.Array):  # a flat mask (FlatView)
-        return jnp.where(mask, tree, jnp.zeros_like(tree))
     return jax.tree.map(lambda v, keep: v if keep else jnp.zeros_like(v), tree, mask)
 
 
@@ -140,36 +137,3 @@ def axpy(a: Any, x: Params, y: Params | None = None) -> Params:
 def zeros_up(like: Params) -> Params:
     """Zeros like ``like``, in at least float32: an empty running sum."""
     return jax.tree.map(lambda x: jnp.zeros(x.shape, upcast(x).dtype), like)
-
-
-class FlatView:
-    """The leaves of a tree shaped like the params as one flat vector, and back.
-
-    The arithmetic of an inline step (norms, inner products, ascent steps, running sums)
-    runs on the flat vector: a few kernels whatever the number of leaves, where leaf by
-    leaf it is a few per leaf and operation. A mask (a tree of bools) becomes a flat one.
-    """
-
-    def __init__(self, like: Params):
-        leaves, self.treedef = jax.tree.flatten(like)
-        self.like = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in leaves]
-        self.splits = np.cumsum([x.size for x in self.like])[:-1]
-
-    def flat(self, tree: Params) -> Any:
-        """The leaves, raveled and concatenated in their common dtype (None stays None;
-        a Python bool ``b`` stands for a leaf full of ``b``)."""
-        if tree is None:
-            return None
-        leaves = [
-            jnp.full(x.shape, v) if isinstance(v, bool) else v
-            for v, x in zip(jax.tree.leaves(tree), self.like, strict=True)
-        ]
-        dtype = jnp.result_type(*leaves)
-        return jnp.concatenate([jnp.ravel(v).astype(dtype) for v in leaves])
-
-    def tree(self, v: jax.Array, like: Params = None) -> Params:
-        """The tree of ``v``, each leaf in the dtype of ``like``'s (default: the params')."""
-        dtypes = [x.dtype for x in (self.like if like is None else jax.tree.leaves(like))]
-        parts = zip(jnp.split(v, self.splits), self.like, dtypes, strict=True)
-        leaves = [p.reshape(x.shape).astype(dtype) for p, x, dtype in parts]
-        return jax.tree.unflatten(self.treedef, leaves)
