@@ -8,7 +8,7 @@ import jax
 import optax
 
 from gam_optax._frame import Algorithm, Options, PerturbationState, Probe, perturbation
-from gam_optax._tree_math import Params, add, add_scaled, axpy, cast_like, orthogonal_part, zeros_up
+from gam_optax._tree_math import Params, add, add_scaled, axpy, cast_like, orthogonal_part
 from gam_optax._validation import (
     Average,
     Mask,
@@ -162,13 +162,14 @@ def gam(
     w0, w2 = (1.0, abs(1.0 - beta)) if h_minus_weighting == "released" else (beta, 1.0 - beta)
 
     # Each gradient is folded into h_+ and h_- (kept in at least float32) as it arrives.
+    # h_+ holds g0 until g1 arrives: a scan then keeps no other copy of g0.
     def first(c):  # theta1 = theta + rho' u(g0)
-        sums = Sums(h_plus=zeros_up(c.theta), h_minus=axpy(w0, c.g0))
+        sums = Sums(h_plus=axpy(1.0, c.g0), h_minus=axpy(w0, c.g0))
         return sums, Probe(c.theta, c.ascend(c.g0, c.theta, c.value(rho_prime)))
 
     def at_theta1(c, sums, g1):  # h0 = g1 - g0 ~ rho' H u(g0): theta2 ascends ||grad L||
-        theta2 = add(c.theta, c.ascend(g1.change(c.g0), c.theta, c.value(rho)))
-        return sums._replace(h_plus=axpy(alpha, g1.gradient, sums.h_plus)), Probe(theta2)
+        theta2 = add(c.theta, c.ascend(g1.change(sums.h_plus), c.theta, c.value(rho)))
+        return sums._replace(h_plus=axpy(alpha, g1.gradient)), Probe(theta2)
 
     def at_theta2(c, sums, g2):  # theta3 = theta2 + rho' u(g2): a SAM step from theta2
         theta2 = g2.point

@@ -280,8 +280,10 @@ def _algorithm_1(
         zeros = jax.tree.map(jnp.zeros_like, c.theta)
         return PenaltySums(c.g0, zeros, zeros), hessian_probe(c, c.theta, c.g0)
 
+    # g0 lives in the carry (loss_gradient) until it is needed no more: a scan keeps no
+    # other copy of it.
     def at_theta(c, sums, g):  # f = H(theta) u(g0): theta_adv ascends ||grad L||
-        theta_adv = add(c.theta, c.ascend(g.change(c.g0), c.theta, c.value(rho)))
+        theta_adv = add(c.theta, c.ascend(g.change(sums.loss_gradient), c.theta, c.value(rho)))
         if shared:  # theta + s u(g0) is SAM's point: g is SAM's gradient
             sums = sums._replace(loss_gradient=g.gradient)
         return sums, Probe(theta_adv)
@@ -293,7 +295,7 @@ def _algorithm_1(
         h_norm = scale(g.change(sums.g_adv), c.value(rho) / s(c))
         if not separate:
             return sums._replace(h_norm=h_norm), None
-        sam_point = add(c.theta, c.ascend(c.g0, c.theta, c.value(sam_rho)))
+        sam_point = add(c.theta, c.ascend(sums.loss_gradient, c.theta, c.value(sam_rho)))
         return sums._replace(h_norm=h_norm), Probe(sam_point)  # a gradient, never linearised
 
     def at_sam_point(c, sums, g_sam):

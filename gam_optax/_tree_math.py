@@ -132,8 +132,3 @@ def axpy(a: Any, x: Params, y: Params | None = None) -> Params:
     if y is None:
         return jax.tree.map(lambda u: a * upcast(u), x)
     return jax.tree.map(lambda u, v: v + a * upcast(u), x, y)
-
-
-def zeros_up(like: Params) -> Params:
-    """Zeros like ``like``, in at least float32: an empty running sum."""
-    return jax.tree.map(lambda x: jnp.zeros(x.shape, upcast(x).dtype), like)
