@@ -52,7 +52,7 @@ def calls_per_step(perturbation: Perturbation) -> int:
     return 1 + len(perturbation.algorithm.steps)
 
 
-def _check_members(perturbation: Any, optimizer: Any, name: str) -> None:
+def _check_optimizer(optimizer: Any, name: str) -> None:
     if isinstance(optimizer, Perturbation):
         raise TypeError(
             f"{name}: optimizer is gam_optax.{optimizer.options.name}(...), a sharpness-aware "
@@ -63,6 +63,9 @@ def _check_members(perturbation: Any, optimizer: Any, name: str) -> None:
     check_transformation(
         "optimizer", optimizer, name, " (the outer optimizer, e.g. optax.sgd(0.1, momentum=0.9))"
     )
+
+
+def _check_member(perturbation: Any, name: str) -> None:
     if not isinstance(perturbation, Perturbation):
         raise TypeError(
             f"{name}: perturbation must be a member of the family built by gam_optax.sam, "
@@ -158,7 +161,8 @@ def _transparent(
     perturbation: Perturbation, optimizer: optax.GradientTransformation, name: str
 ) -> optax.GradientTransformationExtraArgs:
     """:func:`transparent`, its errors naming ``name``."""
-    _check_members(perturbation, optimizer, name)
+    _check_optimizer(optimizer, name)
+    _check_member(perturbation, name)
     algorithm, options = perturbation.algorithm, perturbation.options
     calls = calls_per_step(perturbation)
 
@@ -233,11 +237,7 @@ def transparent_gam(
       >>> int(gam_optax.transparent_phase(tx.init({"w": jnp.zeros(2)})))  # g0's call
       0
     """
-    if isinstance(optimizer, Perturbation):
-        _check_members(None, optimizer, "transparent_gam")
-    check_transformation(
-        "optimizer", optimizer, "transparent_gam", " (the outer optimizer, e.g. optax.sgd(0.1))"
-    )
+    _check_optimizer(optimizer, "transparent_gam")  # before gam's own checks
     return _transparent(gam(*args, **kwargs), optimizer, "transparent_gam")
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from test_misuse import assert_names_the_argument_and_the_fix
 
 import gam_optax
 import gam_optax.flax
@@ -474,12 +475,7 @@ MISUSE = {
 
 @pytest.mark.parametrize(("misuse", "error", "argument", "fix"), MISUSE.values(), ids=MISUSE)
 def test_flax_misuse_names_the_argument_and_the_fix(misuse, error, argument, fix):
-    with pytest.raises(error) as raised:
-        misuse()
-    message = str(raised.value)
-    assert argument in message
-    assert fix in message
-    assert "\n" not in message  # one line
+    assert_names_the_argument_and_the_fix(misuse, error, argument, fix)
 
 
 class _NoSignature:

@@ -124,13 +124,19 @@ MISUSE = {
 }
 
 
-@pytest.mark.parametrize(("misuse", "error", "argument", "fix"), MISUSE.values(), ids=MISUSE)
-def test_misuse_names_the_argument_and_the_fix(misuse, error, argument, fix):
+def assert_names_the_argument_and_the_fix(misuse, error, argument, fix):
+    """``misuse()`` raises ``error`` in one line holding ``argument`` and ``fix``."""
     with pytest.raises(error) as raised:
         misuse()
     message = str(raised.value)
     assert argument in message
     assert fix in message
+    assert "\n" not in message  # one line
+
+
+@pytest.mark.parametrize(("misuse", "error", "argument", "fix"), MISUSE.values(), ids=MISUSE)
+def test_misuse_names_the_argument_and_the_fix(misuse, error, argument, fix):
+    assert_names_the_argument_and_the_fix(misuse, error, argument, fix)
 
 
 @pytest.mark.parametrize("name", list(FAMILY))
