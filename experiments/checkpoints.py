@@ -410,24 +410,21 @@ class Checkpoints:
         device), whatever model and devices wrote it; checked as :meth:`restore` checks."""
         meta = self.meta(epoch)
         here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        try:
-            written = self.manager.item_metadata(epoch)["state"]
-            like = jax.tree.map(
-                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), written
-            )
-        except Exception as e:
-            raise _damaged(
-                self.directory / str(epoch),
-                f"its state's metadata cannot be read: {type(e).__name__}",
-                self._older(epoch),
-            ) from None
+        written = self._written_state(epoch)
+        like = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), written
+        )
         return self.restore(epoch, like, meta)
 
     def layout(self, epoch: int) -> dict[str, tuple[int, ...]]:
         """``{array name: shape}`` of the state written as ``epoch`` (from its metadata)."""
         self._check_files(epoch)
+        return layout(self._written_state(epoch))
+
+    def _written_state(self, epoch: int) -> Any:
+        """The metadata of the state written as ``epoch``; unreadable: damaged."""
         try:
-            return layout(self.manager.item_metadata(epoch)["state"])
+            return self.manager.item_metadata(epoch)["state"]
         except Exception as e:
             raise _damaged(
                 self.directory / str(epoch),
