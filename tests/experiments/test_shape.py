@@ -1,5 +1,6 @@
 """The shape of the code: no function over 60 lines (experiments/ and tests/), and no import
-cycle among the modules of experiments/ (imports inside functions count too)."""
+cycle among the modules of experiments/ or of gam_optax/ (imports inside functions count
+too)."""
 
 import ast
 import pathlib
@@ -28,9 +29,11 @@ def module_name(path: pathlib.Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def import_graph() -> dict[str, set[str]]:
-    """``{module: the modules of experiments/ it imports}``, anywhere in its code."""
-    paths = {module_name(p): p for p in python_files("experiments")}
+def import_graph(folder: str = "experiments") -> dict[str, set[str]]:
+    """``{module: the modules of ``folder`` it imports}``, anywhere in its code. A package's
+    ``__init__`` only hands names on: ``from package import module`` is an edge to the
+    module, not to the package."""
+    paths = {module_name(p): p for p in python_files(folder)}
     graph: dict[str, set[str]] = {}
     for name, path in paths.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
@@ -44,7 +47,7 @@ def import_graph() -> dict[str, set[str]]:
                 module = ".".join([*base, *([node.module] if node.module else [])])
                 targets.add(module)
                 targets.update(f"{module}.{alias.name}" for alias in node.names)
-        graph[name] = {t for t in targets if t in paths and t != name}
+        graph[name] = {t for t in targets if t in paths and t not in (name, folder)}
     return graph
 
 
@@ -80,3 +83,14 @@ def test_experiments_has_no_import_cycle():
     assert "experiments.train" in graph["experiments.compare"]
     cycle = find_cycle(graph)
     assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
+
+
+def test_the_library_has_no_import_cycle_and_its_frame_imports_no_algorithm():
+    """Algorithms -> the frame -> the oracle, checks and tree maths; never the reverse."""
+    graph = import_graph("gam_optax")
+    assert "gam_optax._frame" in graph["gam_optax._gam"]
+    cycle = find_cycle(graph)
+    assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
+    algorithms = {"gam_optax._gam", "gam_optax._sam", "gam_optax._penalty"}
+    for foundation in ("gam_optax._frame", "gam_optax._oracle", "gam_optax._tree_math"):
+        assert not graph[foundation] & algorithms, foundation
