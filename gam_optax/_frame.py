@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from gam_optax._oracle import Evaluation, GradientOracle, Probe, make_oracle
-from gam_optax._tree_math import Params, ascent_step, cast_like
+from gam_optax._tree_math import LEAF_BY_LEAF, Params, TreeView, ascent_step, cast_like, view_of
 from gam_optax._validation import (
     Average,
     Mask,
@@ -53,12 +53,13 @@ class Context:
     """What an algorithm reads in one step.
 
     Attributes:
-      theta: the parameters, where the caller's ``g0`` was computed.
-      g0: the caller's gradient (averaged over devices in 'gradients' mode).
+      theta: the parameters, where the caller's ``g0`` was computed (a tree).
+      g0: the caller's gradient (averaged over devices in 'gradients' mode), in ``view``.
       count: the number of finished steps; schedules are evaluated at it.
-      mask: the leaves the ascent steps may move (a tree of bools), or None: all.
+      mask: the entries the ascent steps may move (bools, in ``view``), or None: all.
       eps: ``xi``, added to every norm denominator.
       adaptive: ASAM-style ascent steps.
+      view: where gradients, sums and steps live: one flat vector (inline) or the trees.
     """
 
     theta: Params
@@ -67,15 +68,25 @@ class Context:
     mask: Params | None
     eps: Any
     adaptive: bool
+    view: TreeView = LEAF_BY_LEAF
 
     def value(self, hyperparameter: optax.ScalarOrSchedule) -> Any:
         """A hyperparameter (a number or a schedule of the step count) at this step."""
         return hyperparameter(self.count) if callable(hyperparameter) else hyperparameter
 
     def ascend(self, v: Params, at: Params, radius: Any) -> Params:
-        """The ascent step ``e`` of length ``radius`` along ``v`` at ``at`` (adaptive and
-        masked as the options say): ``r v / (||v|| + xi)``."""
+        """The ascent step ``e`` of length ``radius`` along ``v`` at the point ``at`` (adaptive
+        and masked as the options say): ``r v / (||v|| + xi)``."""
+        at = self.view.flat(at) if self.adaptive else v  # ``at`` only weighs adaptive steps
         return ascent_step(v, at, radius, eps=self.eps, adaptive=self.adaptive, mask=self.mask)
+
+    def step(self, v: Params, radius: Any) -> Params:
+        """``r v / (||v|| + xi)``: a plain step (not adaptive, not masked)."""
+        return ascent_step(v, v, radius, eps=self.eps)
+
+    def moved(self, at: Params, e: Params) -> Params:
+        """The point ``at + e``: a tree like ``at``, computed leaf by leaf."""
+        return jax.tree.map(jnp.add, at, self.view.tree(e, at))
 
 
 Step = Callable[[Context, Carry, Evaluation], tuple[Carry, Probe | None]]
@@ -110,17 +121,20 @@ class Options:
     average: Average = "direction"
     mask: Mask | None = None
     unroll: bool = True
+    flat: bool = False
 
     def check(self) -> None:
         check_nonnegative("eps", self.eps, self.name)
-        for flag in ("adaptive", "has_aux", "unroll"):
+        for flag in ("adaptive", "has_aux", "unroll", "flat"):
             check_bool(flag, getattr(self, flag), self.name)
         check_axis_name(self.axis_name, self.name)
         check_average(self.average, self.name)
 
-    def context(self, theta: Params, g0: Params, count: jax.Array) -> Context:
-        mask = resolve_mask(self.mask, theta, self.name)
-        return Context(theta, g0, count, mask, self.eps, self.adaptive)
+    def context(
+        self, theta: Params, g0: Params, count: jax.Array, view: TreeView = LEAF_BY_LEAF
+    ) -> Context:
+        mask = view.mask(resolve_mask(self.mask, theta, self.name))
+        return Context(theta, g0, count, mask, self.eps, self.adaptive, view)
 
 
 class Perturbation(optax.GradientTransformationExtraArgs):
@@ -193,6 +207,7 @@ def perturbation(algorithm: Algorithm, options: Options) -> Perturbation:
     def update_fn(updates, state, params=None, *, loss_fn=None, grad_fn=None, **extra_args):
         del extra_args  # a chain hands every member every extra argument
         check_update(options.name, updates, state, params, PerturbationState)
+        view = view_of(params, flat=options.flat and options.unroll)
         oracle = make_oracle(
             options.name,
             loss_fn=loss_fn,
@@ -201,10 +216,11 @@ def perturbation(algorithm: Algorithm, options: Options) -> Perturbation:
             axis_name=options.axis_name,
             average=options.average,
             exact=algorithm.exact,
+            view=view,
         )
-        c = options.context(params, oracle.incoming(updates, options.name), state.count)
+        c = options.context(params, oracle.incoming(updates, options.name), state.count, view)
         d = (run_inline if options.unroll else run_scanned)(algorithm, c, oracle)
-        return cast_like(oracle.finish(d), updates), PerturbationState(
+        return view.tree(oracle.finish(d), updates), PerturbationState(
             count=optax.safe_increment(state.count)
         )
 

@@ -8,7 +8,7 @@ import jax
 import optax
 
 from gam_optax._frame import Algorithm, Options, PerturbationState, Probe, perturbation
-from gam_optax._tree_math import Params, add, add_scaled, axpy, cast_like, orthogonal_part
+from gam_optax._tree_math import Params, add_scaled, axpy, cast_like, orthogonal_part
 from gam_optax._validation import (
     Average,
     Mask,
@@ -39,6 +39,7 @@ def gam(
     average: Average = "direction",
     mask: Mask | None = None,
     unroll: bool = True,
+    flat: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Gradient norm Aware Minimization, the accelerated form (Algorithm 2).
 
@@ -118,6 +119,13 @@ def gam(
       loops, and a small convolutional model's step was measured 41x slower in one (a
       quiet 2-core Xeon). With ``grad_fn``, ``i`` is then a traced
       int32 (1, 2, 3).
+    flat: True (default): the inline step's arithmetic (norms, inner products, ascent
+      steps, running sums) runs on one flat vector of the gradients, a few kernels whatever
+      the number of parameter leaves; each point is computed leaf by leaf from it. Flattening
+      a gradient holds it twice for a moment: where the parameters, not the activations, set
+      the peak memory (a dense model on a small batch), that is one more parameter copy, and
+      False (leaf by leaf, a few kernels per leaf and operation) avoids it. Measured in
+      ``experiments/RESULTS.md``. ``unroll=False`` always runs leaf by leaf.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
@@ -168,7 +176,7 @@ def gam(
         return sums, Probe(c.theta, c.ascend(c.g0, c.theta, c.value(rho_prime)))
 
     def at_theta1(c, sums, g1):  # h0 = g1 - g0 ~ rho' H u(g0): theta2 ascends ||grad L||
-        theta2 = add(c.theta, c.ascend(g1.change(sums.h_plus), c.theta, c.value(rho)))
+        theta2 = c.moved(c.theta, c.ascend(g1.change(sums.h_plus), c.theta, c.value(rho)))
         return sums._replace(h_plus=axpy(alpha, g1.gradient)), Probe(theta2)
 
     def at_theta2(c, sums, g2):  # theta3 = theta2 + rho' u(g2): a SAM step from theta2
@@ -180,11 +188,11 @@ def gam(
         return sums._replace(h_plus=axpy(1.0 - alpha, g3.gradient, sums.h_plus)), None
 
     def direction(c, sums):  # d = h_+ - gamma h_perp
-        h_plus, h_minus = cast_like(sums.h_plus, c.theta), cast_like(sums.h_minus, c.g0)
+        h_plus, h_minus = cast_like(sums.h_plus, c.g0), cast_like(sums.h_minus, c.g0)
         return add_scaled(h_plus, -gamma, orthogonal_part(h_minus, h_plus, eps))
 
     algorithm = Algorithm(first, (at_theta1, at_theta2, at_theta3), direction, exact=hessian)
-    options = Options("gam", eps, adaptive, has_aux, axis_name, average, mask, unroll)
+    options = Options("gam", eps, adaptive, has_aux, axis_name, average, mask, unroll, flat)
     return perturbation(algorithm, options)
 
 

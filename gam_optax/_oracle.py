@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from gam_optax import _compat
-from gam_optax._tree_math import Params, add, add_scaled
+from gam_optax._tree_math import LEAF_BY_LEAF, Params, TreeView, add, add_scaled
 from gam_optax._validation import Average, check_arity, check_axis_bound, check_like_params
 
 
@@ -90,6 +90,10 @@ class GradientOracle(Averaging):
 
     gradient: Callable[[Params, int | jax.Array], Params]  # i is traced under unroll=False
     exact: bool
+    view: TreeView = LEAF_BY_LEAF  # gradients and steps on one flat vector, or the trees
+
+    def _gradient(self, point: Params, i: int | jax.Array) -> Params:
+        return self.view.flat(self.gradient(point, i))
 
     def _local(self, params: Params) -> Params:
         if self.axis_name is not None and _compat.vma_checked(self.axis_name):
@@ -106,10 +110,11 @@ class GradientOracle(Averaging):
         """The gradient ``probe`` asks for; ``i`` numbers it for ``grad_fn``."""
         point, step = probe
         if step is None or not self.exact:
-            at = point_of(probe)
-            return Evaluation(self.reduce(self.gradient(self._local(at), i)), at)
+            at = point_of(probe, self.view)
+            return Evaluation(self.reduce(self._gradient(self._local(at), i)), at)
+        step = self.view.tree(step, point)
         grads, hessian_step = jax.jvp(
-            lambda p: self.gradient(p, i), (self._local(point),), (self._local(step),)
+            lambda p: self._gradient(p, i), (self._local(point),), (self._local(step),)
         )
         grads, hessian_step = self.reduce(grads), self.reduce(hessian_step)
         return Evaluation(add(grads, hessian_step), point, hessian_step)
@@ -126,7 +131,7 @@ class GradientOracle(Averaging):
                     "times the mean). Pass the per-device gradient instead: jax.grad(loss)("
                     f"{_compat.to_varying_spelling(self.axis_name)}); {name} averages it."
                 )
-        return self.reduce(updates)
+        return self.reduce(self.view.flat(updates))
 
 
 def _checked_scalar_loss(loss_fn: Callable, has_aux: bool, name: str) -> Callable:
@@ -220,6 +225,7 @@ def make_oracle(
     axis_name: str | None,
     average: Average,
     exact: bool,
+    view: TreeView = LEAF_BY_LEAF,
 ) -> GradientOracle:
     """The oracle of one ``update`` call: exactly one of ``loss_fn(params) -> loss`` (or
     ``(loss, aux)`` with ``has_aux``) and ``grad_fn(params, i) -> grads``."""
@@ -233,9 +239,10 @@ def make_oracle(
         check_arity(grad_fn, "grad_fn", ("the params", "i"), name, "lambda p, i: grad(p, batch)")
         gradient = _checked_grad_fn(grad_fn, name)
     check_axis_bound(axis_name, name)
-    return GradientOracle(axis_name, average, gradient, exact)
+    return GradientOracle(axis_name, average, gradient, exact, view)
 
 
-def point_of(probe: Probe) -> Params:
+def point_of(probe: Probe, view: TreeView = LEAF_BY_LEAF) -> Params:
     """Where a probe's gradient is taken outside the exact mode: ``point + step``."""
-    return probe.point if probe.step is None else add(probe.point, probe.step)
+    point, step = probe
+    return point if step is None else add(point, view.tree(step, point))

@@ -28,7 +28,7 @@ from gam_optax._frame import (
     Probe,
     perturbation,
 )
-from gam_optax._tree_math import Params, add, add_scaled, ascent_step, scale
+from gam_optax._tree_math import Params, add_scaled, scale
 from gam_optax._validation import Average, Mask, check_nonnegative, check_positive
 
 GAMPenaltyState = PerturbationState  # the state of gam_penalty and sam_gam: the step count
@@ -46,6 +46,7 @@ def gam_penalty(
     mask: Mask | None = None,
     hvp_step: optax.ScalarOrSchedule | None = None,
     unroll: bool = True,
+    flat: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""GAM's original form, the paper's Algorithm 1: the gradient of :math:`L + \text{penalty}
     \cdot R_1`.
@@ -89,6 +90,8 @@ def gam_penalty(
       unroll: True (default): the gradient is traced once per evaluation. False: once, in
         a ``jax.lax.scan`` over the evaluations, the same arithmetic (see
         :func:`gam`'s ``unroll``).
+      flat: True (default): the arithmetic on one flat vector of the gradients; False: leaf
+        by leaf, no flat copy (see :func:`gam`'s ``flat``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the keyword
@@ -114,7 +117,7 @@ def gam_penalty(
       Zhang, Xu, Yu, Zou and Cui, "Gradient Norm Aware Minimization Seeks First-Order
       Flatness and Improves Generalization", CVPR 2023, https://arxiv.org/abs/2303.03108
     """
-    options = Options("gam_penalty", eps, False, has_aux, axis_name, average, mask, unroll)
+    options = Options("gam_penalty", eps, False, has_aux, axis_name, average, mask, unroll, flat)
     return _algorithm_1(options, rho, penalty, None, hvp_step)
 
 
@@ -130,6 +133,7 @@ def sam_gam(
     mask: Mask | None = None,
     hvp_step: optax.ScalarOrSchedule | None = None,
     unroll: bool = True,
+    flat: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SAM + GAM: the gradient of SAM's loss plus GAM's penalty,
     :math:`L^{SAM}_{\rho_s} + \text{penalty}\cdot R_1`.
@@ -168,6 +172,7 @@ def sam_gam(
       hvp_step: None (default): exact Hessian-vector products. A number ``r > 0`` (or a
         schedule): finite differences with step ``r``.
       unroll: as in :func:`gam_penalty`.
+      flat: as in :func:`gam_penalty`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes ``loss_fn`` (or
@@ -193,7 +198,7 @@ def sam_gam(
             "float >= 0 (SAM's radius, e.g. sam_rho=0.05) or an optax schedule; for GAM's "
             "penalty without SAM's step use gam_optax.gam_penalty(rho, penalty)."
         )
-    options = Options("sam_gam", eps, False, has_aux, axis_name, average, mask, unroll)
+    options = Options("sam_gam", eps, False, has_aux, axis_name, average, mask, unroll, flat)
     return _algorithm_1(options, rho, penalty, sam_rho, hvp_step)
 
 
@@ -274,16 +279,16 @@ def _algorithm_1(
         return 1.0 if exact else c.value(hvp_step)
 
     def hessian_probe(c, x, v):  # H(x) u(v) ~ change / s
-        return Probe(x, ascent_step(v, x, s(c), eps=options.eps))
+        return Probe(x, c.step(v, s(c)))
 
     def first(c):
-        zeros = jax.tree.map(jnp.zeros_like, c.theta)
+        zeros = jax.tree.map(jnp.zeros_like, c.g0)
         return PenaltySums(c.g0, zeros, zeros), hessian_probe(c, c.theta, c.g0)
 
     # g0 lives in the carry (loss_gradient) until it is needed no more: a scan keeps no
     # other copy of it.
     def at_theta(c, sums, g):  # f = H(theta) u(g0): theta_adv ascends ||grad L||
-        theta_adv = add(c.theta, c.ascend(g.change(sums.loss_gradient), c.theta, c.value(rho)))
+        theta_adv = c.moved(c.theta, c.ascend(g.change(sums.loss_gradient), c.theta, c.value(rho)))
         if shared:  # theta + s u(g0) is SAM's point: g is SAM's gradient
             sums = sums._replace(loss_gradient=g.gradient)
         return sums, Probe(theta_adv)
@@ -295,7 +300,7 @@ def _algorithm_1(
         h_norm = scale(g.change(sums.g_adv), c.value(rho) / s(c))
         if not separate:
             return sums._replace(h_norm=h_norm), None
-        sam_point = add(c.theta, c.ascend(sums.loss_gradient, c.theta, c.value(sam_rho)))
+        sam_point = c.moved(c.theta, c.ascend(sums.loss_gradient, c.theta, c.value(sam_rho)))
         return sums._replace(h_norm=h_norm), Probe(sam_point)  # a gradient, never linearised
 
     def at_sam_point(c, sums, g_sam):

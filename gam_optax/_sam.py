@@ -27,6 +27,7 @@ def sam(
     average: Average = "direction",
     mask: Mask | None = None,
     unroll: bool = True,
+    flat: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Sharpness-Aware Minimization (SAM), and ASAM with ``adaptive=True``.
 
@@ -69,6 +70,10 @@ def sam(
         (e.g. SAM-ON: perturb only the normalisation layers). None: all.
       unroll: True (default): the gradient is traced inline. False: in a one-step
         ``jax.lax.scan``, as every member's ``unroll=False`` (see :func:`gam`).
+      flat: False (default): the arithmetic leaf by leaf. True: on one flat vector of the
+        gradients, a few kernels whatever the number of leaves, for one more parameter copy
+        at a moment (see :func:`gam`'s ``flat``); SAM's arithmetic is one norm and a step,
+        so the copy rarely pays.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
@@ -100,7 +105,7 @@ def sam(
     """
     check_nonnegative("rho", rho, "sam", schedule=True)
     algorithm = Algorithm(sam_probe(rho), (keep_gradient,), lambda c, g1: g1)
-    options = Options("sam", eps, adaptive, has_aux, axis_name, average, mask, unroll)
+    options = Options("sam", eps, adaptive, has_aux, axis_name, average, mask, unroll, flat)
     return perturbation(algorithm, options)
 
 
@@ -108,7 +113,7 @@ def sam_probe(rho: optax.ScalarOrSchedule):
     """``c -> (carry, probe)``: the point ``theta + e`` of SAM's gradient ``g1``."""
 
     def first(c):
-        g1 = jax.tree.map(jnp.zeros_like, c.theta)  # not taken yet
+        g1 = jax.tree.map(jnp.zeros_like, c.g0)  # not taken yet
         return g1, Probe(c.theta, c.ascend(c.g0, c.theta, c.value(rho)))
 
     return first
@@ -131,6 +136,7 @@ def gsam(
     average: Average = "direction",
     mask: Mask | None = None,
     unroll: bool = True,
+    flat: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Surrogate Gap guided Sharpness-Aware Minimization (GSAM).
 
@@ -164,6 +170,7 @@ def gsam(
         averages ``g0`` and ``g1`` (exact large-batch GSAM).
       mask: the parameters the SAM step may move, as in :func:`sam`. None: all.
       unroll: as in :func:`sam`.
+      flat: as in :func:`sam`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` takes
@@ -189,7 +196,7 @@ def gsam(
         return add_scaled(g1, -alpha, orthogonal_part(c.g0, g1, eps))
 
     algorithm = Algorithm(sam_probe(rho), (keep_gradient,), direction)
-    options = Options("gsam", eps, adaptive, has_aux, axis_name, average, mask, unroll)
+    options = Options("gsam", eps, adaptive, has_aux, axis_name, average, mask, unroll, flat)
     return perturbation(algorithm, options)
 
 

@@ -41,7 +41,7 @@ FAMILY = {
             gamma=(False, False),
             eps=(True, False),
         ),
-        flags=("adaptive", "hessian", "has_aux"),
+        flags=("adaptive", "hessian", "has_aux", "unroll", "flat"),
         everything=dict(rho=RADIUS, adaptive=True, mask=MASK),
         exact=dict(hessian=True),
     ),
@@ -50,7 +50,7 @@ FAMILY = {
         numbers=dict(
             rho=(True, True), penalty=(True, False), eps=(True, False), hvp_step=(">0", True)
         ),
-        flags=("has_aux",),
+        flags=("has_aux", "unroll", "flat"),
         everything=dict(rho=RADIUS, hvp_step=0.05, mask=MASK),
         exact=dict(hvp_step=None),
     ),
@@ -63,20 +63,20 @@ FAMILY = {
             sam_rho=(True, True),
             hvp_step=(">0", True),
         ),
-        flags=("has_aux",),
+        flags=("has_aux", "unroll", "flat"),
         everything=dict(rho=RADIUS, sam_rho=RADIUS, mask=MASK),  # SAM's own probe: 5 calls
         exact=dict(hvp_step=None),
     ),
     "sam": Perturbation(
         functools.partial(gam_optax.sam, rho=0.1),
         numbers=dict(rho=(True, True), eps=(True, False)),
-        flags=("adaptive", "has_aux"),
+        flags=("adaptive", "has_aux", "unroll", "flat"),
         everything=dict(rho=RADIUS, adaptive=True, mask=MASK),
     ),
     "gsam": Perturbation(
         functools.partial(gam_optax.gsam, rho=0.1, alpha=0.2),
         numbers=dict(rho=(True, True), alpha=(False, False), eps=(True, False)),
-        flags=("adaptive", "has_aux"),
+        flags=("adaptive", "has_aux", "unroll", "flat"),
         everything=dict(rho=RADIUS, adaptive=True, mask=MASK),
     ),
 }

@@ -6,6 +6,8 @@ its exact mode where it has one. Five steps of ``optax.chain(member, SGD with mo
 a new batch each step, run
 
 * inline (``unroll=True``, the reference);
+* inline with the other arithmetic (``flat``: one flat vector of the gradients, or leaf by
+  leaf);
 * ``unroll=False``: one traced gradient in a ``jax.lax.scan``;
 * ``gam_optax.transparent(member, SGD with momentum)``: one gradient per ``update`` call,
   each batch fed ``calls`` times (the exact modes refuse it, by name);
@@ -99,6 +101,15 @@ def test_unroll_false_equals_the_inline_step(case, x64):
     assert relative(params, want_params) < 1e-12
     assert relative(momentum(state), momentum(want_state)) < 1e-12
     assert relative(params, batches()[0]) > 1e-3  # it trained
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_other_arithmetic_equals_the_inline_step(case, x64):
+    flat = not member(case).options.flat  # each member's default, and the other
+    params, state = train(optax.chain(member(case, flat=flat), outer()), 1, loss_fn=True)
+    want_params, want_state = inline(case)
+    assert relative(params, want_params) < 1e-12
+    assert relative(momentum(state), momentum(want_state)) < 1e-12
 
 
 @pytest.mark.parametrize("case", list(CASES))
