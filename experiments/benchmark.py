@@ -17,7 +17,8 @@ evaluations, so 4x sgd is its floor; SAM's is 2x. The amortised ones (``looksam`
 the load average before and after (a warning above 1.5: its times are not to be published).
 
 1. The optimizer's arithmetic alone: one update of each transformation (``sgd``
-   alone, ``sam``, ``gsam``, ``gam``, ``gam(unroll=False)``, ``gam(hessian=True)``,
+   alone, ``sam``, ``gsam``, ``gam``, each of ``sam`` and ``gam`` with the other
+   arithmetic (``flat``), ``gam(unroll=False)``, ``gam(hessian=True)``,
    ``gam_penalty(hvp_step=...)``, ``sam_gam(...)``) chained with ``optax.sgd(0.1,
    momentum=0.9)`` on the setting's model parameters (shapes only), with a stand-in
    gradient (``g = sin(p)``, ``grad_fn = lambda q, i: cos(q)``) so that no model is in the
@@ -25,8 +26,9 @@ the load average before and after (a warning above 1.5: its times are not to be 
    (``program_counts`` says what is counted), and its compile time (median of
    ``--compile-rounds`` interleaved compiles; it depends on the machine's load). Then the
    same on N leaves of 64 floats (``--leaves``, default 8 32 128), with the fusions per leaf.
-2. Every transformation's training step (``sgd``, ``sam``, ``gsam``, ``gam``, its
-   ``unroll=False`` and ``hessian=True`` forms, ``gam_penalty``, ``reuse(gam)``'s refresh,
+2. Every transformation's training step (``sgd``, ``sam``, ``gsam``, ``gam``, the other
+   arithmetic of ``sam`` and ``gam`` (``flat``), ``gam``'s ``unroll=False`` and
+   ``hessian=True`` forms, ``gam_penalty``, ``reuse(gam)``'s refresh,
    skip and in-step-conditional programs): compile time, optimised HLO lines, fusions,
    kernels per step, temporary memory (and the extra in parameter copies) and step time.
    ``--arithmetic-only`` leaves this part out.
@@ -407,6 +409,8 @@ ARITHMETIC: dict[str, Any] = {
     "sam": lambda: gam_optax.sam(),
     "gsam": lambda: gam_optax.gsam(),
     "gam": lambda: gam_optax.gam(),
+    "sam(flat=True)": lambda: gam_optax.sam(flat=True),
+    "gam(flat=False)": lambda: gam_optax.gam(flat=False),
     "gam(unroll=False)": lambda: gam_optax.gam(unroll=False),
     "gam(hessian=True)": lambda: gam_optax.gam(hessian=True),
     "gam_penalty(hvp_step=0.05)": lambda: gam_optax.gam_penalty(0.1, 0.3, hvp_step=0.05),
@@ -414,7 +418,7 @@ ARITHMETIC: dict[str, Any] = {
         0.1, 0.3, sam_rho=0.05, hvp_step=0.05
     ),
 }
-SWEEP_ROWS = ("sgd", "sam", "gam", "gam(unroll=False)")
+SWEEP_ROWS = ("sgd", "sam", "sam(flat=True)", "gam", "gam(flat=False)", "gam(unroll=False)")
 SWEEP_LEAVES = (8, 32, 128)  # leaves of 64 floats each
 SWEEP_LEAF_SIZE = 64
 HIGH_LOAD = 1.5  # the project's standard: timings above this load average are not published
@@ -593,6 +597,8 @@ COSTS: dict[str, tuple[str, dict[str, dict[str, Any]], Any]] = {
     "sam": ("sam", {}, None),
     "gsam": ("gsam", {}, None),
     "gam": ("gam", {}, None),
+    "sam(flat=True)": ("sam", {"sam": {"flat": True}}, None),
+    "gam(flat=False)": ("gam", {"gam": {"flat": False}}, None),
     "gam(unroll=False)": ("gam", {"gam": {"unroll": False}}, None),
     "gam(hessian=True)": ("gam", {"gam": {"hessian": True}}, None),
     "gam(hessian=True, unroll=False)": ("gam", {"gam": {"hessian": True, "unroll": False}}, None),
@@ -604,7 +610,9 @@ COSTS: dict[str, tuple[str, dict[str, dict[str, Any]], Any]] = {
 ACCELERATOR_ROWS = (
     "sgd",
     "sam",
+    "sam(flat=True)",
     "gam",
+    "gam(flat=False)",
     "gam(unroll=False)",
     "reuse(gam) refresh",
     "reuse(gam) skip",

@@ -21,7 +21,9 @@ WIDTHS = (512, 1024, 1024, 1024, 512, 10)
 ROWS = {
     "sam": lambda: gam_optax.sam(),
     "sam(unroll=False)": lambda: gam_optax.sam(unroll=False),
+    "sam(flat=True)": lambda: gam_optax.sam(flat=True),
     "gam": lambda: gam_optax.gam(),
+    "gam(flat=False)": lambda: gam_optax.gam(flat=False),
     "gam(unroll=False)": lambda: gam_optax.gam(unroll=False),
 }
 
