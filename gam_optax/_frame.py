@@ -9,7 +9,8 @@ names the next probe (None after the last); ``direction(c, carry)`` is ``d``. ``
 
 :func:`perturbation` runs it inline (``unroll=True``: one traced gradient per probe) or in
 a ``jax.lax.scan`` (``unroll=False``: one for all, every step's arithmetic computed and the
-current one's kept); :func:`gam_optax.transparent`, one gradient per ``update`` call.
+current one's kept); :func:`gam_optax.transparent`, one gradient per ``update`` call. With
+``flat``, gradients, sums and steps are vectors of a ``FlatView``; points stay trees.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gam_optax._oracle import Evaluation, GradientOracle, Probe, make_oracle
+from gam_optax._oracle import Evaluation, GradientOracle, Probe, make_oracle, point_of
 from gam_optax._tree_math import LEAF_BY_LEAF, Params, TreeView, ascent_step, cast_like, view_of
 from gam_optax._validation import (
     Average,
@@ -155,13 +156,13 @@ def run_inline(algorithm: Algorithm, c: Context, oracle: GradientOracle) -> Para
     return algorithm.direction(c, carry)
 
 
-def _uniform(probe: Probe, exact: bool) -> Probe:
+def _uniform(probe: Probe, exact: bool, c: Context) -> Probe:
     """The probe in one shape for every step of a scan: ``(point + step, None)``, or in the
     exact mode ``(point, step)`` with a zero step for a probe without one."""
     if not exact:
-        return Probe(probe.point if probe.step is None else jax.tree.map(jnp.add, *probe))
-    step = jax.tree.map(jnp.zeros_like, probe.point) if probe.step is None else probe.step
-    return Probe(probe.point, cast_like(step, probe.point))
+        return Probe(point_of(probe, c.view))
+    step = jax.tree.map(jnp.zeros_like, c.g0) if probe.step is None else probe.step
+    return Probe(probe.point, cast_like(step, c.g0))
 
 
 def run_scanned(algorithm: Algorithm, c: Context, oracle: GradientOracle) -> Params:
@@ -173,7 +174,7 @@ def run_scanned(algorithm: Algorithm, c: Context, oracle: GradientOracle) -> Par
     def branch(step: Step) -> Callable:
         def run(carry, probe, evaluation):
             new_carry, new_probe = step(c, carry, evaluation)
-            new_probe = probe if new_probe is None else _uniform(new_probe, algorithm.exact)
+            new_probe = probe if new_probe is None else _uniform(new_probe, algorithm.exact, c)
             return oracle.per_device((cast_like(new_carry, carry), cast_like(new_probe, probe)))
 
         return run
@@ -186,7 +187,7 @@ def run_scanned(algorithm: Algorithm, c: Context, oracle: GradientOracle) -> Par
         outs = [run(carry, probe, evaluation) for run in branches]
         return jax.tree.map(lambda *xs: jax.lax.select_n(i, *xs), *outs), None
 
-    start = oracle.per_device((carry, _uniform(probe, algorithm.exact)))
+    start = oracle.per_device((carry, _uniform(probe, algorithm.exact, c)))
     (carry, _), _ = jax.lax.scan(body, start, jnp.arange(len(branches), dtype=jnp.int32))
     return algorithm.direction(c, carry)
 
@@ -207,7 +208,7 @@ def perturbation(algorithm: Algorithm, options: Options) -> Perturbation:
     def update_fn(updates, state, params=None, *, loss_fn=None, grad_fn=None, **extra_args):
         del extra_args  # a chain hands every member every extra argument
         check_update(options.name, updates, state, params, PerturbationState)
-        view = view_of(params, flat=options.flat and options.unroll)
+        view = view_of(params, flat=options.flat)
         oracle = make_oracle(
             options.name,
             loss_fn=loss_fn,

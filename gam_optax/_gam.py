@@ -119,13 +119,13 @@ def gam(
       loops, and a small convolutional model's step was measured 41x slower in one (a
       quiet 2-core Xeon). With ``grad_fn``, ``i`` is then a traced
       int32 (1, 2, 3).
-    flat: True (default): the inline step's arithmetic (norms, inner products, ascent
-      steps, running sums) runs on one flat vector of the gradients, a few kernels whatever
-      the number of parameter leaves; each point is computed leaf by leaf from it. Flattening
-      a gradient holds it twice for a moment: where the parameters, not the activations, set
-      the peak memory (a dense model on a small batch), that is one more parameter copy, and
-      False (leaf by leaf, a few kernels per leaf and operation) avoids it. Measured in
-      ``experiments/RESULTS.md``. ``unroll=False`` always runs leaf by leaf.
+    flat: True (default): the arithmetic (norms, inner products, ascent steps, running
+      sums) runs on one flat vector of the gradients, a few kernels whatever the number of
+      parameter leaves; each point is computed leaf by leaf from it. Flattening a gradient
+      holds it twice for a moment: where the parameters, not the activations, set the peak
+      memory (a dense model on a small batch), the inline step then holds one more
+      parameter copy, and False (leaf by leaf, a few kernels per leaf and operation) avoids
+      it. Measured in ``experiments/RESULTS.md``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the

@@ -40,7 +40,7 @@ def test_a_mask_goes_flat_as_constant_bools():
     assert FlatView(MIXED).mask(None) is None
 
 
-def test_no_leaves_and_the_scan_stay_leaf_by_leaf():
+def test_no_leaves_or_flat_false_stay_leaf_by_leaf():
     assert view_of({}, flat=True) is LEAF_BY_LEAF
     assert view_of(MIXED, flat=False) is LEAF_BY_LEAF
     assert isinstance(view_of(MIXED, flat=True), FlatView)
