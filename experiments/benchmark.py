@@ -412,13 +412,22 @@ ARITHMETIC: dict[str, Any] = {
     "sam(flat=True)": lambda: gam_optax.sam(flat=True),
     "gam(flat=False)": lambda: gam_optax.gam(flat=False),
     "gam(unroll=False)": lambda: gam_optax.gam(unroll=False),
+    "gam(unroll=False, flat=False)": lambda: gam_optax.gam(unroll=False, flat=False),
     "gam(hessian=True)": lambda: gam_optax.gam(hessian=True),
     "gam_penalty(hvp_step=0.05)": lambda: gam_optax.gam_penalty(0.1, 0.3, hvp_step=0.05),
     "sam_gam(sam_rho=hvp_step=0.05)": lambda: gam_optax.sam_gam(
         0.1, 0.3, sam_rho=0.05, hvp_step=0.05
     ),
 }
-SWEEP_ROWS = ("sgd", "sam", "sam(flat=True)", "gam", "gam(flat=False)", "gam(unroll=False)")
+SWEEP_ROWS = (
+    "sgd",
+    "sam",
+    "sam(flat=True)",
+    "gam",
+    "gam(flat=False)",
+    "gam(unroll=False)",
+    "gam(unroll=False, flat=False)",
+)
 SWEEP_LEAVES = (8, 32, 128)  # leaves of 64 floats each
 SWEEP_LEAF_SIZE = 64
 HIGH_LOAD = 1.5  # the project's standard: timings above this load average are not published
@@ -600,6 +609,7 @@ COSTS: dict[str, tuple[str, dict[str, dict[str, Any]], Any]] = {
     "sam(flat=True)": ("sam", {"sam": {"flat": True}}, None),
     "gam(flat=False)": ("gam", {"gam": {"flat": False}}, None),
     "gam(unroll=False)": ("gam", {"gam": {"unroll": False}}, None),
+    "gam(unroll=False, flat=False)": ("gam", {"gam": {"unroll": False, "flat": False}}, None),
     "gam(hessian=True)": ("gam", {"gam": {"hessian": True}}, None),
     "gam(hessian=True, unroll=False)": ("gam", {"gam": {"hessian": True, "unroll": False}}, None),
     "gam_penalty": ("gam_penalty", {}, None),

@@ -25,6 +25,7 @@ ROWS = {
     "gam": lambda: gam_optax.gam(),
     "gam(flat=False)": lambda: gam_optax.gam(flat=False),
     "gam(unroll=False)": lambda: gam_optax.gam(unroll=False),
+    "gam(unroll=False, flat=False)": lambda: gam_optax.gam(unroll=False, flat=False),
 }
 
 
