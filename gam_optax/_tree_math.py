@@ -166,18 +166,20 @@ class FlatView(TreeView):
         self.dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
 
     def flat(self, tree: Params) -> jax.Array:
-        leaves = self.treedef.flatten_up_to(tree)
+        leaves = jax.tree.leaves(tree)
         return jnp.concatenate([jnp.ravel(x).astype(self.dtype) for x in leaves])
 
     def tree(self, v: jax.Array, like: Params) -> Params:
-        parts = zip(jnp.split(v, self.splits), self.treedef.flatten_up_to(like), strict=True)
-        return self.treedef.unflatten([p.reshape(x.shape).astype(x.dtype) for p, x in parts])
+        parts = zip(jnp.split(v, self.splits), jax.tree.leaves(like), strict=True)
+        return jax.tree.unflatten(
+            self.treedef, [p.reshape(x.shape).astype(x.dtype) for p, x in parts]
+        )
 
     def mask(self, mask: Params | None) -> np.ndarray | None:
         """A tree of Python bools as one flat bool vector (a constant)."""
         if mask is None:
             return None
-        flags = zip(self.treedef.flatten_up_to(mask), self.shapes, strict=True)
+        flags = zip(jax.tree.leaves(mask), self.shapes, strict=True)
         return np.concatenate([np.full(int(np.prod(shape)), flag) for flag, shape in flags])
 
 
