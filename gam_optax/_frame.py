@@ -60,7 +60,7 @@ class Context:
       mask: the entries the ascent steps may move (bools, in ``view``), or None: all.
       eps: ``xi``, added to every norm denominator.
       adaptive: ASAM-style ascent steps.
-      view: where gradients, sums and steps live: one flat vector (inline) or the trees.
+      view: where gradients, sums and steps live: one flat vector (``flat``) or the trees.
     """
 
     theta: Params
