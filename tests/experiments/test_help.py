@@ -25,6 +25,7 @@ ARGPARSE_PROGRAMS = {
     "experiments.studies.count_bad_inputs": "experiments.studies.count_bad_inputs",
     "experiments.benchmark": "experiments.benchmark",
     "experiments.studies.dense_memory": "experiments.studies.dense_memory",
+    "experiments.studies.arithmetic_floor": "experiments.studies.arithmetic_floor",
 }
 ABSL_PROGRAMS = ("experiments.train",)  # absl flags: run in a process of its own
 # Not checked here: the notebook's refresh script (a maintainer's tool, no flags).
