@@ -81,13 +81,13 @@ class Context:
         at = self.view.flat(at) if self.adaptive else v  # ``at`` only weighs adaptive steps
         return ascent_step(v, at, radius, eps=self.eps, adaptive=self.adaptive, mask=self.mask)
 
-    def step(self, v: Params, radius: Any) -> Params:
-        """``r v / (||v|| + xi)``: a plain step (not adaptive, not masked)."""
+    def plain_step(self, v: Params, radius: Any) -> Params:
+        """``r v / (||v|| + xi)``: a step neither adaptive nor masked."""
         return ascent_step(v, v, radius, eps=self.eps)
 
     def moved(self, at: Params, e: Params) -> Params:
         """The point ``at + e``: a tree like ``at``, computed leaf by leaf."""
-        return jax.tree.map(jnp.add, at, self.view.tree(e, at))
+        return point_of(Probe(at, e), self.view)
 
 
 Step = Callable[[Context, Carry, Evaluation], tuple[Carry, Probe | None]]

@@ -125,8 +125,9 @@ def gam(
       holds it twice for a moment: where the parameters, not the activations, set the peak
       memory (a dense model on a small batch), the inline step then holds one more
       parameter copy, and False (leaf by leaf, a few kernels per leaf and operation) avoids
-      it. Parameters sharded across devices (model parallelism) want False too: the flat
-      vector would be resharded. Measured in ``experiments/RESULTS.md``.
+      it. Parameters sharded across devices (model parallelism) may want False too: the
+      flat vector joins leaves of different shardings (not measured). Measured in
+      ``experiments/RESULTS.md``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the

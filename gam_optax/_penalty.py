@@ -279,7 +279,7 @@ def _algorithm_1(
         return 1.0 if exact else c.value(hvp_step)
 
     def hessian_probe(c, x, v):  # H(x) u(v) ~ change / s
-        return Probe(x, c.step(v, s(c)))
+        return Probe(x, c.plain_step(v, s(c)))
 
     def first(c):
         zeros = jax.tree.map(jnp.zeros_like, c.g0)

@@ -138,7 +138,7 @@ def axpy(a: Any, x: Params, y: Params | None = None) -> Params:
 
 
 class TreeView:
-    """The arithmetic leaf by leaf, on the trees themselves (a scan's carry, transparent)."""
+    """The arithmetic leaf by leaf, on the trees themselves (``flat=False``, transparent)."""
 
     def flat(self, tree: Params) -> Params:
         return tree
@@ -156,7 +156,8 @@ class FlatView(TreeView):
 
     Gradients, running sums and ascent steps live on the vector, so each norm, inner
     product and sum is one kernel whatever the number of leaves; a point ``theta + e`` is
-    computed leaf by leaf from the slices of ``e``, so no flat copy of ``theta`` is made.
+    computed leaf by leaf from the slices of ``e``, so no flat copy of ``theta`` is made
+    (except by adaptive steps, which weigh by the flattened point).
     """
 
     def __init__(self, like: Params):
