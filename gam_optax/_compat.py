@@ -10,6 +10,9 @@ newest spelling where the installed version has it and the older one otherwise:
   ``jax.typeof(x).vma`` before; a value is marked as varying with
   ``jax.lax.pcast(x, axis, to="varying")`` from jax 0.8.2 and ``jax.lax.pvary(x, axis)``
   before. Under ``jax.pmap``, jax 0.9's ``pcast`` fails an assertion instead of marking.
+* The sharding in a traced value's type (``jax.typeof(x).sharding``): its mesh and, on
+  Explicit mesh axes (``jax.sharding.AxisType``), its spec. Where the installed jax has no
+  axis types, every mesh axis counts as Auto (the spec is not in the type).
 * ``nnx.merge(..., copy=True)`` (flax >= 0.11.2), which gives the merged module its own
   variables; older Flax always did.
 """
@@ -21,12 +24,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Looked up once, at import: what the installed jax provides (None where it lacks it).
 _AXIS_SIZE = getattr(jax.lax, "axis_size", None)
 _PCAST = getattr(jax.lax, "pcast", None)
 _PVARY = getattr(jax.lax, "pvary", None)
 _TYPEOF = getattr(jax, "typeof", None)
+_AXIS_TYPE = getattr(jax.sharding, "AxisType", None)
 
 
 def axis_size(axis_name: str) -> Any:
@@ -71,6 +76,35 @@ def to_varying_spelling(axis_name: str) -> str:
     if _PCAST is not None or _PVARY is None:
         return f"jax.lax.pcast(params, {axis_name!r}, to='varying')"
     return f"jax.lax.pvary(params, {axis_name!r})"
+
+
+def mesh_and_spec(x: Any) -> tuple[Any, Any, Any]:
+    """``(mesh, spec, sharding)`` of ``x``'s type where a mesh of several devices types it;
+    ``(None, None, None)`` elsewhere (one device, ``jax.pmap``, a jax without the types)."""
+    sharding: Any = getattr(_TYPEOF(x), "sharding", None) if _TYPEOF is not None else None
+    mesh = getattr(sharding, "mesh", None)
+    if sharding is None or mesh is None or getattr(mesh, "empty", False) or int(np.prod(mesh.axis_sizes)) == 1:
+        return None, None, None
+    return mesh, sharding.spec, sharding
+
+
+def _axes_of_type(mesh: Any, kind: str) -> frozenset:
+    types = getattr(mesh, "axis_types", None)
+    if _AXIS_TYPE is None or types is None:
+        types = ("Auto",) * len(mesh.axis_names)  # no axis types: the spec is not in the type
+    names = zip(mesh.axis_names, mesh.axis_sizes, types, strict=True)
+    return frozenset(name for name, size, t in names if size > 1 and kind in str(t))
+
+
+def hidden_axes(mesh: Any) -> frozenset:
+    """The Auto axes of ``mesh`` (of more than one device): how a value is split over them is
+    the compiler's choice, not in its type."""
+    return _axes_of_type(mesh, "Auto")
+
+
+def explicit_axes(mesh: Any) -> frozenset:
+    """The Explicit axes of ``mesh``: a value's type says how it is split over them."""
+    return _axes_of_type(mesh, "Explicit")
 
 
 def nnx_merge_copy(nnx: Any, graphdef: Any, *states: Any) -> Any:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from gam_optax._oracle import Evaluation, GradientOracle, Probe, make_oracle, point_of
-from gam_optax._tree_math import LEAF_BY_LEAF, Params, TreeView, ascent_step, cast_like, view_of
+from gam_optax._tree_math import Params, ascent_step, cast_like
 from gam_optax._validation import (
     Average,
     Mask,
@@ -35,6 +35,7 @@ from gam_optax._validation import (
     check_update,
     resolve_mask,
 )
+from gam_optax._views import LEAF_BY_LEAF, TreeView, view_of
 
 Carry = Any  # an algorithm's running sums: a pytree of fixed shapes and dtypes
 

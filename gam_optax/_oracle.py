@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from gam_optax import _compat
-from gam_optax._tree_math import LEAF_BY_LEAF, Params, TreeView, add, add_scaled
+from gam_optax._tree_math import Params, add, add_scaled
 from gam_optax._validation import Average, check_arity, check_axis_bound, check_like_params
+from gam_optax._views import LEAF_BY_LEAF, TreeView
 
 
 class Probe(NamedTuple):

@@ -1,4 +1,4 @@
-"""Tree maths: one L2 norm over the whole pytree, ascent steps, running sums, flat views.
+"""Tree maths: one L2 norm over the whole pytree, ascent steps, running sums.
 
 Every transformation of the family moves the parameters a small distance along a
 normalised direction and combines gradients. Norms and inner products are accumulated
@@ -13,7 +13,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 Params = Any
 
@@ -22,14 +21,16 @@ def upcast(x: jax.Array) -> jax.Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def vdot(a: Params, b: Params) -> jax.Array:
+    """``<a, b>`` summed over every leaf, in at least float32: a sum of per-leaf sums of
+    products, so a sharded leaf gives a scalar all-reduce, never a gather (no ravel)."""
+    products = jax.tree.map(lambda x, y: jnp.sum(upcast(x) * upcast(y)), a, b)
+    return sum(jax.tree.leaves(products), jnp.zeros([], jnp.float32))
+
+
 def global_norm(tree: Params) -> jax.Array:
     """``||v||``: one L2 norm over every leaf of the pytree (never per leaf)."""
-    return optax.tree.norm(jax.tree.map(upcast, tree))
-
-
-def vdot(a: Params, b: Params) -> jax.Array:
-    """``<a, b>`` summed over every leaf, in at least float32."""
-    return optax.tree.vdot(jax.tree.map(upcast, a), jax.tree.map(upcast, b))
+    return jnp.sqrt(vdot(tree, tree))
 
 
 def safe_inverse(norm: jax.Array, eps: jax.Array | float) -> jax.Array:
@@ -49,12 +50,17 @@ def add_scaled(a: Params, factor: jax.Array | float, b: Params) -> Params:
 
 
 def select(tree: Params, mask: Params | None) -> Params:
-    """``tree`` with the leaves outside ``mask`` set to zero."""
+    """``tree`` with the entries outside ``mask`` set to zero: ``mask`` is like ``tree``, its
+    leaves Python bools (a whole leaf) or constant bool arrays (a flat view's rows)."""
     if mask is None:
         return tree
-    if isinstance(mask, np.ndarray):  # a flat mask (FlatView)
-        return jnp.where(mask, tree, jnp.zeros_like(tree))
-    return jax.tree.map(lambda v, keep: v if keep else jnp.zeros_like(v), tree, mask)
+
+    def keep(v, flag):
+        if isinstance(flag, np.ndarray):
+            return jnp.where(flag, v, jnp.zeros_like(v))
+        return v if flag else jnp.zeros_like(v)
+
+    return jax.tree.map(keep, tree, mask)
 
 
 def ascent_step(
@@ -135,58 +141,3 @@ def axpy(a: Any, x: Params, y: Params | None = None) -> Params:
     if y is None:
         return jax.tree.map(lambda u: a * upcast(u), x)
     return jax.tree.map(lambda u, v: v + a * upcast(u), x, y)
-
-
-class TreeView:
-    """The arithmetic leaf by leaf, on the trees themselves (``flat=False``, transparent)."""
-
-    def flat(self, tree: Params) -> Params:
-        return tree
-
-    def tree(self, v: Params, like: Params) -> Params:
-        """``v`` in the dtypes of ``like``."""
-        return cast_like(v, like)
-
-    def mask(self, mask: Params | None) -> Params | None:
-        return mask
-
-
-class FlatView(TreeView):
-    """The leaves of a params-like tree as one vector (in at least float32), and back.
-
-    Gradients, running sums and ascent steps live on the vector, so each norm, inner
-    product and sum is one kernel whatever the number of leaves; a point ``theta + e`` is
-    computed leaf by leaf from the slices of ``e``, so no flat copy of ``theta`` is made
-    (except by adaptive steps, which weigh by the flattened point).
-    """
-
-    def __init__(self, like: Params):
-        leaves, self.treedef = jax.tree.flatten(like)
-        self.shapes = [jnp.shape(x) for x in leaves]
-        self.splits = np.cumsum([int(np.prod(shape)) for shape in self.shapes])[:-1]
-        self.dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
-
-    def flat(self, tree: Params) -> jax.Array:
-        leaves = jax.tree.leaves(tree)
-        return jnp.concatenate([jnp.ravel(x).astype(self.dtype) for x in leaves])
-
-    def tree(self, v: jax.Array, like: Params) -> Params:
-        parts = zip(jnp.split(v, self.splits), jax.tree.leaves(like), strict=True)
-        return jax.tree.unflatten(
-            self.treedef, [p.reshape(x.shape).astype(x.dtype) for p, x in parts]
-        )
-
-    def mask(self, mask: Params | None) -> np.ndarray | None:
-        """A tree of Python bools as one flat bool vector (a constant)."""
-        if mask is None:
-            return None
-        flags = zip(jax.tree.leaves(mask), self.shapes, strict=True)
-        return np.concatenate([np.full(int(np.prod(shape)), flag) for flag, shape in flags])
-
-
-LEAF_BY_LEAF = TreeView()
-
-
-def view_of(params: Params, flat: bool) -> TreeView:
-    """A :class:`FlatView` of ``params`` (``flat``, and they have leaves) or the tree itself."""
-    return FlatView(params) if flat and jax.tree.leaves(params) else LEAF_BY_LEAF

@@ -1,4 +1,5 @@
-"""The flat view (``flat=True``): the arithmetic on one vector, whatever the leaves.
+"""The flat view (``flat=True``): the arithmetic on one vector (on one device), whatever the
+leaves. Sharded parameters: ``test_sharded.py``.
 
 The flat and leaf-by-leaf arithmetic agree to round-off in float64 for every member
 (``test_modes.py``); here: the view itself, the dtypes of mixed-precision parameters, and
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 import gam_optax
-from gam_optax._tree_math import LEAF_BY_LEAF, FlatView, view_of
+from gam_optax._views import LEAF_BY_LEAF, FlatView, view_of
 
 MIXED = {
     "kernel": jnp.arange(6.0, dtype=jnp.bfloat16).reshape(2, 3),
@@ -22,11 +23,11 @@ MIXED = {
 
 def test_a_tree_goes_flat_in_float32_and_comes_back_in_its_own_dtypes():
     view = FlatView(MIXED)
-    v = view.flat(MIXED)
+    (v,) = view.flat(MIXED)  # one device: one group, one vector
     assert v.dtype == jnp.float32 and v.shape == (9,)
     # jax.tree.leaves' order (sorted keys): bias, kernel, scale.
     np.testing.assert_array_equal(v, [-1.0, 0.5, 0, 1, 2, 3, 4, 5, 2.5])
-    back = view.tree(v, MIXED)
+    back = view.tree((v,), MIXED)
     assert jax.tree.structure(back) == jax.tree.structure(MIXED)
     for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(MIXED), strict=True):
         assert got.dtype == want.dtype and got.shape == want.shape
@@ -34,7 +35,7 @@ def test_a_tree_goes_flat_in_float32_and_comes_back_in_its_own_dtypes():
 
 
 def test_a_mask_goes_flat_as_constant_bools():
-    mask = FlatView(MIXED).mask({"kernel": True, "scale": False, "bias": False})
+    (mask,) = FlatView(MIXED).mask({"kernel": True, "scale": False, "bias": False})
     assert isinstance(mask, np.ndarray) and mask.dtype == bool
     np.testing.assert_array_equal(mask, [False] * 2 + [True] * 6 + [False])
     assert FlatView(MIXED).mask(None) is None
