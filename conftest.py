@@ -1,13 +1,18 @@
-"""Shared test setup: 4 fake CPU devices for the data-parallel tests.
+"""Shared test setup: 4 fake CPU devices for the data-parallel tests, 8 for the sharded ones.
 
 The device count must be set before JAX initialises its backends, so it is set in
-this root conftest, which pytest imports before it collects any module.
+this root conftest, which pytest imports before it collects any module. The tests of sharded
+parameters (``tests/sharded``) need 8 devices: ``tests/test_sharded.py`` runs them in a
+pytest of their own with ``GAM_OPTAX_TEST_DEVICES=8``; the main run does not collect them.
 """
+
+import os
 
 import jax
 import pytest
 
-jax.config.update("jax_num_cpu_devices", 4)
+DEVICES = int(os.environ.get("GAM_OPTAX_TEST_DEVICES", "4"))
+jax.config.update("jax_num_cpu_devices", DEVICES)
 
 # The tests use the newest spellings; older jax releases of the supported range (README,
 # "Supported versions") spell three of them differently. gam_optax itself uses
@@ -35,3 +40,5 @@ def x64():
 
 # Scripts, not tests: mypy's inputs (one must fail to type-check) and a measurement.
 collect_ignore = ["tests/library/typing", "tests/experiments/measure_parallel_gaps.py"]
+if DEVICES != 8:
+    collect_ignore.append("tests/sharded")

@@ -49,6 +49,15 @@ the same global batch, against the one-device step (column ``x none``):
 
     python -m experiments.benchmark --parallel none jit pmap --average gradients direction
     python -m experiments.benchmark --setting cpu --parallel none jit --cpu-devices 2
+
+``--sharded`` compiles each row's training step with the parameters sharded (FSDP, tensor
+parallel, both; Explicit and Auto meshes) on 8 devices (8 fake CPU devices where there are
+fewer accelerators) and prints what each compiled program moves between devices and holds
+in memory, against SGD's (``experiments.sharded``; compile only, about 15 minutes on 2
+cores; ``--float64`` also runs 3 float64 steps against one device):
+
+    python -m experiments.benchmark --sharded
+    python -m experiments.benchmark --sharded --layouts tp --meshes explicit --rows sgd gam
 """
 
 from __future__ import annotations
@@ -57,7 +66,6 @@ import argparse
 import functools
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -70,8 +78,17 @@ import numpy as np
 import optax
 
 import gam_optax
-from experiments import input_pipeline, models, optimizers, parallel, tables, train, xla_options
+from experiments import (
+    input_pipeline,
+    models,
+    optimizers,
+    parallel,
+    tables,
+    train,
+    xla_options,
+)
 from experiments.configs import default
+from experiments.hlo import program_counts
 
 SETTINGS = {
     # name: (model, model_kwargs, batch size, image shape, classes)
@@ -272,116 +289,6 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 # ---------------------------------------------------------------------------------------
 # The size of a compiled program: HLO lines, fusions and kernels, from its optimised HLO.
 # ---------------------------------------------------------------------------------------
-
-# Instructions that launch no device work: plumbing, and the second halves of async pairs.
-NOT_KERNELS = frozenset(
-    (
-        "parameter",
-        "constant",
-        "tuple",
-        "get-tuple-element",
-        "bitcast",
-        "after-all",
-        "add-dependency",
-        "opt-barrier",
-        "domain",
-        "async-update",
-        "async-done",
-        "copy-done",
-        "all-reduce-done",
-        "all-gather-done",
-        "collective-permute-done",
-        "send-done",
-        "recv-done",
-    )
-)
-# Instructions whose called computations run as part of the program (not fusion bodies or
-# reductions' scalar functions): they are counted through, not as kernels of their own.
-CONTROL = frozenset(("while", "conditional", "call", "async-start"))
-_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.*?\s([a-z][a-z0-9\-]*)\(")
-_CALLED = re.compile(
-    r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)"
-)
-_BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
-_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-
-
-def _computations(text: str) -> tuple[dict[str, list[str]], str | None]:
-    """The instruction lines of each computation of an HLO module's text, and ENTRY's name."""
-    computations: dict[str, list[str]] = {}
-    entry, current = None, None
-    for line in text.splitlines():
-        header = _HEADER.match(line) if line[:1] not in ("", " ", "}") else None
-        if header:
-            current = header.group(2)
-            computations[current] = []
-            entry = current if header.group(1) else entry
-        elif line.startswith("}"):
-            current = None
-        elif current is not None and line.strip():
-            computations[current].append(line)
-    return computations, entry
-
-
-def program_counts(text: str) -> dict[str, int]:
-    """What a compiled program's optimised HLO text holds:
-
-    - ``hlo_lines``: the lines of its computations (each one's header, instructions and
-      closing brace; not the module's header line, nor its tables of source file names,
-      functions and stack frames, whose length follows the Python call stack that traced
-      the program);
-    - ``fusions``: its ``fusion`` instructions (every kind: loop, input, output, custom),
-      each counted once, in the computations the program runs as such (ENTRY, and the
-      bodies, conditions and branches of its while loops, conditionals, calls and async
-      ops), not inside fusions' own bodies (a nested fusion is part of its outer kernel);
-    - ``kernels``: the instructions of those computations that launch device work per step
-      (fusions, custom calls such as cuDNN/cuBLAS ones, unfused copies or reductions...; not
-      parameters, constants, tuples, bitcasts, nor the ``-done`` halves of async pairs),
-      a while loop's body counted ``known_trip_count`` times and its condition once more
-      (once each when XLA does not know the count), a conditional by its largest branch.
-
-    On a GPU each kernel is a launch (a fusion is one kernel; a cuDNN convolution may be a
-    few); XLA:CPU runs each as one thunk."""
-    computations, entry = _computations(text)
-    fusions = 0
-    visited: set[str] = set()
-
-    def kernels(name: str) -> int:
-        nonlocal fusions
-        first = name not in visited  # a fusion counts once, wherever it runs from
-        visited.add(name)
-        total = 0
-        for line in computations.get(name, ()):
-            op = _INSTRUCTION.match(line)
-            if op is None:
-                continue
-            opcode = op.group(1)
-            if opcode in CONTROL:
-                called = dict((k, v) for k, v in _CALLED.findall(line))
-                if opcode == "while":
-                    trip = _TRIP_COUNT.search(line)
-                    n = int(trip.group(1)) if trip else 1
-                    total += n * kernels(called["body"]) + (n + 1) * kernels(called["condition"])
-                elif opcode == "conditional":
-                    branches = _BRANCHES.search(line)
-                    names = (
-                        [b.strip().lstrip("%") for b in branches.group(1).split(",")]
-                        if branches
-                        else [called[k] for k in ("true_computation", "false_computation")]
-                    )
-                    total += max(kernels(b) for b in names)
-                else:  # call, async-start: the called computation's kernels
-                    total += kernels(called.get("to_apply") or called["calls"])
-                continue
-            if opcode == "fusion":
-                fusions += first
-            total += opcode not in NOT_KERNELS
-        return total
-
-    per_step = kernels(entry) if entry else 0
-    lines = sum(len(instructions) + 2 for instructions in computations.values())
-    return {"hlo_lines": lines, "fusions": fusions, "kernels": per_step}
 
 
 def compiled_counts(compiled: Any) -> dict[str, int | None]:
@@ -845,6 +752,11 @@ def make_parser() -> argparse.ArgumentParser:
         "--cpu-devices", type=int, help="split the CPU into this many devices (before JAX starts)"
     )
     parser.add_argument("--json", help="also write the rows to this file")
+    _add_sharded_flags(
+        parser.add_argument_group(
+            "--sharded", "collective bytes and memory with the parameters sharded, 8 devices"
+        )
+    )
     _add_costs_flags(
         parser.add_argument_group(
             "--costs", "compile time, HLO size, memory and step time of each transformation"
@@ -853,14 +765,35 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_sharded_flags(group: argparse._ArgumentGroup) -> None:
+    """The flags of ``--sharded`` (its rows: ``--rows``, default ``sharded.ROWS``)."""
+    from experiments import sharded
+
+    group.add_argument("--sharded", action="store_true", help="print the sharded table")
+    group.add_argument(
+        "--layouts", nargs="+", choices=list(sharded.LAYOUTS), default=list(sharded.LAYOUTS)
+    )
+    group.add_argument(
+        "--meshes", nargs="+", choices=sharded.AXIS_TYPES, default=list(sharded.AXIS_TYPES)
+    )
+    group.add_argument(
+        "--sizes",
+        nargs="+",
+        type=int,
+        default=list(sharded.SIZES),
+        help="the MLP's widths (default: the 48 MiB model)",
+    )
+    group.add_argument("--float64", action="store_true", help="also the float64 error")
+
+
 def _add_costs_flags(costs: argparse._ArgumentGroup) -> None:
     """The flags of ``--costs`` and ``--accelerator``."""
     costs.add_argument("--costs", action="store_true", help="print the costs tables")
     costs.add_argument(
         "--rows",
         nargs="+",
-        choices=list(dict.fromkeys([*ARITHMETIC, *COSTS])),
-        help="default: all; each table shows those of its rows given",
+        help="default: all; each table shows those of its rows given (--sharded: "
+        "experiments.sharded.row_names())",
     )
     costs.add_argument(
         "--arithmetic-only",
@@ -899,6 +832,24 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     if args.warmup < 0 or args.repeats < 1:
         parser.error("--warmup must be >= 0 and --repeats >= 1")
+    if args.sharded:
+        from experiments import sharded
+
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices or sharded.DEVICES)
+        unknown = sorted(set(args.rows or ()) - set(sharded.row_names()))
+        if unknown:
+            parser.error(
+                f"--rows {' '.join(unknown)}: not a row of --sharded; choose from "
+                f"{', '.join(sharded.row_names())}"
+            )
+        return sharded.main(args)
+    if args.rows:
+        unknown = sorted(set(args.rows) - {*ARITHMETIC, *COSTS})
+        if unknown:
+            parser.error(
+                f"--rows {' '.join(unknown)}: choose from "
+                f"{', '.join(dict.fromkeys([*ARITHMETIC, *COSTS]))}"
+            )
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if args.costs or args.accelerator:

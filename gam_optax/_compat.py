@@ -19,6 +19,7 @@ newest spelling where the installed version has it and the older one otherwise:
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Any
 
@@ -32,6 +33,12 @@ _PCAST = getattr(jax.lax, "pcast", None)
 _PVARY = getattr(jax.lax, "pvary", None)
 _TYPEOF = getattr(jax, "typeof", None)
 _AXIS_TYPE = getattr(jax.sharding, "AxisType", None)
+_RESHARD: Any = getattr(jax.sharding, "reshard", None)  # jax >= 0.7
+if _RESHARD is None:  # pragma: no cover - jax 0.6 has it in jax.experimental.shard
+    try:
+        _RESHARD = importlib.import_module("jax.experimental.shard").reshard
+    except (ImportError, AttributeError):
+        _RESHARD = None
 
 
 def axis_size(axis_name: str) -> Any:
@@ -83,7 +90,12 @@ def mesh_and_spec(x: Any) -> tuple[Any, Any, Any]:
     ``(None, None, None)`` elsewhere (one device, ``jax.pmap``, a jax without the types)."""
     sharding: Any = getattr(_TYPEOF(x), "sharding", None) if _TYPEOF is not None else None
     mesh = getattr(sharding, "mesh", None)
-    if sharding is None or mesh is None or getattr(mesh, "empty", False) or int(np.prod(mesh.axis_sizes)) == 1:
+    if (
+        sharding is None
+        or mesh is None
+        or getattr(mesh, "empty", False)
+        or int(np.prod(mesh.axis_sizes)) == 1
+    ):
         return None, None, None
     return mesh, sharding.spec, sharding
 
@@ -105,6 +117,17 @@ def hidden_axes(mesh: Any) -> frozenset:
 def explicit_axes(mesh: Any) -> frozenset:
     """The Explicit axes of ``mesh``: a value's type says how it is split over them."""
     return _axes_of_type(mesh, "Explicit")
+
+
+def reshard_like(x: Any, like: Any) -> Any:
+    """``x`` sharded as ``like``'s type says, where an Explicit mesh types ``like`` and ``x``
+    differs (a value the arithmetic built sharded otherwise); ``x`` itself elsewhere."""
+    mesh, spec, sharding = mesh_and_spec(like)
+    if mesh is None or _RESHARD is None or _TYPEOF is None or not explicit_axes(mesh):
+        return x
+    if _TYPEOF(x).sharding.spec == spec:
+        return x
+    return _RESHARD(x, sharding)
 
 
 def nnx_merge_copy(nnx: Any, graphdef: Any, *states: Any) -> Any:

@@ -125,9 +125,10 @@ def gam(
       holds it twice for a moment: where the parameters, not the activations, set the peak
       memory (a dense model on a small batch), the inline step then holds one more
       parameter copy, and False (leaf by leaf, a few kernels per leaf and operation) avoids
-      it. Parameters sharded across devices (model parallelism) may want False too: the
-      flat vector joins leaves of different shardings (not measured). Measured in
-      ``experiments/RESULTS.md``.
+      it. Parameters sharded across devices (FSDP, tensor parallel): on an Explicit mesh
+      the leaves split the same way are joined, each device's row its own shards (no
+      gather); on an Auto mesh, whose types do not say the split, the step goes leaf by
+      leaf (``tests/sharded``). Measured in ``experiments/RESULTS.md``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the

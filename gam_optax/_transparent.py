@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gam_optax._compat import reshard_like
 from gam_optax._frame import Perturbation
 from gam_optax._gam import gam
 from gam_optax._oracle import Evaluation, Probe, point_of
@@ -169,8 +170,9 @@ def _transparent(
     def init_fn(params: optax.Params) -> TransparentState:
         zeros = jax.tree.map(jnp.zeros_like, params)
         count = jnp.zeros([], jnp.int32)
-        carry_shape = jax.eval_shape(lambda: algorithm.first(options.context(params, zeros, count)))
-        carry = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), carry_shape[0])
+        # the carry's zeros as the first call builds it: shaped and sharded like the params
+        carry, _ = algorithm.first(options.context(params, zeros, count))
+        carry = jax.tree.map(jnp.zeros_like, carry)
         return TransparentState(count, count, params, zeros, carry, optimizer.init(params))
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -214,8 +216,17 @@ def _transparent(
             count = optax.safe_increment(state.count)
             return cast_like(move, params), state._replace(count=count, opt_state=opt_state)
 
-        branches = [first_call, *map(middle_call, algorithm.steps[:-1]), last_call]
-        new_updates, new_state = jax.lax.switch(state.phase, branches, updates)
+        def typed(call):  # every branch returns the inputs' types (Explicit: shardings)
+            def branch(grads):
+                out = call(grads)
+                return jax.tree.map(
+                    lambda x, like: reshard_like(x.astype(like.dtype), like), out, (params, state)
+                )
+
+            return branch
+
+        phases = [first_call, *map(middle_call, algorithm.steps[:-1]), last_call]
+        new_updates, new_state = jax.lax.switch(state.phase, [typed(p) for p in phases], updates)
         return new_updates, new_state._replace(phase=(state.phase + 1) % calls)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
