@@ -771,10 +771,18 @@ def _add_sharded_flags(group: argparse._ArgumentGroup) -> None:
 
     group.add_argument("--sharded", action="store_true", help="print the sharded table")
     group.add_argument(
-        "--layouts", nargs="+", choices=list(sharded.LAYOUTS), default=list(sharded.LAYOUTS)
+        "--layouts",
+        nargs="+",
+        choices=list(sharded.LAYOUTS),
+        default=list(sharded.LAYOUTS),
+        help="how the parameters lie on the mesh",
     )
     group.add_argument(
-        "--meshes", nargs="+", choices=sharded.AXIS_TYPES, default=list(sharded.AXIS_TYPES)
+        "--meshes",
+        nargs="+",
+        choices=sharded.AXIS_TYPES,
+        default=list(sharded.AXIS_TYPES),
+        help="the mesh axes' type",
     )
     group.add_argument(
         "--sizes",
@@ -827,29 +835,38 @@ def _add_costs_flags(costs: argparse._ArgumentGroup) -> None:
     costs.add_argument("--budget-s", type=float, help="leave out what is not compiled by then")
 
 
+def _check_rows(parser: argparse.ArgumentParser, rows: Sequence[str] | None) -> None:
+    """``--rows`` of ``--costs``: rows of its tables."""
+    unknown = sorted(set(rows or ()) - {*ARITHMETIC, *COSTS})
+    if unknown:
+        parser.error(
+            f"--rows {' '.join(unknown)}: choose from "
+            f"{', '.join(dict.fromkeys([*ARITHMETIC, *COSTS]))}"
+        )
+
+
+def _run_sharded(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``--sharded``: 8 devices (before JAX starts), the rows checked, the table."""
+    from experiments import sharded
+
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices or sharded.DEVICES)
+    unknown = sorted(set(args.rows or ()) - set(sharded.row_names()))
+    if unknown:
+        parser.error(
+            f"--rows {' '.join(unknown)}: not a row of --sharded; choose from "
+            f"{', '.join(sharded.row_names())}"
+        )
+    return sharded.main(args)
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = make_parser()
     args = parser.parse_args(argv)
     if args.warmup < 0 or args.repeats < 1:
         parser.error("--warmup must be >= 0 and --repeats >= 1")
     if args.sharded:
-        from experiments import sharded
-
-        jax.config.update("jax_num_cpu_devices", args.cpu_devices or sharded.DEVICES)
-        unknown = sorted(set(args.rows or ()) - set(sharded.row_names()))
-        if unknown:
-            parser.error(
-                f"--rows {' '.join(unknown)}: not a row of --sharded; choose from "
-                f"{', '.join(sharded.row_names())}"
-            )
-        return sharded.main(args)
-    if args.rows:
-        unknown = sorted(set(args.rows) - {*ARITHMETIC, *COSTS})
-        if unknown:
-            parser.error(
-                f"--rows {' '.join(unknown)}: choose from "
-                f"{', '.join(dict.fromkeys([*ARITHMETIC, *COSTS]))}"
-            )
+        return _run_sharded(parser, args)
+    _check_rows(parser, args.rows)
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if args.costs or args.accelerator:

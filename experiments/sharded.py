@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -44,7 +45,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gam_optax
-from experiments import benchmark, hlo, optimizers, tables
+from experiments import hlo, optimizers, tables
 
 # The measured setting: 6 tanh layers alternating 1024 -> 2048 -> 1024, a 10-class head
 # (12.6 M parameters, 48 MiB in float32), batch 128.
@@ -409,7 +410,10 @@ def full_length_concatenate(hlo_text: str, n_params: int) -> bool:
 
 def temp_bytes(compiled: Any) -> int | None:
     """XLA's temporary memory of the compiled program (None where the backend says none)."""
-    return benchmark.temp_bytes(compiled)
+    try:
+        return compiled.memory_analysis().temp_size_in_bytes
+    except Exception:  # not every backend reports it
+        return None
 
 
 def output_shardings_kept(outputs: Any, inputs: Any) -> list[str]:
@@ -472,25 +476,31 @@ def _section_member(optimizer: str, section: dict[str, Any]) -> Any:
 
 
 def member(row: str) -> Any:
-    """The transformation a row names (None for ``'sgd'``), as the benchmark builds it:
-    a row of ``benchmark.ARITHMETIC`` (the library's defaults), else a one-step row of
-    ``benchmark.COSTS`` or a name of ``optimizers.PERTURBATIONS`` (the experiments'
-    config defaults, with the row's overrides)."""
-    if row in benchmark.ARITHMETIC:
-        return benchmark.ARITHMETIC[row]()
-    if row in benchmark.COSTS and benchmark.COSTS[row][0] != "reuse":
-        optimizer, sections, _ = benchmark.COSTS[row]
-        return _section_member(optimizer, sections.get(optimizer, {}))
-    if row in optimizers.PERTURBATIONS and not optimizers.PERTURBATIONS[row].wraps:
-        return _section_member(row, {})
-    raise ValueError(f"unknown row {row!r}; rows: {', '.join(row_names())}")
+    """The transformation a row of :data:`MEMBERS` names (None for ``'sgd'``): the library's
+    defaults, or the experiments' config defaults (``optimizers.PERTURBATIONS``) for the
+    penalty forms."""
+    if row not in MEMBERS:
+        raise ValueError(f"unknown row {row!r}; rows: {', '.join(row_names())}")
+    return MEMBERS[row]()
+
+
+MEMBERS: dict[str, Callable[[], Any]] = {
+    "sgd": lambda: None,
+    "sam": lambda: gam_optax.sam(),
+    "gsam": lambda: gam_optax.gsam(),
+    "gam": lambda: gam_optax.gam(),
+    "sam(flat=True)": lambda: gam_optax.sam(flat=True),
+    "gam(flat=False)": lambda: gam_optax.gam(flat=False),
+    "gam(unroll=False)": lambda: gam_optax.gam(unroll=False),
+    "gam(hessian=True)": lambda: gam_optax.gam(hessian=True),
+    "gam_penalty": lambda: _section_member("gam_penalty", {}),
+    "sam_gam": lambda: _section_member("sam_gam", {}),
+}
 
 
 def row_names() -> list[str]:
-    """Every row :func:`member` builds."""
-    costs = [r for r, (o, _, _) in benchmark.COSTS.items() if o != "reuse"]
-    names = [n for n, p in optimizers.PERTURBATIONS.items() if not p.wraps]
-    return list(dict.fromkeys([*benchmark.ARITHMETIC, *costs, *names, *WRAPPED]))
+    """Every row :func:`transformation` builds."""
+    return [*MEMBERS, *WRAPPED]
 
 
 def transformation(row: str) -> optax.GradientTransformationExtraArgs:
@@ -786,7 +796,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
         f"{jax.__version__}, optax {optax.__version__}; MLP {args.sizes} + 10-class head, "
         f"{n / 1e6:.1f} M parameters ({4 * n / 2**20:.0f} MiB float32), batch {BATCH_SIZE}"
     )
-    before = benchmark.load_average("before")
+    before = _load_average("before")
     start = time.perf_counter()
     results = measure_rows(
         rows,
@@ -797,9 +807,15 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
         log=lambda line: print(f"{line} ({time.perf_counter() - start:.0f} s)", flush=True),
     )
     print(format_table(results))
-    after = benchmark.load_average("after")
+    after = _load_average("after")
     if args.json:
         with open(args.json, "w") as f:
             record = {"device": devices[0].device_kind, "jax": jax.__version__, "rows": results}
             json.dump({**record, "load_average": {"before": before, "after": after}}, f, indent=1)
     return results
+
+
+def _load_average(moment: str) -> float:
+    one, five, fifteen = os.getloadavg()
+    print(f"load average {moment}: {one:.2f} {five:.2f} {fifteen:.2f} (1, 5, 15 min)")
+    return one
