@@ -457,7 +457,8 @@ def test_main_job_compares_sgd_and_gam_side_by_side(tmp_path, capsys, monkeypatc
         compile_s, train_s, total_s = (float(cells[j]) for j in (-7, -5, -3))
         assert cells[-6] == cells[-4] == cells[-2] == "s"
         assert train_s == pytest.approx(sum(r["train_time"] for r in records), abs=0.051)
-        assert compile_s > 0 and train_s > 0 and compile_s + train_s <= total_s + 0.1
+        # the table prints tenths of a second: a short run's training time may show 0.0
+        assert compile_s > 0 and train_s >= 0 and compile_s + train_s <= total_s + 0.1
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     # Both trained on the same noisy MNIST-1D labels: the flatness objective is built on them.
     config = mnist1d.get_config("0.4")
