@@ -681,35 +681,21 @@ def measure_rows(
     ``temp_copies`` ((temp - SGD's temp) / one device's parameter bytes). ``float64``: also
     :func:`float64_error` (3 steps), which runs the steps."""
     rows = ["sgd", *[r for r in rows if r != "sgd"]]
+    shape = {"sizes": sizes, "batch_size": batch_size, "min_size": min_size}
     results = []
     for layout in layouts:
         for axis_type in axis_types:
             sgd = None
             for row in rows:
                 factory = lambda row=row: transformation(row)
-                result = measure_row(
-                    factory,
-                    layout,
-                    axis_type,
-                    sizes=sizes,
-                    batch_size=batch_size,
-                    min_size=min_size,
-                    name=row,
-                )
+                result = measure_row(factory, layout, axis_type, **shape, name=row)
                 k, hvps = gradients(row)
                 result.update(k=k, hvps=hvps)
                 sgd = result if row == "sgd" else sgd
                 _relative(result, sgd)
                 if float64 and result["traces"]:
                     try:
-                        result["float64_error"] = float64_error(
-                            factory,
-                            layout,
-                            axis_type,
-                            sizes=sizes,
-                            batch_size=batch_size,
-                            min_size=min_size,
-                        )
+                        result["float64_error"] = float64_error(factory, layout, axis_type, **shape)
                     except Exception as e:
                         result["float64_error"], result["float64_failure"] = None, _failure(e)
                 if log is not None:
