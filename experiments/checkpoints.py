@@ -110,13 +110,14 @@ def locked(workdir: pathlib.Path) -> Iterator[None]:
 # ---------------------------------------------------------------------------
 
 # The config fields that do not change what a run computes, so a resume may change them:
-# num_epochs extends (or shortens) the run; parallel lays the same step out on other devices
-# (a checkpoint resumes on any number of devices and processes); the rest are bookkeeping
-# and evaluation batching.
+# num_epochs extends (or shortens) the run; parallel and param_sharding lay the same step out
+# on other devices (a checkpoint resumes on any number of devices and processes, replicated
+# or sharded); the rest are bookkeeping and evaluation batching.
 MAY_CHANGE_ON_RESUME = frozenset(
     {
         "num_epochs",
         "parallel",
+        "param_sharding",
         "eval_batch_size",
         "log_every_steps",
         "keep_checkpoints",

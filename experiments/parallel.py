@@ -19,6 +19,15 @@ One step function (``step.train_step``) runs in one of three ways, ``config.para
   per-device ("m-sharpness") scheme of SAM's distributed code, with m the per-device batch.
   Under ``'jit'`` the step runs per device inside ``jax.shard_map``.
 
+``config.param_sharding`` says where the state lives under ``'jit'`` with ``'gradients'``:
+
+- ``'replicated'``: a full copy on each device.
+- ``'fsdp'``: each leaf of the parameters, the optimizer state and the BatchNorm statistics
+  with at least :data:`FSDP_MIN_SIZE` elements is split over the devices along its largest
+  axis that they divide (fully sharded data parallelism); XLA gathers the parameters where
+  the step needs them. Checkpoints and evaluation take the state whole, so a run resumes
+  under either layout.
+
 Several processes (GPU hosts, TPU VMs) join with :func:`initialize` before anything else
 touches JAX; each process then reads its own rows of each global batch and feeds them with
 ``jax.make_array_from_process_local_data`` (``'jit'``) or to its local devices (``'pmap'``).
@@ -41,6 +50,8 @@ from experiments import ConfigError
 AXIS = "batch"
 MODES = ("none", "jit", "pmap")
 AVERAGES = ("gradients", "direction")
+PARAM_SHARDINGS = ("replicated", "fsdp")
+FSDP_MIN_SIZE = 1024  # leaves with fewer elements stay replicated under 'fsdp'
 StepFn = Callable[[Any, Any, jax.Array], tuple[Any, Any]]
 
 
@@ -96,9 +107,12 @@ class DataParallel:
     mode: str
     average: str
     mesh: jax.sharding.Mesh | None
+    param_sharding: str = "replicated"
 
     @classmethod
-    def create(cls, mode: str = "none", average: str = "gradients") -> DataParallel:
+    def create(
+        cls, mode: str = "none", average: str = "gradients", param_sharding: str = "replicated"
+    ) -> DataParallel:
         """Checks the names; for 'jit' and 'pmap', a mesh of every device of every process."""
         if mode not in MODES:
             raise ConfigError(f"unknown parallel mode {mode!r}; valid: {', '.join(MODES)}.")
@@ -107,6 +121,16 @@ class DataParallel:
                 f"unknown average {average!r}; valid: 'gradients' (every gradient and "
                 f"BatchNorm statistic averaged: the one-device step on the global batch) or "
                 f"'direction' (per-device perturbations, only the final direction averaged)."
+            )
+        if param_sharding not in PARAM_SHARDINGS:
+            raise ConfigError(
+                f"unknown param sharding {param_sharding!r}; valid: 'replicated' (a copy on "
+                f"each device) or 'fsdp' (large leaves split over the devices)."
+            )
+        if param_sharding == "fsdp" and (mode, average) != ("jit", "gradients"):
+            raise ConfigError(
+                f"param_sharding='fsdp' needs parallel='jit' and average='gradients' (the "
+                f"compiler gathers the shards), got parallel={mode!r}, average={average!r}."
             )
         if mode == "none" and jax.process_count() > 1:
             raise ConfigError(
@@ -117,7 +141,7 @@ class DataParallel:
         if mode != "none":
             axis_types = (jax.sharding.AxisType.Auto,)  # GSPMD: XLA places the collectives
             mesh = jax.make_mesh((jax.device_count(),), (AXIS,), axis_types=axis_types)
-        return cls(mode, average, mesh)
+        return cls(mode, average, mesh, param_sharding)
 
     @property
     def num_devices(self) -> int:
@@ -140,6 +164,21 @@ class DataParallel:
         if self.mesh is None:
             return jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return NamedSharding(self.mesh, PartitionSpec())
+
+    def state_sharding(self, state: Any) -> Any:
+        """The sharding of each leaf of the step's ``state`` (arrays or shapes): replicated,
+        or under 'fsdp' split along the largest axis the devices divide."""
+        if self.param_sharding == "replicated" or self.mesh is None:
+            return jax.tree.map(lambda _: self.replicated, state)
+        return jax.tree.map(lambda x: NamedSharding(self.mesh, self._fsdp_spec(x.shape)), state)
+
+    def _fsdp_spec(self, shape: tuple[int, ...]) -> PartitionSpec:
+        n = self.mesh.size
+        splittable = [i for i, d in enumerate(shape) if d % n == 0]
+        if not splittable or int(np.prod(shape)) < FSDP_MIN_SIZE:
+            return PartitionSpec()
+        axis = max(splittable, key=lambda i: shape[i])
+        return PartitionSpec(*(AXIS if i == axis else None for i in range(len(shape))))
 
     def process_rows(self, batch_size: int) -> slice:
         """This process's rows of a global batch of ``batch_size``."""
@@ -170,13 +209,18 @@ class DataParallel:
 
     def to_global(self, state: Any) -> Any:
         """The step's state as replicated arrays (the form of checkpoints and evaluation)."""
+        if self.param_sharding == "fsdp":
+            return jax.device_put(state, self.replicated)
         if self.mode != "pmap":
             return state
         first_copy = lambda x: np.asarray(x.addressable_data(0)).reshape(x.shape[1:])
         return self.put_global(jax.tree.map(first_copy, state))
 
     def from_global(self, state: Any) -> Any:
-        """Replicated state in the form the step takes (a copy per local device for pmap)."""
+        """Replicated state in the form the step takes (a copy per local device for pmap,
+        split for 'fsdp')."""
+        if self.param_sharding == "fsdp":
+            return jax.device_put(state, self.state_sharding(state))
         if self.mode != "pmap":
             return state
         n = jax.local_device_count()
@@ -184,8 +228,9 @@ class DataParallel:
         stacked = jax.tree.map(lambda x: np.broadcast_to(x, (n, *x.shape)), host)
         return jax.pmap(lambda x: x, axis_name=AXIS)(stacked)
 
-    def compile_step(self, step_fn: StepFn, donate: bool = True) -> StepFn:
-        """``step_fn(state, batch, rng)`` compiled for this mode, donating the state.
+    def compile_step(self, step_fn: StepFn, donate: bool = True, state: Any = None) -> StepFn:
+        """``step_fn(state, batch, rng)`` compiled for this mode, donating the state (placed
+        as :meth:`state_sharding` says for ``state``, its example; replicated without it).
 
         ``step_fn`` must average its gradients over :attr:`axis_name` where that is set
         (``step.train_step`` does, given that axis and an optimizer made with it).
@@ -195,10 +240,11 @@ class DataParallel:
             return jax.jit(step_fn, donate_argnums=donate_argnums)
         if self.axis_name is None:  # jit, average='gradients': XLA partitions the program
             batch = NamedSharding(self.mesh, PartitionSpec(AXIS))
+            placed = self.replicated if state is None else self.state_sharding(state)
             return jax.jit(
                 step_fn,
-                in_shardings=(self.replicated, batch, self.replicated),
-                out_shardings=self.replicated,
+                in_shardings=(placed, batch, self.replicated),
+                out_shardings=(placed, self.replicated),
                 donate_argnums=donate_argnums,
             )
         device_step = functools.partial(_device_step, step_fn, self.average)

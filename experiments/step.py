@@ -82,6 +82,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> Non
     for field, valid in (
         ("parallel", parallel.MODES),
         ("average", parallel.AVERAGES),
+        ("param_sharding", parallel.PARAM_SHARDINGS),
         ("dataset", input_pipeline.DATASETS),
         ("model", tuple(models.MODELS)),
         ("optimizer", optimizers.NAMES),

@@ -87,7 +87,7 @@ def train_and_evaluate(
     """
     start = time.perf_counter()
     check_config(config)
-    dp = parallel.DataParallel.create(config.parallel, config.average)
+    dp = parallel.DataParallel.create(config.parallel, config.average, config.param_sharding)
     check_batch_split(config, dp.num_devices)
     workdir = pathlib.Path(workdir).expanduser().absolute()
     with checkpoints.claimed(workdir, resume, overwrite, allow_changes):
@@ -202,7 +202,8 @@ def _compile_steps(config, dp, program, state, batch, rng) -> Callable[..., Any]
         # The augmentation key of a step derives from (seed, step): resumed runs repeat it.
         step = functools.partial(program.step, refresh=refresh)
         fn = dp.compile_step(
-            lambda state, batch, rng: step(state, batch, jax.random.fold_in(rng, state.step))
+            lambda state, batch, rng: step(state, batch, jax.random.fold_in(rng, state.step)),
+            state=state,
         )
         if dp.mode != "pmap" or jax.process_count() == 1:
             fn = xla_options.compile_fast(fn, state, batch, rng)

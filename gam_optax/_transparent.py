@@ -170,9 +170,10 @@ def _transparent(
     def init_fn(params: optax.Params) -> TransparentState:
         zeros = jax.tree.map(jnp.zeros_like, params)
         count = jnp.zeros([], jnp.int32)
-        # the carry's zeros as the first call builds it: shaped and sharded like the params
-        carry, _ = algorithm.first(options.context(params, zeros, count))
-        carry = jax.tree.map(jnp.zeros_like, carry)
+        # the carry's zeros as the first call builds it: shaped and sharded like the params.
+        # One program: op by op, the collectives of a sharded first call can deadlock XLA:CPU.
+        first = jax.jit(lambda p, z, c: algorithm.first(options.context(p, z, c))[0])
+        carry = jax.tree.map(jnp.zeros_like, first(params, zeros, count))
         return TransparentState(count, count, params, zeros, carry, optimizer.init(params))
 
     def update_fn(updates, state, params=None, **extra_args):

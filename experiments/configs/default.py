@@ -72,6 +72,11 @@ def get_config() -> ml_collections.ConfigDict:
     # 'gradients', unlike gam_optax's default 'direction' (the released code): a run takes
     # the same steps (up to rounding) on any number of devices, and resumes on any of them.
     config.average = "gradients"
+    # Where the training state lives under parallel='jit' with average='gradients':
+    # 'replicated' (a copy on each device) or 'fsdp' (each leaf of at least 1024 elements
+    # split over the devices along its largest axis they divide; XLA gathers the parameters
+    # where the step needs them). Checkpoints hold the whole state: resume under either.
+    config.param_sharding = "replicated"
 
     # Bookkeeping.
     config.log_every_steps = 10  # progress-bar refresh

@@ -49,9 +49,15 @@ def tiny_config(**overrides):
 
 @functools.cache
 def final_state(tmp_root, parallel_mode, optimizer, average="gradients", crop=0, steps=3):
-    """The checkpointed state after a tiny run (cached: several tests share runs)."""
+    """The checkpointed state after a tiny run (cached: several tests share runs).
+    ``parallel_mode`` 'fsdp' is 'jit' with the state split (``param_sharding='fsdp'``)."""
+    sharding = "fsdp" if parallel_mode == "fsdp" else "replicated"
     config = tiny_config(
-        parallel=parallel_mode, optimizer=optimizer, average=average, steps_per_epoch=steps
+        parallel="jit" if sharding == "fsdp" else parallel_mode,
+        param_sharding=sharding,
+        optimizer=optimizer,
+        average=average,
+        steps_per_epoch=steps,
     )
     config.augment.crop_padding = crop
     workdir = pathlib.Path(tmp_root) / f"{parallel_mode}-{optimizer}-{average}-{crop}-{steps}"
@@ -83,7 +89,7 @@ def test_four_devices_are_in_use():
     assert parallel.DataParallel.create("jit").num_devices == 4
 
 
-@pytest.mark.parametrize("mode", ["jit", "pmap"])
+@pytest.mark.parametrize("mode", ["jit", "pmap", "fsdp"])
 @pytest.mark.parametrize("optimizer", ["sgd", "gam"])
 def test_four_devices_equal_one_device_on_the_same_global_batch(tmp_root, mode, optimizer):
     one = final_state(tmp_root, "none", optimizer)
@@ -92,6 +98,58 @@ def test_four_devices_equal_one_device_on_the_same_global_batch(tmp_root, mode, 
     assert_trees_close(four["params"], one["params"])
     assert_trees_close(four["batch_stats"], one["batch_stats"])
     assert_trees_close(four["opt_state"], one["opt_state"])
+
+
+def test_fsdp_splits_the_large_leaves_of_the_state_and_the_step_keeps_them_split():
+    """param_sharding='fsdp': each leaf of >= FSDP_MIN_SIZE elements (params, optimizer state,
+    BatchNorm statistics) split over the 4 devices on its largest axis they divide, the rest
+    replicated; the compiled step takes and returns the state so."""
+    config = tiny_config(optimizer="gam", parallel="jit", param_sharding="fsdp")
+    ds = input_pipeline.load("digits", None, config.num_train_examples, config.num_test_examples)
+    dp = parallel.DataParallel.create("jit", "gradients", "fsdp")
+    program = train.build(config, ds, dp, steps_per_epoch=1)
+    state = dp.from_global(program.state)
+    specs = [x.sharding.spec for x in jax.tree.leaves(state)]
+    for x in jax.tree.leaves(state):
+        split = [i for i, d in enumerate(x.shape) if d % 4 == 0]
+        if x.size >= parallel.FSDP_MIN_SIZE and split:
+            axis = max(split, key=lambda i: x.shape[i])
+            assert x.sharding.spec[axis] == parallel.AXIS, (x.shape, x.sharding.spec)
+            assert x.addressable_shards[0].data.size == x.size // 4
+        else:
+            assert x.sharding.is_fully_replicated, (x.shape, x.sharding.spec)
+    assert any(spec != jax.sharding.PartitionSpec() for spec in specs)
+    step = dp.compile_step(program.step, donate=False, state=state)
+    batch = dp.put_batch(
+        {
+            "image": ds.train_images[: config.batch_size],
+            "label": ds.train_labels[: config.batch_size],
+        }
+    )
+    after, _ = step(state, batch, jax.random.key(0))
+    for x, y in zip(jax.tree.leaves(after), jax.tree.leaves(state), strict=True):
+        assert x.sharding == y.sharding
+    # the checkpoint's form is whole on every device
+    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(dp.to_global(after)))
+
+
+def test_an_fsdp_run_resumes_bitwise_and_under_the_other_layout(tmp_path):
+    """2 epochs straight under 'fsdp' = 1 epoch, then resumed: under 'fsdp' bitwise, and
+    replicated (the same arithmetic, placed differently) to float64 round-off."""
+    config = tiny_config(optimizer="gam", parallel="jit", param_sharding="fsdp", num_epochs=2)
+    train.train_and_evaluate(config, tmp_path / "straight")
+    straight = train.restore_checkpoint(tmp_path / "straight")
+    for sharding in ("fsdp", "replicated"):
+        workdir = tmp_path / sharding
+        first = tiny_config(optimizer="gam", parallel="jit", param_sharding="fsdp", num_epochs=1)
+        train.train_and_evaluate(first, workdir)
+        config.param_sharding = sharding
+        train.train_and_evaluate(config, workdir, resume=True)
+        resumed = train.restore_checkpoint(workdir)
+        if sharding == "fsdp":
+            jax.tree.map(np.testing.assert_array_equal, resumed, straight)
+        else:
+            assert_trees_close(resumed, straight)
 
 
 def test_jit_keeps_the_one_device_augmentation(tmp_root):
@@ -141,6 +199,12 @@ def test_per_device_mode_averages_the_per_shard_steps(tmp_root, mode):
     [
         (dict(parallel="spmd"), "unknown parallel 'spmd'"),
         (dict(parallel="jit", average="shards"), "unknown average 'shards'"),
+        (dict(parallel="jit", param_sharding="zero3"), "unknown param sharding 'zero3'"),
+        (dict(parallel="pmap", param_sharding="fsdp"), "needs parallel='jit' and average="),
+        (
+            dict(parallel="jit", average="direction", param_sharding="fsdp"),
+            "needs parallel='jit' and average='gradients'",
+        ),
         (dict(parallel="jit", batch_size=30), "not divisible by the 4 devices"),
         (dict(parallel="pmap", batch_size=6), "not divisible by the 4 devices"),
     ],
