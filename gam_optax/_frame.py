@@ -208,7 +208,7 @@ def perturbation(algorithm: Algorithm, options: Options) -> Perturbation:
 
     def update_fn(updates, state, params=None, *, loss_fn=None, grad_fn=None, **extra_args):
         del extra_args  # a chain hands every member every extra argument
-        check_update(options.name, updates, state, params, PerturbationState)
+        check_update(options.name, updates, state, params, PerturbationState, options.axis_name)
         view = view_of(params, flat=options.flat)
         oracle = make_oracle(
             options.name,

@@ -177,7 +177,7 @@ def reuse(
                 f"transformation), chosen outside jax.jit, or None; got {refresh!r}. Pass it "
                 f"as a static argument: jax.jit(step, static_argnames='refresh')."
             )
-        check_update("reuse", updates, state, params, ReuseState)
+        check_update("reuse", updates, state, params, ReuseState, axis_name)
         check_axis_bound(axis_name, "reuse")
         a = alpha(state.count) if callable(alpha) else alpha
 

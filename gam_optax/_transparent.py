@@ -185,7 +185,7 @@ def _transparent(
                 f"{given[0]}, use optax.chain(gam_optax.{options.name}(...), optimizer) "
                 "instead: one call per step."
             )
-        check_update(name, updates, state, params, TransparentState)
+        check_update(name, updates, state, params, TransparentState, options.axis_name)
 
         def context(theta, g0):
             return options.context(theta, g0, state.count)

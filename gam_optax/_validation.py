@@ -216,6 +216,25 @@ def check_axis_bound(axis_name: str | None, transformation: str) -> None:
         ) from None
 
 
+def check_params_whole(params: Params, axis_name: str | None, transformation: str) -> None:
+    """At trace time inside ``jax.shard_map`` (with its varying types): no parameter varies
+    over a mesh axis other than ``axis_name``. One that does is split (or differs) across
+    devices, and the norms and inner products of the step would be each device's part's."""
+    allowed = frozenset() if axis_name is None else frozenset({axis_name})
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        split = _compat.varying_axes(leaf) - allowed
+        if split:
+            axes = ", ".join(repr(a) for a in sorted(split))
+            raise ValueError(
+                f"{transformation}: inside jax.shard_map, params{jax.tree_util.keystr(path)} "
+                f"varies over the mesh axis {axes}: each device holds a part of it, and the "
+                "step's norms and inner products would be that part's, not the whole "
+                "gradient's. Give shard_map whole parameters (in_specs P() for them; "
+                "axis_name= for the batch's axis), or split the parameters with jax.jit and "
+                "NamedSharding instead, where the step's norms are global (docs: Scaling out)."
+            )
+
+
 def check_state(state: Any, state_type: type, transformation: str) -> None:
     """Raise TypeError unless ``state`` is this transformation's state type."""
     if not isinstance(state, state_type):
@@ -340,16 +359,23 @@ def check_arity(
 
 
 def check_update(
-    transformation: str, updates: Params, state: Any, params: Params, state_type: type
+    transformation: str,
+    updates: Params,
+    state: Any,
+    params: Params,
+    state_type: type,
+    axis_name: str | None = None,
 ) -> None:
     """The checks of every ``update`` of the family, when it is traced: the state is this
-    transformation's, ``params`` are given, real floating point and like the gradient."""
+    transformation's, ``params`` are given, real floating point, like the gradient and,
+    inside ``jax.shard_map``, whole on each device."""
     check_state(state, state_type, transformation)
     if params is None:
         raise ValueError(
             f"{transformation}: update needs params, the point the gradient was computed "
             "at: tx.update(grads, state, params, ...)."
         )
+    check_params_whole(params, axis_name, transformation)
     masked = lambda x: isinstance(x, optax.MaskedNode)
     if any(map(masked, jax.tree.leaves((updates, params), is_leaf=masked))):
         raise TypeError(

@@ -479,6 +479,51 @@ def test_shard_map_per_device_gradients_and_the_summed_gradient_guard(sharded_pr
         run(lambda p: p)
 
 
+SPLIT_INSIDE_SHARD_MAP = {
+    "sam": lambda: gam_optax.sam(0.05),
+    "gsam": lambda: gam_optax.gsam(0.05),
+    "gam": lambda: gam_optax.gam(**HYPER),
+    "gam_penalty": lambda: gam_optax.gam_penalty(0.1, 0.5),
+    "sam_gam": lambda: gam_optax.sam_gam(0.1, 0.5, sam_rho=0.05),
+    "reuse(gam)": lambda: gam_optax.reuse(gam_optax.gam(**HYPER), every=2),
+    "transparent(gam)": lambda: gam_optax.transparent(gam_optax.gam(**HYPER), optax.sgd(0.1)),
+    "gam(axis_name='data')": lambda: gam_optax.gam(**HYPER, axis_name="data"),
+}
+
+
+@pytest.mark.parametrize("name", list(SPLIT_INSIDE_SHARD_MAP))
+def test_params_split_inside_shard_map_are_refused_with_the_leaf_and_the_axis(
+    sharded_problem, name
+):
+    """Inside shard_map a device's shard of a parameter would give the norms of its part
+    alone: every member refuses it at trace time, naming the leaf, the axis and the fix.
+    The mesh is 2 x 2 ('data', 'model'): the batch split over 'data', the kernel's columns
+    over 'model' (gathered in the loss); axis_name='data' does not excuse the 'model' split."""
+    x, y, params = sharded_problem
+    mesh = jax.make_mesh((2, 2), ("data", "model"))
+    specs = {key: P(None, "model") if leaf.ndim == 2 else P() for key, leaf in params.items()}
+    ps = jax.device_put(params, {k: NamedSharding(mesh, s) for k, s in specs.items()})
+    xs, ys = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (x, y))
+    whole = lambda p: {
+        k: jax.lax.all_gather(v, "model", axis=1, tiled=True) if v.ndim == 2 else v
+        for k, v in p.items()
+    }
+    tx = SPLIT_INSIDE_SHARD_MAP[name]()
+
+    def body(params, bx, by):
+        loss_fn = lambda p: softmax_loss(whole(p), bx, by)
+        extra = {} if name.startswith("transparent") else {"loss_fn": loss_fn}
+        grads = jax.grad(loss_fn)(jax.lax.pcast(params, "data", to="varying"))
+        return tx.update(grads, tx.init(params), params, **extra)[0]
+
+    sharded = jax.shard_map(
+        body, mesh=mesh, in_specs=(specs, P("data"), P("data")), out_specs=specs
+    )
+    split = next(k for k, v in params.items() if v.ndim == 2)
+    with pytest.raises(ValueError, match=rf"params\['{split}'\] varies over the mesh axis 'model'"):
+        jax.jit(sharded)(ps, xs, ys)
+
+
 # ---------------------------------------------------------------------------
 # It trains.
 # ---------------------------------------------------------------------------
