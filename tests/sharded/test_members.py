@@ -239,9 +239,11 @@ def one_device(row):
 CASES = [(r, l, k) for r in ROWS for l in ("fsdp", "tp") for k in MESHES]  # noqa: E741
 
 
-# Open (issue 33): measured over the bound, kept as strict expected failures so that a fix
-# shows. The exact modes' forward-over-reverse HVPs on tensor-parallel layers move 1.1-1.2 x
-# two gradients' bytes; transparent's lax.switch on an Auto mesh leaves some of the state's
+# Measured over the bound, kept as strict expected failures so that a fix shows. The exact
+# modes' forward-over-reverse HVPs on tensor-parallel layers move 1.1-1.2 x two gradients'
+# bytes: the tangent of each split matmul, dx @ W + x @ dW, is all-reduced as two partial
+# products rather than one sum (JAX's rule for the model's matmuls; XLA:CPU does not
+# reassociate them). transparent's lax.switch on an Auto mesh leaves some of the state's
 # placement to the compiler (1.16 x, 1.47 x SGD's bytes per call).
 OVER_THE_BOUND = {
     ("gam(hessian=True)", "tp", "explicit"),
