@@ -9,6 +9,7 @@ import jax
 import optax
 
 from gam_optax import _validation
+from gam_optax._oracle import scalar_loss_of
 
 
 def every_gradient(
@@ -108,10 +109,5 @@ def every_gradient(
 
 
 def _loss_only(loss_fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """``params -> loss`` for a ``loss_fn`` that returns the loss or ``(loss, aux)``."""
-
-    def loss(params: Any) -> Any:
-        out = loss_fn(params)
-        return out[0] if isinstance(out, tuple) and len(out) == 2 else out
-
-    return loss
+    """``params -> loss`` for a ``loss_fn`` that returns the loss or a tuple ``(loss, aux)``."""
+    return lambda params: scalar_loss_of(loss_fn(params), None, "every_gradient")

@@ -31,6 +31,7 @@ from gam_optax._validation import (
     check_average,
     check_axis_name,
     check_bool,
+    check_has_params,
     check_nonnegative,
     check_update,
     resolve_mask,
@@ -203,7 +204,7 @@ def perturbation(algorithm: Algorithm, options: Options) -> Perturbation:
     options.check()
 
     def init_fn(params: optax.Params) -> PerturbationState:
-        del params
+        check_has_params(params, options.name)
         return PerturbationState(count=jnp.zeros([], jnp.int32))
 
     def update_fn(updates, state, params=None, *, loss_fn=None, grad_fn=None, **extra_args):

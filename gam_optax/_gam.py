@@ -15,7 +15,7 @@ from gam_optax._validation import (
     check_bool,
     check_choice,
     check_finite,
-    check_nonnegative,
+    check_radius,
 )
 
 HMinusWeighting = Literal["released", "paper"]
@@ -157,7 +157,7 @@ def gam(
     https://arxiv.org/abs/2303.03108
   """
     for arg, value in (("rho", rho), ("rho_prime", rho_prime)):
-        check_nonnegative(arg, value, "gam", schedule=True)
+        check_radius(arg, value, "gam")
     for arg, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
         check_finite(arg, value, "gam")
     check_choice(

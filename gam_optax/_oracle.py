@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -135,35 +135,51 @@ class GradientOracle(Averaging):
         return self.reduce(self.view.flat(updates))
 
 
+def _returned(out: Any) -> str:
+    """What a ``loss_fn`` returned, for an error message: a pair, a list, an array..."""
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of length {len(out)}"
+    if hasattr(out, "shape") and hasattr(out, "dtype"):
+        return f"one array ({jnp.result_type(out)}{list(jnp.shape(out))})"
+    return type(out).__name__
+
+
+def scalar_loss_of(out: Any, has_aux: bool | None, name: str) -> Any:
+    """The scalar loss in ``loss_fn``'s return value ``out``: the loss itself, or the first
+    of a pair ``(loss, aux)`` (``has_aux``: True, False, or None for either form), with a
+    clear error for anything else."""
+    pair = isinstance(out, tuple) and len(out) == 2
+    if has_aux and not pair:
+        raise TypeError(
+            f"{name}: has_aux=True, so loss_fn must return a tuple (loss, aux); it "
+            f"returned {_returned(out)}."
+        )
+    if has_aux is False and isinstance(out, (tuple, list)):
+        raise TypeError(
+            f"{name}: loss_fn returned {_returned(out)}. If it returns (loss, aux), "
+            "construct the transformation with has_aux=True."
+        )
+    if has_aux is None and isinstance(out, (tuple, list)) and not pair:
+        raise TypeError(
+            f"{name}: loss_fn must return the loss or a tuple (loss, aux); it returned "
+            f"{_returned(out)}. Return a tuple: loss_fn=lambda p: (loss, aux)."
+        )
+    out = out[0] if pair else out
+    if jnp.ndim(out) != 0:
+        raise ValueError(
+            f"{name}: loss_fn must return a scalar loss, got shape {jnp.shape(out)}. "
+            "Reduce it, e.g. with .mean() over the batch."
+        )
+    if not jnp.issubdtype(jnp.result_type(out), jnp.floating):
+        raise TypeError(
+            f"{name}: loss_fn must return a floating-point scalar, got {jnp.result_type(out)}."
+        )
+    return out
+
+
 def _checked_scalar_loss(loss_fn: Callable, has_aux: bool, name: str) -> Callable:
     """``params -> scalar loss``, with a clear error for a wrong return value."""
-
-    def scalar_loss(params):
-        out = loss_fn(params)
-        if has_aux:
-            if not (isinstance(out, tuple) and len(out) == 2):
-                raise TypeError(
-                    f"{name}: has_aux=True, so loss_fn must return a pair (loss, aux); it "
-                    f"returned {type(out).__name__}."
-                )
-            out = out[0]
-        elif isinstance(out, (tuple, list)):
-            raise TypeError(
-                f"{name}: loss_fn returned a {type(out).__name__} of length {len(out)}. If it "
-                f"returns (loss, aux), construct the transformation with has_aux=True."
-            )
-        if jnp.ndim(out) != 0:
-            raise ValueError(
-                f"{name}: loss_fn must return a scalar loss, got shape {jnp.shape(out)}. "
-                "Reduce it, e.g. with .mean() over the batch."
-            )
-        if not jnp.issubdtype(jnp.result_type(out), jnp.floating):
-            raise TypeError(
-                f"{name}: loss_fn must return a floating-point scalar, got {jnp.result_type(out)}."
-            )
-        return out
-
-    return scalar_loss
+    return lambda params: scalar_loss_of(loss_fn(params), has_aux, name)
 
 
 _TRACED_INDEX_ERRORS = (

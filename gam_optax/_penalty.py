@@ -29,7 +29,7 @@ from gam_optax._frame import (
     perturbation,
 )
 from gam_optax._tree_math import Params, add_scaled, scale
-from gam_optax._validation import Average, Mask, check_nonnegative, check_positive
+from gam_optax._validation import Average, Mask, check_nonnegative, check_radius
 
 GAMPenaltyState = PerturbationState  # the state of gam_penalty and sam_gam: the step count
 GAMHessianState = GAMPenaltyState  # the name before 0.1.0 (deprecated: gam_optax/__init__.py)
@@ -262,12 +262,12 @@ def _algorithm_1(
     :math:`\nabla L(\theta + \rho_s\,u(g_0))`, the first probe's when it is the same point.
     """
     name = options.name
-    check_nonnegative("rho", rho, name, schedule=True)
+    check_radius("rho", rho, name)
     check_nonnegative("penalty", penalty, name)
     if sam_rho is not None:
-        check_nonnegative("sam_rho", sam_rho, name, schedule=True)
+        check_radius("sam_rho", sam_rho, name)
     if hvp_step is not None:
-        check_positive("hvp_step", hvp_step, name, schedule=True)
+        check_radius("hvp_step", hvp_step, name, strict=True)
     exact = hvp_step is None
     selects_all = options.mask is None or (
         not callable(options.mask) and all(jax.tree.leaves(options.mask))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import sys
 import warnings
 from typing import Any, NamedTuple
 
@@ -23,6 +24,7 @@ from gam_optax._validation import (
     check_axis_name,
     check_bool,
     check_nonnegative,
+    check_state_like,
     check_transformation,
     check_update,
 )
@@ -171,13 +173,14 @@ def reuse(
         return ReuseState(count=jnp.zeros([], jnp.int32), v=jax.tree.map(jnp.zeros_like, params))
 
     def update_fn(updates, state, params=None, *, refresh=None, **extra_args):
-        if refresh is not None and not isinstance(refresh, bool):
+        if refresh is not None and not isinstance(refresh, (bool, np.bool_)):
             raise TypeError(
                 f"reuse.update: refresh must be a Python bool (True: run the inner "
                 f"transformation), chosen outside jax.jit, or None; got {refresh!r}. Pass it "
                 f"as a static argument: jax.jit(step, static_argnames='refresh')."
             )
         check_update("reuse", updates, state, params, ReuseState, axis_name)
+        check_state_like(state, jax.eval_shape(init_fn, params), "reuse")
         check_axis_bound(axis_name, "reuse")
         a = alpha(state.count) if callable(alpha) else alpha
 
@@ -197,13 +200,27 @@ def reuse(
 
         if refresh is None:  # chosen on device from the count
             if jax.default_backend() == "cpu":
-                warnings.warn(CPU_CONDITIONAL_WARNING, stacklevel=2)
+                warnings.warn(CPU_CONDITIONAL_WARNING, stacklevel=_user_frame())
             direction, v = jax.lax.cond(state.count % every == 0, do_refresh, do_skip, None)
         else:  # chosen by the caller: one branch is compiled, no conditional
             direction, v = (do_refresh if refresh else do_skip)(None)
         return direction, ReuseState(count=optax.safe_increment(state.count), v=v)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _user_frame() -> int:
+    """The ``stacklevel`` of the first caller outside the libraries (gam_optax, optax, jax,
+    flax): a warning then points at the user's line, not at optax.chain's."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").split(".")[0] in (
+        "gam_optax",
+        "optax",
+        "jax",
+        "flax",
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def looksam(

@@ -12,7 +12,7 @@ import optax
 from gam_optax._frame import Algorithm, Options, PerturbationState, Probe, perturbation
 from gam_optax._schedules import proportional_schedule
 from gam_optax._tree_math import add_scaled, orthogonal_part
-from gam_optax._validation import Average, Mask, check_finite, check_nonnegative
+from gam_optax._validation import Average, Mask, check_finite, check_radius
 
 SAMState = PerturbationState  # the state of sam and gsam: the step count
 
@@ -103,7 +103,7 @@ def sam(
       Scale-Invariant Learning of Deep Neural Networks", ICML 2021,
       https://arxiv.org/abs/2102.11600
     """
-    check_nonnegative("rho", rho, "sam", schedule=True)
+    check_radius("rho", rho, "sam")
     algorithm = Algorithm(sam_probe(rho), (keep_gradient,), lambda c, g1: g1)
     options = Options("sam", eps, adaptive, has_aux, axis_name, average, mask, unroll, flat)
     return perturbation(algorithm, options)
@@ -189,7 +189,7 @@ def gsam(
       "Surrogate Gap Minimization Improves Sharpness-Aware Training", ICLR 2022,
       https://arxiv.org/abs/2203.08065
     """
-    check_nonnegative("rho", rho, "gsam", schedule=True)
+    check_radius("rho", rho, "gsam")
     check_finite("alpha", alpha, "gsam")
 
     def direction(c, g1):  # the part of g0 orthogonal to g1 descends the surrogate gap

@@ -9,6 +9,7 @@ parameters to, and the outer optimizer runs on the last call of a step only.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, NamedTuple
 
 import jax
@@ -20,7 +21,13 @@ from gam_optax._frame import Perturbation
 from gam_optax._gam import gam
 from gam_optax._oracle import Evaluation, Probe, point_of
 from gam_optax._tree_math import cast_like, subtract
-from gam_optax._validation import check_transformation, check_update, describe
+from gam_optax._validation import (
+    check_has_params,
+    check_state_like,
+    check_transformation,
+    check_update,
+    describe,
+)
 
 
 class TransparentState(NamedTuple):
@@ -91,6 +98,32 @@ def _check_member(perturbation: Any, name: str) -> None:
             "transparent mode average each gradient over devices before update "
             "(jax.lax.pmean(grads, axis_name)), as for any optimizer, and build "
             f"{options.name} with axis_name=None."
+        )
+
+
+# The leaves of the parameter move the last transparent update returned (weakly held): a
+# second transparent given them as its gradient is in the same chain, and would take the
+# first's move for a gradient.
+_last_move: list[weakref.ref] = []
+
+
+def _remember_move(move: optax.Updates) -> None:
+    try:
+        _last_move[:] = [weakref.ref(leaf) for leaf in jax.tree.leaves(move)]
+    except TypeError:  # a leaf that takes no weak reference: nothing to compare with later
+        _last_move.clear()
+
+
+def _check_not_a_move(updates: optax.Updates, name: str) -> None:
+    moved = {id(leaf) for leaf in (ref() for ref in _last_move) if leaf is not None}
+    leaves = jax.tree.leaves(updates)
+    if leaves and all(id(leaf) in moved for leaf in leaves):
+        raise TypeError(
+            f"{name}: the gradient given to update is the parameter move another "
+            "transparent(...) has just returned: two transparent wrappers in one chain, "
+            "where the second would take the first's move for a gradient. Use one, with "
+            "the rest inside it: gam_optax.transparent(member, optax.chain(...)), or put "
+            "gradient transformations (clipping) before it."
         )
 
 
@@ -168,6 +201,7 @@ def _transparent(
     calls = calls_per_step(perturbation)
 
     def init_fn(params: optax.Params) -> TransparentState:
+        check_has_params(params, name)
         zeros = jax.tree.map(jnp.zeros_like, params)
         count = jnp.zeros([], jnp.int32)
         # the carry's zeros as the first call builds it: shaped and sharded like the params.
@@ -186,6 +220,8 @@ def _transparent(
                 "instead: one call per step."
             )
         check_update(name, updates, state, params, TransparentState, options.axis_name)
+        check_state_like(state, jax.eval_shape(init_fn, params), name)
+        _check_not_a_move(updates, name)
 
         def context(theta, g0):
             return options.context(theta, g0, state.count)
@@ -228,6 +264,7 @@ def _transparent(
 
         phases = [first_call, *map(middle_call, algorithm.steps[:-1]), last_call]
         new_updates, new_state = jax.lax.switch(state.phase, [typed(p) for p in phases], updates)
+        _remember_move(new_updates)
         return new_updates, new_state._replace(phase=(state.phase + 1) % calls)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

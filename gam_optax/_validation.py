@@ -88,12 +88,13 @@ def check_number(
     minimum: float | None = None,
     schedule: bool = False,
     strict: bool = False,
+    maximum: float | None = None,
 ) -> None:
     """Check a real scalar hyperparameter (or, with ``schedule``, a schedule of one, probed
     at :data:`SCHEDULE_PROBE_STEPS`) where it is concrete: TypeError for bools, strings,
     None, complex numbers; ValueError for other shapes, NaN, infinities and values below
-    ``minimum`` (``strict``: not above it). Tracers (``optax.inject_hyperparams`` under
-    ``jax.jit``) cannot be checked and are not."""
+    ``minimum`` (``strict``: not above it) or above ``maximum``. Tracers
+    (``optax.inject_hyperparams`` under ``jax.jit``) cannot be checked and are not."""
     bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
     example = "0.05" if minimum is not None else "0.5"
     remedy = f"Pass a finite Python float{bound}, e.g. {name}={example}" + (
@@ -121,10 +122,12 @@ def check_number(
             number = _scalar(at, out, transformation, remedy)
             if number is not None:
                 _check_range(at, number, transformation, minimum, remedy, strict, probed=True)
+                _check_maximum(at, number, transformation, maximum, name)
         return
     number = _scalar(name, value, transformation, remedy)
     if number is not None:
         _check_range(name, number, transformation, minimum, remedy, strict)
+        _check_maximum(name, number, transformation, maximum)
 
 
 def _check_range(
@@ -143,6 +146,31 @@ def _check_range(
         raise ValueError(
             f"{transformation}: {name} must be a finite number{bound}, got {number}{grid}. {remedy}"
         )
+
+
+def _check_maximum(
+    name: str, number: float, transformation: str, maximum: float | None, arg: str = ""
+) -> None:
+    if maximum is not None and number > maximum:
+        raise ValueError(
+            f"{transformation}: {name} = {number:g} is above {maximum:g}, the longest radius "
+            "accepted: a radius is a length in parameter space (the published ones are "
+            "0.01-2), and one this long sends the perturbed point so far that its gradients "
+            f"can overflow into NaN updates. Pass a radius <= {maximum:g}, e.g. {arg or name}=0.05."
+        )
+
+
+# The longest ascent radius accepted (rho, rho_prime, sam_rho, hvp_step): 100 is 50 times
+# the largest published one, and a length comparable to a whole network's weight norm.
+MAX_RADIUS = 100.0
+
+
+def check_radius(name: str, value: Any, transformation: str, *, strict: bool = False) -> None:
+    """:func:`check_number` for an ascent radius (or its schedule): in [0, MAX_RADIUS]
+    (``strict``: above 0)."""
+    check_number(
+        name, value, transformation, minimum=0.0, schedule=True, strict=strict, maximum=MAX_RADIUS
+    )
 
 
 def check_finite(name: str, value: Any, transformation: str, *, schedule: bool = False) -> None:
@@ -243,6 +271,39 @@ def check_state(state: Any, state_type: type, transformation: str) -> None:
             f"{transformation}(...).init(params), got {type(state).__name__} (the state of "
             "another transformation?). Initialise the state with the same transformation "
             "that updates it."
+        )
+
+
+def check_state_like(state: Any, expected: Any, transformation: str) -> None:
+    """``state`` has the leaves, at the same paths and of the same shapes, as ``expected``
+    (``jax.eval_shape`` of the transformation's ``init`` on these params)."""
+    shapes = lambda tree: {
+        jax.tree_util.keystr(path): jnp.shape(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+    got, want = shapes(state), shapes(expected)
+    same_structure = jax.tree.structure(state) == jax.tree.structure(expected)  # type: ignore[operator]
+    if same_structure and got == want:
+        return
+    differs = [p for p in want if got.get(p) != want[p]] + [p for p in got if p not in want]
+    path = differs[0] if differs else ""  # else: the same leaves in other containers
+    found = f"an array of shape {got[path]}" if path in got else "nothing"
+    wanted = f"one of shape {want[path]}" if path in want else "nothing"
+    where = f"state{path} holds {found} where" if differs else "state's containers differ from"
+    raise TypeError(
+        f"{transformation}.update: {where} {transformation}(...).init(params) puts "
+        f"{wanted if differs else 'them'}: the state of another member, optimizer or model? "
+        "Initialise the state with the same transformation that updates it, from these params."
+    )
+
+
+def check_has_params(params: Params, transformation: str) -> None:
+    """Raise ValueError if ``params`` hold no array: there would be nothing to perturb."""
+    if params is not None and not jax.tree.leaves(params):
+        raise ValueError(
+            f"{transformation}: params hold no array ({describe(params)}), so there is "
+            "nothing to perturb. Pass the model's parameters, e.g. tx.init(params) and "
+            "tx.update(grads, state, params, ...) with params = model.init(key, x)."
         )
 
 
@@ -352,10 +413,23 @@ def check_arity(
     try:
         signature.bind(*[None] * len(arguments))
     except TypeError:
+        fewer = _accepts(signature, len(arguments) - 1)  # too many arguments given
+        remedy = (
+            f"e.g. {what}={example}" if fewer else f"close over the rest, e.g. {what}={example}"
+        )
         raise TypeError(
             f"{transformation}: {what} must take {takes} alone, but its signature is "
-            f"{signature}: close over the rest, e.g. {what}={example}."
+            f"{signature}: {remedy}."
         ) from None
+
+
+def _accepts(signature: inspect.Signature, n: int) -> bool:
+    """Whether ``signature`` takes ``n`` positional arguments."""
+    try:
+        signature.bind(*[None] * n)
+    except TypeError:
+        return False
+    return True
 
 
 def check_update(
@@ -375,6 +449,7 @@ def check_update(
             f"{transformation}: update needs params, the point the gradient was computed "
             "at: tx.update(grads, state, params, ...)."
         )
+    check_has_params(params, transformation)
     check_params_whole(params, axis_name, transformation)
     masked = lambda x: isinstance(x, optax.MaskedNode)
     if any(map(masked, jax.tree.leaves((updates, params), is_leaf=masked))):

@@ -103,8 +103,9 @@ def _check_key(key: Any, measure: str) -> None:
 
 def _as_pytree(loss_fn: LossFn, params: Params, measure: str) -> Partial:
     """``loss_fn`` as a pytree (so that arrays it holds are traced), checked to be scalar."""
-    if not callable(loss_fn):
-        raise TypeError(f"{measure}: loss_fn must be callable, got {type(loss_fn).__name__}.")
+    _validation.check_arity(
+        loss_fn, "loss_fn", ("the params",), measure, "lambda p: loss(p, batch)"
+    )
     if not jax.tree.leaves(params):
         raise ValueError(f"{measure}: params has no leaves.")
     _validation.check_float_params(params, measure)
@@ -516,8 +517,13 @@ def dataset_loss(loss_fn: Callable[[Params, Any], jax.Array], batches: Any) -> L
       >>> print(f"{flatness.hessian_top_eigenvalue(loss, 0.5, jax.random.key(0)):.3f}")
       84.333
     """
-    if not callable(loss_fn):
-        raise TypeError(f"dataset_loss: loss_fn must be callable, got {type(loss_fn).__name__}.")
+    _validation.check_arity(
+        loss_fn,
+        "loss_fn",
+        ("the params", "a batch"),
+        "dataset_loss",
+        "lambda p, batch: loss(p, batch)",
+    )
     leaves = jax.tree.leaves(batches)
     if not leaves:
         raise ValueError("dataset_loss: batches has no leaves.")

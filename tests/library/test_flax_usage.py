@@ -401,7 +401,7 @@ MISUSE = {
         _nnx_loss_fn(_linear, lambda: 0.0),
         TypeError,
         "loss must take the model alone",
-        "close over the rest",
+        "but its signature is (): e.g. loss=lambda m:",
     ),
     "wrt-not-a-filter": (
         _nnx_loss_fn(_linear, _square, wrt=3),

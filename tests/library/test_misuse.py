@@ -7,6 +7,7 @@ gradients in ``test_validation.py``; the transparent mode's refusals in ``test_m
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from perturbations import FAMILY
@@ -70,8 +71,114 @@ def family_cases():
         )
 
 
+def empty_params_cases():
+    """Params that hold no array: nothing to perturb, refused at init and at update."""
+    for name, row in FAMILY.items():
+        for flat in (False, True):
+            tx = row.factory(flat=flat)
+            yield (
+                f"{name}-empty-params-init-flat={flat}",
+                (lambda tx=tx: tx.init({}), ValueError, f"{name}: params hold no array", "Pass"),
+            )
+            yield (
+                f"{name}-empty-params-update-flat={flat}",
+                (
+                    lambda tx=tx: tx.update({}, tx.init(PARAMS), {}, loss_fn=lambda p: 0.0),
+                    ValueError,
+                    f"{name}: params hold no array (dict {{}})",
+                    "Pass the model's parameters",
+                ),
+            )
+
+
+def transparent_update(tx, state):
+    return lambda: tx.update(G0, state, PARAMS)
+
+
+SGD = optax.sgd(0.1)
+TRANSPARENT_SAM, TRANSPARENT_GAM = (
+    gam_optax.transparent(m, SGD) for m in (gam_optax.sam(), gam_optax.gam())
+)
+FOREIGN_STATE = "the state of another member, optimizer or model?"
+SAME_INIT = "Initialise the state with the same transformation that updates it"
+REUSE = gam_optax.reuse(gam_optax.gam())
+TWO_TRANSPARENT = optax.chain(TRANSPARENT_SAM, gam_optax.transparent(gam_optax.gam(), SGD))
+
 MISUSE = {
     **dict(family_cases()),
+    **dict(empty_params_cases()),
+    "transparent-empty-params": (
+        lambda: TRANSPARENT_GAM.init({}),
+        ValueError,
+        "transparent: params hold no array",
+        "Pass the model's parameters",
+    ),
+    "two-transparent-in-one-chain": (
+        lambda: TWO_TRANSPARENT.update(G0, TWO_TRANSPARENT.init(PARAMS), PARAMS),
+        TypeError,
+        "transparent: the gradient given to update is the parameter move another transparent",
+        "gam_optax.transparent(member, optax.chain(...))",
+    ),
+    "transparent-given-another-members-state": (
+        transparent_update(TRANSPARENT_SAM, TRANSPARENT_GAM.init(PARAMS)),
+        TypeError,
+        "transparent.update: state.carry",
+        SAME_INIT,
+    ),
+    "transparent-given-another-optimizers-state": (
+        transparent_update(
+            gam_optax.transparent(gam_optax.gam(), optax.adam(0.1)),
+            gam_optax.transparent(gam_optax.gam(), optax.sgd(0.1, momentum=0.9)).init(PARAMS),
+        ),
+        TypeError,
+        FOREIGN_STATE,
+        SAME_INIT,
+    ),
+    "transparent-given-other-params-state": (
+        transparent_update(TRANSPARENT_GAM, TRANSPARENT_GAM.init({"w": PARAMS["w"]})),
+        TypeError,
+        "transparent.update: state.theta['b'] holds nothing where",
+        SAME_INIT,
+    ),
+    "reuse-given-other-params-state": (
+        lambda: REUSE.update(
+            G0,
+            REUSE.init({"w": PARAMS["w"], "b": jnp.zeros(3)}),
+            PARAMS,
+            loss_fn=LOSS,
+            refresh=True,
+        ),
+        TypeError,
+        "reuse.update: state.v['b'] holds an array of shape (3,) where",
+        SAME_INIT,
+    ),
+    "every_gradient-loss_fn-returning-a-list": (
+        update(
+            gam_optax.every_gradient(optax.clip_by_global_norm(1.0), gam_optax.gam(has_aux=True)),
+            loss_fn=lambda p: [LOSS(p), {"aux": 1.0}],
+        ),
+        TypeError,
+        "every_gradient: loss_fn must return the loss or a tuple (loss, aux); it returned a list",
+        "Return a tuple: loss_fn=lambda p: (loss, aux)",
+    ),
+    "has_aux-loss_fn-returning-one-array": (
+        update(gam_optax.gam(has_aux=True), loss_fn=LOSS),
+        TypeError,
+        "gam: has_aux=True, so loss_fn must return a tuple (loss, aux); it returned one array",
+        "(float32[])",
+    ),
+    "dataset_loss-of-a-one-argument-loss": (
+        lambda: gam_optax.flatness.dataset_loss(LOSS, jnp.ones((3, 4))),
+        TypeError,
+        "dataset_loss: loss_fn must take the params and a batch alone, but its signature is (p)",
+        "e.g. loss_fn=lambda p, batch: loss(p, batch)",
+    ),
+    "flatness-of-a-two-argument-loss": (
+        lambda: gam_optax.flatness.hessian_trace(lambda p, b: LOSS(p), PARAMS, jax.random.key(0)),
+        TypeError,
+        "hessian_trace: loss_fn must take the params alone",
+        "close over the rest, e.g. loss_fn=lambda p: loss(p, batch)",
+    ),
     "reuse-of-transparent": (
         lambda: gam_optax.reuse(gam_optax.transparent(gam_optax.sam(), optax.sgd(0.1))).init(
             PARAMS
@@ -145,3 +252,64 @@ def test_the_same_grad_fn_is_fine_where_i_is_a_python_int(name):
     tx = FAMILY[name].factory()
     d, _ = tx.update(G0, tx.init(PARAMS), PARAMS, grad_fn=branches_on_i)
     assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(d))
+
+
+def test_a_transparent_after_a_clip_or_beside_another_is_not_taken_for_two_in_a_chain():
+    """The check compares the gradient with the move a transparent update just returned:
+    a clip before it, or two models' optimizers each given its own gradient, pass."""
+    clipped = optax.chain(optax.clip_by_global_norm(1.0), TRANSPARENT_SAM)
+    moved, _ = clipped.update(G0, clipped.init(PARAMS), PARAMS)
+    first, _ = TRANSPARENT_SAM.update(G0, TRANSPARENT_SAM.init(PARAMS), PARAMS)
+    second, _ = TRANSPARENT_GAM.update(G0, TRANSPARENT_GAM.init(PARAMS), PARAMS)
+    step = optax.global_norm(moved)
+    assert 0 < float(step) and float(optax.global_norm(first)) > 0
+    assert float(optax.global_norm(second)) > 0
+
+
+def test_a_radius_of_100_is_accepted_and_a_longer_one_refused():
+    for name, row in FAMILY.items():
+        radius = {"hvp_step": 100.0} if name == "gam_penalty" else {"rho": 100.0}
+        d, _ = update(row.factory(**radius), loss_fn=LOSS)()
+        assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(d)), name
+        with pytest.raises(ValueError, match="is above 100, the longest radius accepted"):
+            row.factory(**{k: 100.01 for k in radius})
+
+
+def test_reuse_takes_a_numpy_bool_for_refresh_as_the_python_bool():
+    tx = gam_optax.reuse(gam_optax.gam(), every=3)
+    state = tx.init(PARAMS)
+    for flag in (True, False):
+        python = tx.update(G0, state, PARAMS, loss_fn=LOSS, refresh=flag)
+        numpy = tx.update(G0, state, PARAMS, loss_fn=LOSS, refresh=np.bool_(flag))
+        for a, b in zip(jax.tree.leaves(python), jax.tree.leaves(numpy), strict=True):
+            assert jnp.array_equal(a, b)
+
+
+def test_reuses_cpu_warning_points_at_the_callers_line_through_a_chain():
+    tx = optax.chain(gam_optax.reuse(gam_optax.gam(), every=2), optax.sgd(0.1))
+    with pytest.warns(UserWarning, match="jax.lax.cond") as caught:
+        jax.jit(lambda s: tx.update(G0, s, PARAMS, loss_fn=LOSS))(tx.init(PARAMS))
+    assert {w.filename for w in caught} == {__file__}
+
+
+def test_nan_inputs_give_nan_directions_and_apply_if_finite_skips_the_step():
+    """As documented (the family guide, "Errors and NaN"): a NaN in g0 spreads to every
+    entry of GAM's direction (its norms mix them) and stays at least at the NaN entry of
+    SAM's; optax.apply_if_finite passes loss_fn on and skips the step."""
+    nan_g0 = {"w": G0["w"].at[0, 0].set(jnp.nan), "b": G0["b"]}
+    for name, everywhere in (("gam", True), ("sam", False)):
+        tx = FAMILY[name].factory()
+        d, _ = tx.update(nan_g0, tx.init(PARAMS), PARAMS, loss_fn=LOSS)
+        nan = jnp.concatenate([jnp.isnan(v).ravel() for v in jax.tree.leaves(d)])
+        assert bool(nan.all()) if everywhere else bool(jnp.isnan(d["w"][0, 0])), name
+    tx = optax.apply_if_finite(optax.chain(gam_optax.gam(), optax.sgd(0.1)), 3)
+    state = tx.init(PARAMS)
+    skipped, state = tx.update(nan_g0, state, PARAMS, loss_fn=LOSS)
+    assert all(bool(jnp.all(v == 0)) for v in jax.tree.leaves(skipped))
+    assert int(state.notfinite_count) == 1
+    taken, state = tx.update(G0, state, PARAMS, loss_fn=LOSS)
+    expected, _ = optax.chain(gam_optax.gam(), optax.sgd(0.1)).update(
+        G0, optax.chain(gam_optax.gam(), optax.sgd(0.1)).init(PARAMS), PARAMS, loss_fn=LOSS
+    )
+    for a, b in zip(jax.tree.leaves(taken), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)

@@ -40,6 +40,18 @@ BAD_SCHEDULES = [
     (lambda t: jnp.ones(3) * 0.1, ValueError, "schedule at step 0 must be a scalar"),
     (lambda: 0.1, TypeError, "schedule failed when called with the step count 0"),
 ]
+# Radii (their schedules too) longer than 100 send the perturbed point where a model's
+# gradients overflow: refused by name.
+RADII = ("rho", "rho_prime", "sam_rho", "hvp_step")
+TOO_LONG = [
+    (1e30, ValueError, r"= 1e\+30 is above 100, the longest radius accepted"),
+    (100.5, ValueError, r"= 100.5 is above 100"),
+]
+TOO_LONG_SCHEDULE = (
+    lambda t: jnp.where(t >= 10, 1e3, 0.1),
+    ValueError,
+    "schedule at step 10 = 1000 is above 100",
+)
 REMEDY = "Pass a finite Python float"
 LR = optax.linear_schedule(0.1, 0.0, 200)
 
@@ -61,6 +73,8 @@ def _hyperparameter_cases():
                     cases[-len(BAD_SCHEDULES)] = (BAD_SCHEDULES[0][0], ValueError, message)
             else:
                 cases.append((lambda t: 0.1, TypeError, "must be a number, not a schedule"))
+            if argument in RADII:
+                cases += [*TOO_LONG, TOO_LONG_SCHEDULE]
             for i, (value, error, message) in enumerate(cases):
                 prefix = f"{transformation}: " + (
                     f"the {argument} " if message.startswith("schedule") else f"{argument} "
@@ -78,7 +92,9 @@ def _hyperparameter_cases():
 def test_bad_hyperparameters_name_the_argument_and_the_remedy(factory, kwargs, error, message):
     with pytest.raises(error, match=message) as raised:
         factory(**kwargs)
-    if "schedule failed" not in message and "not a schedule" not in message:
+    if "is above 100" in message:
+        assert "Pass a radius <= 100, e.g." in str(raised.value)
+    elif "schedule failed" not in message and "not a schedule" not in message:
         assert REMEDY in str(raised.value)
 
 
