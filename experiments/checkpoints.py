@@ -6,7 +6,7 @@
 - **One run per workdir.** :func:`locked` holds an exclusive ``flock`` on ``.lock`` for the
   whole run; a second run is refused at once with the holder's pid, host and start time. The
   operating system releases the lock when the holder dies, even by SIGKILL, so a killed run
-  always resumes.
+  always resumes. A refused command leaves the workdir as it was, ``.lock`` included.
 - **No damaged state is used.** Once Orbax has finished writing a checkpoint,
   ``checkpoints/<epoch>/files.json`` records the size and CRC-32 of each of its files;
   :meth:`Checkpoints.meta` checks them *before* Orbax reads anything (a truncated or
@@ -16,8 +16,9 @@
   every value is finite before anything in the workdir changes. A non-finite state is
   never written.
 - **The metrics follow the checkpoint.** ``meta`` also holds every epoch's record up to that
-  checkpoint; a resume rewrites ``metrics.jsonl`` from it (atomically), so an interrupted or
-  crashed run never leaves duplicated or out-of-order epochs behind.
+  checkpoint; a resume rewrites ``metrics.jsonl`` from it (atomically) where the file holds
+  anything else, and logs the first line that differed, so an interrupted or crashed run
+  never leaves duplicated or out-of-order epochs behind.
 - **A resume computes what the run computed.** :func:`check_resumable` refuses a config that
   differs from the checkpoint's in any field that changes the computation, unless named in
   ``allow_changes``.
@@ -41,7 +42,7 @@ import shutil
 import socket
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -67,42 +68,106 @@ ITEMS = ("state", "meta")  # the Orbax items of a checkpoint, folders of checkpo
 def locked(workdir: pathlib.Path) -> Iterator[None]:
     """Holds the workdir's lock for the duration of the block.
 
-    Creates ``workdir`` if needed; if the block fails and the workdir was created here and
-    holds nothing but the lock, it is removed again, so a failed start leaves nothing behind.
+    Creates ``workdir`` if needed. If the block fails (a refused resume, a bad config found
+    after the lock), ``.lock`` is left as it was found: its bytes and times restored, or
+    removed if this call created it, and so is a workdir created here that holds nothing
+    else; a refused command leaves the workdir exactly as it was.
     """
     created = not workdir.exists()
+    handle, before = _acquire(workdir)
+    try:
+        handle.seek(0)
+        handle.truncate()
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode())
+        handle.flush()
+        yield
+    except BaseException:
+        _put_back(workdir, handle, before, created)
+        raise
+    finally:
+        handle.close()  # releases the lock
+
+
+class _Found(NamedTuple):
+    """What :func:`locked` found: the lock file's bytes and (atime, mtime) in nanoseconds
+    (None for both when it created the lock file), and the workdir's times and entries."""
+
+    content: bytes | None
+    times: tuple[int, int] | None
+    workdir: tuple[tuple[int, int], frozenset[str]]
+
+
+def _acquire(workdir: pathlib.Path) -> tuple[Any, _Found]:
+    """The open lock file, locked, and what it held before. A lock file that is no longer
+    ``workdir/.lock`` once locked (removed by the failed run that held it) is tried again."""
+    path = workdir / LOCK_NAME
+    while True:
+        handle, fresh, found_workdir = _open_lock(workdir)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            handle.close()
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = path.read_text().strip() if path.exists() else ""
+            raise ConfigError(
+                f"workdir {workdir} is in use by another run ({holder or 'another process'}); "
+                f"nothing was changed. Wait for it to finish, or choose another --workdir."
+            ) from None
+        if _same_file(handle, path):
+            if fresh:
+                return handle, _Found(None, None, found_workdir)
+            stat = os.fstat(handle.fileno())
+            times = (stat.st_atime_ns, stat.st_mtime_ns)
+            return handle, _Found(handle.read(), times, found_workdir)
+        handle.close()
+
+
+def _open_lock(workdir: pathlib.Path) -> tuple[Any, bool, Any]:
+    """``(binary file, created here, (the workdir's times, its entries) before)`` of
+    ``workdir/.lock``."""
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        handle = open(workdir / LOCK_NAME, "a+")
+        stat, entries = workdir.stat(), frozenset(os.listdir(workdir))
+        try:
+            fd, fresh = os.open(workdir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL), True
+        except FileExistsError:
+            fd, fresh = os.open(workdir / LOCK_NAME, os.O_RDWR | os.O_CREAT), False
     except OSError as e:
         raise ConfigError(
             f"cannot use {workdir} as the workdir ({e.strerror or e}); choose a writable "
             f"directory with --workdir."
         ) from None
+    return open(fd, "rb+"), fresh, ((stat.st_atime_ns, stat.st_mtime_ns), entries)
+
+
+def _same_file(handle: Any, path: pathlib.Path) -> bool:
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise ConfigError(
-                f"workdir {workdir} is in use by another run ({holder}); nothing was changed. "
-                f"Wait for it to finish, or choose another --workdir."
-            ) from None
+        here, there = os.fstat(handle.fileno()), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _put_back(workdir: pathlib.Path, handle: Any, found: _Found, created: bool) -> None:
+    """Leaves ``.lock`` (still locked) as :func:`_acquire` found it, and removes a workdir
+    created by :func:`locked` that holds nothing else."""
+    path = workdir / LOCK_NAME
+    with contextlib.suppress(OSError):  # the block's error is the one to report
+        if found.content is None:
+            path.unlink()
+            times, entries = found.workdir
+            if created and not os.listdir(workdir):
+                workdir.rmdir()
+            elif frozenset(os.listdir(workdir)) == entries:  # only the lock file came and went
+                os.utime(workdir, ns=times)
+            return
         handle.seek(0)
         handle.truncate()
-        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
+        handle.write(found.content)
         handle.flush()
-        yield
-    except BaseException:
-        if created and [p.name for p in workdir.iterdir()] == [LOCK_NAME]:
-            shutil.rmtree(workdir, ignore_errors=True)
-        raise
-    finally:
-        handle.close()  # releases the lock
+        os.utime(path, ns=found.times)
 
 
 # ---------------------------------------------------------------------------
@@ -216,6 +281,72 @@ def write_metrics(path: pathlib.Path, records: Sequence[dict[str, Any]]) -> None
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(strict_json(r) + "\n" for r in records))
     os.replace(tmp, path)
+
+
+def metrics_mismatch(
+    lines: Sequence[str], records: Sequence[dict[str, Any]]
+) -> tuple[bool, str] | None:
+    """How the ``lines`` of a ``metrics.jsonl`` differ from ``records`` (a checkpoint's):
+    None where they hold exactly those records, else ``(damaged, the first difference)``.
+    Not damage: records of later epochs in order (the run stopped before their checkpoint
+    was finished), or the last records missing (it stopped before writing them)."""
+    expected = [json.loads(strict_json(r)) for r in records]
+    previous = expected[-1]["epoch"] if expected else 0
+    for number, line in enumerate(lines, 1):
+        found = _record(line)
+        want = expected[number - 1] if number <= len(expected) else None
+        if found is None:
+            return True, f"line {number} is not a metrics record: {line[:60]!r}"
+        if want is None and found["epoch"] > previous:
+            previous = found["epoch"]
+        elif want is None or found["epoch"] != want["epoch"]:
+            belongs = f"epoch {want['epoch']}'s record" if want else f"an epoch after {previous}"
+            return True, f"line {number} holds epoch {found['epoch']} where {belongs} belongs"
+        elif found != want:
+            return True, f"line {number} differs from epoch {found['epoch']}'s record"
+    if len(lines) > len(expected):
+        return False, (
+            f"its last {len(lines) - len(expected)} line(s) hold later epochs, whose checkpoint "
+            f"was not finished when the run stopped: they are trained again"
+        )
+    if len(lines) < len(expected):
+        return False, (
+            f"it ends before epoch {expected[len(lines)]['epoch']}'s record: the run stopped "
+            f"between that checkpoint and its record"
+        )
+    return None
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    """The metrics record of a line of ``metrics.jsonl``, or None."""
+    try:
+        record = json.loads(line)
+        record["epoch"] = int(record["epoch"])
+    except (ValueError, TypeError, KeyError):
+        return None
+    return record
+
+
+def match_metrics(
+    path: pathlib.Path, records: Sequence[dict[str, Any]], where: pathlib.Path | None
+) -> None:
+    """Makes ``metrics.jsonl`` hold ``records``, those of the checkpoint ``where`` (none
+    without one), and logs one line naming the first difference if it held anything else."""
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    mismatch = metrics_mismatch(lines, records)
+    if mismatch:
+        damaged, why = mismatch
+        source = (
+            f"the {len(records)} records of checkpoint {where} (epochs "
+            f"{records[0]['epoch']}-{records[-1]['epoch']})"
+            if records
+            else "no record: no checkpoint was finished, the run starts from epoch 1"
+        )
+        state = "was damaged" if damaged else "did not match the checkpoint"
+        log = logging.warning if damaged else logging.info
+        log("%s %s (%s); rebuilt it from %s.", path, state, why, source)
+    if mismatch or not path.exists():
+        write_metrics(path, records)
 
 
 def append_metrics(path: pathlib.Path, record: dict[str, Any]) -> None:
@@ -607,7 +738,7 @@ def opened(
 ) -> Iterator[tuple[Checkpoints, int, Any, list[dict[str, Any]]]]:
     """``(store, epoch, state, records)`` to train on from: with ``resume``, the latest
     checkpoint's epoch, its verified state (laid out like ``fresh``) and its records, else 0,
-    ``fresh`` and none in a cleared workdir; ``metrics.jsonl`` rewritten to match. The store
+    ``fresh`` and none in a cleared workdir; ``metrics.jsonl`` made to match. The store
     closes on exit, after the last save is written, even after an error."""
     metrics_path = workdir / METRICS_NAME
     epochs = checkpoint_epochs(workdir) if resume else []
@@ -619,7 +750,7 @@ def opened(
         parallel.sync("cleared workdir")
     store = Checkpoints(workdir, config.keep_checkpoints)
     try:
-        epoch, state, records = 0, fresh, []
+        epoch, state, records, where = 0, fresh, [], None
         if epochs:
             epoch, meta = epochs[-1], store.meta(epochs[-1])
             where = store.directory / str(epoch)
@@ -632,7 +763,7 @@ def opened(
             logging.info("Resumed %s from epoch %d.", workdir, epoch)
         parallel.sync("read metrics")
         if parallel.is_main_process():
-            write_metrics(metrics_path, records)
+            match_metrics(metrics_path, records, where)
         yield store, epoch, state, records
     finally:
         store.close()
@@ -651,3 +782,9 @@ def restore_checkpoint(workdir: str | pathlib.Path, step: int | None = None) -> 
         return store.read(step)
     finally:
         store.close()
+
+
+if __name__ == "__main__":
+    from experiments import not_a_program
+
+    not_a_program(__spec__, "python -m experiments.train", "the trainer's workdir and checkpoints")

@@ -163,3 +163,13 @@ def run(train_and_evaluate: Callable[..., dict[str, Any]]) -> None:
         # Raised while the flags were parsed: the --config file itself failed to run.
         reason = " ".join(str(e).split("Traceback")[0].split())
         sys.exit(f"error: the --config file failed to load ({type(e).__name__}: {reason}).")
+
+
+if __name__ == "__main__":
+    from experiments import not_a_program
+
+    not_a_program(
+        __spec__,
+        "python -m experiments.train",
+        "the command line of python -m experiments.train",
+    )

@@ -243,3 +243,11 @@ def concatenates(text: str) -> list[int]:
         if parsed is not None and parsed[0] == "concatenate":
             counts.append(sum(n for _, n in shapes(parsed[1])))
     return counts
+
+
+if __name__ == "__main__":
+    from experiments import not_a_program
+
+    not_a_program(
+        __spec__, "python -m experiments.benchmark --sharded", "it reads compiled programs"
+    )

@@ -334,3 +334,9 @@ def augment(
     if cutout_size:
         x = cutout(cutout_rng, x, cutout_size)
     return x
+
+
+if __name__ == "__main__":
+    from experiments import not_a_program
+
+    not_a_program(__spec__, "python -m experiments.train", "the trainer's data sets")

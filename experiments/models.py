@@ -241,3 +241,9 @@ def create_model(name: str, num_classes: int, dtype: Dtype = jnp.float32, **kwar
         return MODELS[name](num_classes=num_classes, dtype=dtype, **kwargs)
     except TypeError as e:
         raise ConfigError(f"model {name!r} does not take the options {kwargs}: {e}") from None
+
+
+if __name__ == "__main__":
+    from experiments import not_a_program
+
+    not_a_program(__spec__, "python -m experiments.train", "the trainer's models")

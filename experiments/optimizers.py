@@ -118,3 +118,9 @@ def create(
             raise ConfigError(f"config.{name}: {e}") from None
 
     return optax.chain(build(config.optimizer, has_aux=True), base)
+
+
+if __name__ == "__main__":
+    from experiments import not_a_program
+
+    not_a_program(__spec__, "python -m experiments.train", "the table of --config.optimizer")

@@ -268,3 +268,9 @@ def _device_step(step_fn: StepFn, average: str, state: Any, batch: Any, rng: jax
     if average == "direction":  # BatchNorm ran on each shard alone
         state = state.replace(batch_stats=jax.lax.pmean(state.batch_stats, AXIS))
     return state, jax.lax.pmean(metrics, AXIS)
+
+
+if __name__ == "__main__":
+    from experiments import not_a_program
+
+    not_a_program(__spec__, "python -m experiments.train", "the trainer's data parallelism")

@@ -124,3 +124,9 @@ class Report:
             f"training diverged {where}; {kept}, or set --config.skip_nonfinite_steps=N to "
             f"skip non-finite steps."
         )
+
+
+if __name__ == "__main__":
+    from experiments import not_a_program
+
+    not_a_program(__spec__, "python -m experiments.train", "what a training run reports")

@@ -95,3 +95,9 @@ def measure(
             flatness.first_order_flatness(loss_fn, params, rho, key=key_r1)
         ),
     }
+
+
+if __name__ == "__main__":
+    from experiments import not_a_program
+
+    not_a_program(__spec__, "python -m experiments", "the flatness measures of finished runs")

@@ -805,3 +805,11 @@ def _load_average(moment: str) -> float:
     one, five, fifteen = os.getloadavg()
     print(f"load average {moment}: {one:.2f} {five:.2f} {fifteen:.2f} (1, 5, 15 min)")
     return one
+
+
+if __name__ == "__main__":
+    from experiments import not_a_program
+
+    not_a_program(
+        __spec__, "python -m experiments.benchmark --sharded", "the sharded steps' measures"
+    )

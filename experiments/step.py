@@ -305,3 +305,9 @@ def build(
         axis_name=dp.axis_name,
     )
     return Program(model, tx, schedule, state, step)
+
+
+if __name__ == "__main__":
+    from experiments import not_a_program
+
+    not_a_program(__spec__, "python -m experiments.train", "the trainer's training step")

@@ -25,3 +25,9 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], *, markdown: boo
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(header).rstrip(), rule, *(line(r).rstrip() for r in rows)])
+
+
+if __name__ == "__main__":
+    from experiments import not_a_program
+
+    not_a_program(__spec__, "python -m experiments.reproduce", "the programs' tables as text")

@@ -56,3 +56,9 @@ def cache_compilations(directory: str | pathlib.Path) -> None:
     """
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+if __name__ == "__main__":
+    from experiments import not_a_program
+
+    not_a_program(__spec__, "python -m experiments.train", "the trainer's compiler options")

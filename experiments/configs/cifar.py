@@ -43,3 +43,10 @@ def get_config(arg: str = "cifar10,resnet18") -> ml_collections.ConfigDict:
     config.sam.update(gam_optax.sam_preset(f"sam_{dataset}"))
     config.log_every_steps = 50
     return config
+
+
+if __name__ == "__main__":
+    from experiments import not_a_program
+
+    config = "--config=experiments/configs/cifar.py"
+    not_a_program(__spec__, f"python -m experiments.train {config} --workdir=DIR", "a config")

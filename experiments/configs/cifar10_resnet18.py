@@ -5,3 +5,10 @@ from experiments.configs import cifar
 
 def get_config():
     return cifar.get_config("cifar10,resnet18")
+
+
+if __name__ == "__main__":
+    from experiments import not_a_program
+
+    config = "--config=experiments/configs/cifar10_resnet18.py"
+    not_a_program(__spec__, f"python -m experiments.train {config} --workdir=DIR", "a config")

@@ -86,3 +86,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.skip_nonfinite_steps = 0
     config.progress_bar = True
     return config
+
+
+if __name__ == "__main__":
+    from experiments import not_a_program
+
+    config = "--config=experiments/configs/default.py"
+    not_a_program(__spec__, f"python -m experiments.train {config} --workdir=DIR", "a config")

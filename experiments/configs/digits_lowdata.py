@@ -16,3 +16,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_train_examples = 180
     config.batch_size = 32
     return config
+
+
+if __name__ == "__main__":
+    from experiments import not_a_program
+
+    config = "--config=experiments/configs/digits_lowdata.py"
+    not_a_program(__spec__, f"python -m experiments.train {config} --workdir=DIR", "a config")

@@ -18,3 +18,10 @@ def get_config(label_noise: str = "0.4") -> ml_collections.ConfigDict:
     config = default.get_config()
     config.label_noise = float(label_noise)
     return config
+
+
+if __name__ == "__main__":
+    from experiments import not_a_program
+
+    config = "--config=experiments/configs/digits_noisy.py"
+    not_a_program(__spec__, f"python -m experiments.train {config} --workdir=DIR", "a config")

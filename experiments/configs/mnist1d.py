@@ -27,3 +27,10 @@ def get_config(label_noise: str = "0.0") -> ml_collections.ConfigDict:
     config.num_epochs = 40
     config.log_every_steps = 40
     return config
+
+
+if __name__ == "__main__":
+    from experiments import not_a_program
+
+    config = "--config=experiments/configs/mnist1d.py"
+    not_a_program(__spec__, f"python -m experiments.train {config} --workdir=DIR", "a config")

@@ -1,6 +1,6 @@
 """Execute the quick-start notebook in place, so that the documentation shows its outputs.
 
-    python experiments/notebooks/refresh.py
+    python -m experiments.notebooks.refresh    (or: python experiments/notebooks/refresh.py)
 
 Runs every cell in a fresh kernel, in the full setting (not the test suite's quick one),
 with this checkout's ``gam_optax`` first on the kernel's path (the install cell then installs
@@ -12,12 +12,15 @@ since the last refresh. About a minute on 2 CPU cores.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import pathlib
-import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import nbformat
+if TYPE_CHECKING:  # imported when a notebook is refreshed: --help works without them
+    import nbformat
 
 NOTEBOOK = pathlib.Path(__file__).with_name("gam_quickstart.ipynb")
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -29,9 +32,21 @@ def source_digest(notebook: nbformat.NotebookNode) -> str:
     return hashlib.sha256("\n\0".join(code).encode()).hexdigest()
 
 
-def refresh(path: pathlib.Path = NOTEBOOK) -> None:
-    from nbclient import NotebookClient
+def notebook_modules():
+    """``(nbformat, NotebookClient)``; missing: one ``error:`` line naming the extra to install."""
+    try:
+        import nbformat
+        from nbclient import NotebookClient
+    except ModuleNotFoundError as e:
+        raise SystemExit(
+            f"error: refreshing the notebook needs {e.name}, which is not installed; install "
+            f'the test extra (nbformat, nbclient, ipykernel): pip install -e ".[test]"'
+        ) from None
+    return nbformat, NotebookClient
 
+
+def refresh(path: pathlib.Path = NOTEBOOK) -> None:
+    nbformat, NotebookClient = notebook_modules()
     notebook = nbformat.read(path, as_version=4)
     for cell in notebook.cells:
         if cell.cell_type == "code":
@@ -57,5 +72,31 @@ def refresh(path: pathlib.Path = NOTEBOOK) -> None:
     print(f"refreshed {path}")
 
 
+def make_parser() -> argparse.ArgumentParser:
+    """The command line: the notebook to refresh."""
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.notebooks.refresh",
+        description=__doc__.split("\n")[0],
+        epilog="Needs nbformat, nbclient and ipykernel (the test extra: pip install -e "
+        '".[test]"). About a minute on 2 CPU cores.',
+    )
+    parser.add_argument(
+        "notebook",
+        nargs="?",
+        metavar="NOTEBOOK",
+        type=pathlib.Path,
+        default=NOTEBOOK,
+        help=f"the notebook to execute in place (default: experiments/notebooks/{NOTEBOOK.name})",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = make_parser().parse_args(argv)
+    if not args.notebook.is_file():
+        raise SystemExit(f"error: {args.notebook} does not exist; name a notebook (.ipynb).")
+    refresh(args.notebook)
+
+
 if __name__ == "__main__":
-    refresh(pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else NOTEBOOK)
+    main()

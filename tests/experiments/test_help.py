@@ -1,6 +1,7 @@
 """``--help`` of every program in experiments/: exit status 0, a usage line that names the
 command to type (``python -m experiments...``), plain text (no reStructuredText double
-backticks), and a description of every flag."""
+backticks), and a description of every flag. Every other module says, when run, that it is
+no program and which one to run instead."""
 
 import argparse
 import importlib
@@ -26,10 +27,9 @@ ARGPARSE_PROGRAMS = {
     "experiments.benchmark": "experiments.benchmark",
     "experiments.studies.dense_memory": "experiments.studies.dense_memory",
     "experiments.studies.arithmetic_floor": "experiments.studies.arithmetic_floor",
+    "experiments.notebooks.refresh": "experiments.notebooks.refresh",
 }
 ABSL_PROGRAMS = ("experiments.train",)  # absl flags: run in a process of its own
-# Not checked here: the notebook's refresh script (a maintainer's tool, no flags).
-NOT_CHECKED = ("experiments.notebooks.refresh",)
 TRAINER_FLAGS = {
     "workdir",
     "config",
@@ -43,18 +43,32 @@ TRAINER_FLAGS = {
 }
 
 
+def modules_found() -> dict[str, str]:
+    """``{module: its source}`` of every module of experiments/ (not packages)."""
+    return {
+        ".".join(path.relative_to(ROOT).with_suffix("").parts): path.read_text()
+        for path in (ROOT / "experiments").rglob("*.py")
+        if path.name not in ("__init__.py", "__main__.py")
+    }
+
+
 def programs_found() -> set[str]:
     """Every module of experiments/ that runs as a program."""
     found = {"experiments"}  # experiments/__main__.py
-    for path in (ROOT / "experiments").rglob("*.py"):
-        if path.name != "__main__.py" and 'if __name__ == "__main__"' in path.read_text():
-            found.add(".".join(path.relative_to(ROOT).with_suffix("").parts))
+    for module, text in modules_found().items():
+        if 'if __name__ == "__main__"' in text and "not_a_program(" not in text:
+            found.add(module)
     return found
 
 
+NOT_PROGRAMS = sorted(set(modules_found()) - programs_found())
+
+
 def test_every_program_is_checked():
-    checked = {*ARGPARSE_PROGRAMS, *ABSL_PROGRAMS, *NOT_CHECKED}
-    assert programs_found() == checked
+    assert programs_found() == {*ARGPARSE_PROGRAMS, *ABSL_PROGRAMS}
+    assert {"experiments.cli", "experiments.tables", "experiments.configs.default"} < {
+        *NOT_PROGRAMS
+    }
 
 
 def assert_plain(text: str, command: str) -> None:
@@ -100,3 +114,49 @@ def test_the_trainer_help_is_plain_and_describes_every_flag():
     }
     assert set(described) == TRAINER_FLAGS
     assert all(described.values()), described
+
+
+@pytest.mark.parametrize(
+    "module, argument",
+    [*((module, "--help") for module in NOT_PROGRAMS), ("experiments.cli", "--workdir=run")],
+)
+def test_a_module_that_is_no_program_says_which_to_run(module, argument, tmp_path):
+    """``python -m experiments.cli --help`` used to exit 0 and print nothing: every module
+    that is no program says so on one line, names a program, exits non-zero, writes nothing."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", module, argument],
+        cwd=tmp_path,  # a relative --workdir would land here
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"error: python -m {module} is not a program ("), line
+    instead = re.fullmatch(r".*; run python -m ([\w.]+)( [^;]*)? instead\.", line)
+    assert instead and instead[1] in programs_found(), line
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_notebook_refresh_needs_nbformat_to_run_only(monkeypatch, capsys, tmp_path):
+    """Its --help works without the test extra; a refresh without it is one line saying
+    what to install, not a traceback of ``import nbformat``."""
+    for name in ("nbformat", "nbclient"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import nbformat` fails
+    monkeypatch.delitem(sys.modules, "experiments.notebooks.refresh", raising=False)
+    refresh = importlib.import_module("experiments.notebooks.refresh")
+    with pytest.raises(SystemExit) as exit_:
+        refresh.main(["--help"])
+    assert exit_.value.code == 0
+    usage = " ".join(capsys.readouterr().out.split())  # argparse wraps its lines
+    assert "NOTEBOOK the notebook to execute in place (default: experiments/notebooks/gam" in usage
+    notebook = tmp_path / "copy.ipynb"
+    notebook.write_text("{}")
+    with pytest.raises(SystemExit) as exit_:
+        refresh.main([str(notebook)])
+    assert exit_.value.code == (
+        "error: refreshing the notebook needs nbformat, which is not installed; install the "
+        'test extra (nbformat, nbclient, ipykernel): pip install -e ".[test]"'
+    )
+    assert notebook.read_text() == "{}"

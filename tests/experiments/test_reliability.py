@@ -51,6 +51,23 @@ def files(workdir: pathlib.Path) -> dict[str, bytes]:
     }
 
 
+def snapshot(workdir: pathlib.Path) -> dict[str, tuple[bytes | None, int]]:
+    """Every file and folder under workdir, itself and the lock included: its bytes (None
+    for a folder) and its mtime in nanoseconds."""
+    return {
+        str(p.relative_to(workdir)): (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
+        for p in [workdir, *workdir.rglob("*")]
+    }
+
+
+def aged(workdir: pathlib.Path) -> dict[str, tuple[bytes | None, int]]:
+    """:func:`snapshot` after dating every file and folder 2001-09-09: a rewrite within the
+    file system's timestamp granularity still shows."""
+    for p in [workdir, *workdir.rglob("*")]:
+        os.utime(p, ns=(10**18, 10**18))
+    return snapshot(workdir)
+
+
 def strict_records(workdir: pathlib.Path) -> list[dict]:
     """metrics.jsonl parsed as strict JSON (NaN and Infinity are not JSON)."""
 
@@ -448,14 +465,15 @@ def test_compilation_is_timed_apart_from_the_training_steps(tmp_path, monkeypatc
 
 
 def test_the_command_line_refuses_a_resume_with_another_radius(finished_run, tmp_path):
+    """Refused after the lock: the workdir is as it was, the lock's bytes and times too."""
     workdir = copy_of(finished_run, tmp_path)
-    before = files(workdir)
+    before = aged(workdir)
     result = run_cli(*cli_flags(workdir, num_epochs=4), "--resume", "--config.gam.rho=0.5")
     assert_one_line_error(result, "gam.rho: 0.2 in the checkpoint, 0.5 now")
-    assert files(workdir) == before
+    assert snapshot(workdir) == before
     stray = run_cli(*cli_flags(workdir), "extra")
     assert_one_line_error(stray, "error: unexpected arguments: extra;")
-    assert files(workdir) == before
+    assert snapshot(workdir) == before
 
 
 def test_checksums_catch_a_changed_value_and_non_finite_values():
@@ -492,11 +510,11 @@ def test_a_second_run_on_a_workdir_is_refused_until_the_first_dies(finished_run,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        before = files(workdir)
+        before = aged(workdir)
         for flag in ("resume", "overwrite"):
             with pytest.raises(ConfigError, match=rf"in use by another run \(pid {holder.pid} on"):
                 train.train_and_evaluate(tiny_config(num_epochs=4), workdir, **{flag: True})
-        assert files(workdir) == before
+        assert snapshot(workdir) == before  # the holder's lock file too
         holder.send_signal(signal.SIGKILL)  # the OS releases its lock
         holder.wait()
         train.train_and_evaluate(tiny_config(num_epochs=4), workdir, resume=True)
@@ -506,6 +524,51 @@ def test_a_second_run_on_a_workdir_is_refused_until_the_first_dies(finished_run,
         holder.wait()
 
 
+def _damage_the_latest(workdir: pathlib.Path) -> None:
+    _truncate(workdir / "checkpoints" / "3")
+
+
+# Each way train_and_evaluate (and so the command line) refuses a workdir that holds a run:
+# config overrides (on num_epochs=4), its arguments, a change made first, the message.
+REFUSALS = {
+    "a run without --resume": ({}, {}, None, "already holds a run"),
+    "--resume --overwrite": ({}, dict(resume=True, overwrite=True), None, "only one of them"),
+    "--allow_changes alone": ({}, dict(allow_changes=["seed"]), None, "applies to --resume"),
+    "a bad value": (dict(momentum=1.5), dict(resume=True), None, "config.momentum must be"),
+    "a batch too large": (dict(batch_size=512), dict(resume=True), None, "batch size 512"),
+    "another config": (dict(seed=3), dict(resume=True), None, "a different configuration"),
+    "an unknown field": ({}, dict(resume=True, allow_changes=["sed"]), None, "names sed,"),
+    "another state": (
+        dict(optimizer="gam"),
+        dict(resume=True, allow_changes=["optimizer"]),
+        None,
+        "need another state",
+    ),
+    "fewer epochs": (dict(num_epochs=2), dict(resume=True), None, "trained 3 epochs already"),
+    "a damaged checkpoint": ({}, dict(resume=True), _damage_the_latest, "3 is damaged"),
+}
+
+
+@pytest.mark.parametrize("lock", ["kept", "absent"])
+@pytest.mark.parametrize("refusal", sorted(REFUSALS))
+def test_a_refused_command_leaves_the_workdir_exactly_as_it_was(
+    finished_run, tmp_path, refusal, lock
+):
+    """Names, bytes and mtimes of every file and folder: a refusal after the lock used to
+    rewrite .lock (or create it); the lock file is put back, or removed if it was absent."""
+    overrides, kwargs, change, message = REFUSALS[refusal]
+    workdir = copy_of(finished_run, tmp_path)
+    if change:
+        change(workdir)
+    if lock == "absent":
+        (workdir / checkpoints.LOCK_NAME).unlink()
+    config = tiny_config(**{"num_epochs": 4, **overrides})
+    before = aged(workdir)
+    with pytest.raises(ConfigError, match=message):
+        train.train_and_evaluate(config, workdir, **kwargs)
+    assert snapshot(workdir) == before
+
+
 def test_a_failed_start_leaves_no_workdir_behind(tmp_path):
     workdir = tmp_path / "new"
     with pytest.raises(ConfigError, match="batch size 512 exceeds"):  # found after the lock
@@ -513,9 +576,10 @@ def test_a_failed_start_leaves_no_workdir_behind(tmp_path):
     assert not workdir.exists()
 
 
-def test_resume_rewrites_the_metrics_from_the_checkpoint(finished_run, tmp_path):
+def test_resume_rewrites_the_metrics_from_the_checkpoint(finished_run, tmp_path, caplog):
     """A crash or a second writer can leave duplicated, out-of-order or garbled lines; the
-    checkpoint's own records replace them on resume."""
+    checkpoint's own records replace them on resume, which says so in one line (it used to
+    say nothing)."""
     workdir = copy_of(finished_run, tmp_path)
     good = strict_records(workdir)
     with (workdir / "metrics.jsonl").open("a") as f:
@@ -524,6 +588,65 @@ def test_resume_rewrites_the_metrics_from_the_checkpoint(finished_run, tmp_path)
     records = strict_records(workdir)
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     assert records[:3] == good
+    said = [r for r in caplog.records if "metrics.jsonl" in r.getMessage()]
+    assert [(r.levelname, r.getMessage()) for r in said] == [
+        (
+            "WARNING",
+            f"{workdir / 'metrics.jsonl'} was damaged (line 4 holds epoch 1 where an epoch "
+            f"after 3 belongs); rebuilt it from the 3 records of checkpoint "
+            f"{workdir / 'checkpoints' / '3'} (epochs 1-3).",
+        )
+    ]
+
+
+def _edited(lines: list[str], number: int, **fields) -> list[str]:
+    """``lines`` with line ``number`` (from 1) holding its record with ``fields`` changed."""
+    record = {**json.loads(lines[number - 1]), **fields}
+    return [*lines[: number - 1], json.dumps(record), *lines[number:]]
+
+
+# How a metrics.jsonl of 3 epochs (lines ls) can differ from its checkpoint's 3 records:
+# (damaged, the first difference), or None.
+METRICS_MISMATCHES = {
+    "intact": (lambda ls: ls, None),
+    "garbled": (lambda ls: [*ls, "{garbled"], (True, "line 4 is not a metrics record: '{garbled'")),
+    "blank line": (lambda ls: [ls[0], "", *ls[1:]], (True, "line 2 is not a metrics record: ''")),
+    "out of order": (
+        lambda ls: [ls[0], ls[2], ls[1]],
+        (True, "line 2 holds epoch 3 where epoch 2's record belongs"),
+    ),
+    "repeated": (lambda ls: [*ls, ls[2]], (True, "line 4 holds epoch 3 where an epoch after 3")),
+    "changed": (
+        lambda ls: _edited(ls, 2, test_accuracy=2.0),
+        (True, "line 2 differs from epoch 2's record"),
+    ),
+    "stopped before a checkpoint": (
+        lambda ls: [*ls, *_edited(ls, 3, epoch=4)[2:], *_edited(ls, 3, epoch=5)[2:]],
+        (False, "its last 2 line(s) hold later epochs, whose checkpoint was not finished"),
+    ),
+    "stopped before a record": (
+        lambda ls: ls[:2],
+        (False, "it ends before epoch 3's record: the run stopped between that checkpoint"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(METRICS_MISMATCHES))
+def test_a_metrics_file_is_compared_with_the_checkpoint_records_line_by_line(finished_run, case):
+    """Against the records the checkpoint itself holds (read back by Orbax)."""
+    workdir, _ = finished_run
+    store = checkpoints.Checkpoints(workdir)
+    try:
+        records = store.meta(3)["records"]
+    finally:
+        store.close()
+    change, expected = METRICS_MISMATCHES[case]
+    lines = change((workdir / "metrics.jsonl").read_text().splitlines())
+    found = checkpoints.metrics_mismatch(lines, records)
+    if expected is None:
+        assert found is None
+    else:
+        assert found[0] == expected[0] and found[1].startswith(expected[1]), found
 
 
 def test_a_garbled_metrics_file_without_records_in_the_checkpoint_is_named(tmp_path):
