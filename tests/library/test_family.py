@@ -187,3 +187,145 @@ def test_pmap_averaging_every_gradient_is_the_full_batch_step(name, x64):
     for got, want in zip(split, full, strict=True):
         for device in range(4):
             assert_close(jax.tree.map(lambda v, i=device: v[i], got), want, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# bfloat16 values: the direction is the float32 one, within bfloat16 rounding.
+# ---------------------------------------------------------------------------
+
+# Every transformation as built above (sam, gsam, asam, looksam leaf by leaf; gam, gam_penalty,
+# sam_gam on a flat vector), and the five members with the other arithmetic.
+BFLOAT16_CASES = {
+    **{name: (name, {}) for name in TRANSFORMATIONS},
+    **{
+        f"{name}_flat={not TRANSFORMATIONS[name]().options.flat}": (
+            name,
+            {"flat": not TRANSFORMATIONS[name]().options.flat},
+        )
+        for name in FAMILY
+    },
+}
+# One rounding to bfloat16 costs at most u = 2**-8 relative. The bfloat16 run rounds g0, each
+# gradient it evaluates, each point theta + e, the direction, and leaf by leaf its running
+# sums once more: five roundings. On the problem below (|g0| < rho' |H|: theta is near the
+# minimum, its entries ~0.01) the finite difference g1 - g0 at most doubles those of g0 and
+# g1, and a point's rounding moves its gradient by at most |H| |point| u ~ |gradient| u. So
+# at most ~6u in the worst case (each rounding at its bound and all of one sign), 8u allowed,
+# relative to the direction's largest entry. The float32 reference's own error, ~1e-7, is
+# negligible. An f32 leaf whose gradient nothing bfloat16 touches is held to 8 float32 units
+# doubled (16 * 2**-24): both runs do the same float32 arithmetic on the same values, in an
+# order XLA may change.
+BFLOAT16_TOLERANCE = 8 * 2.0**-8
+FLOAT32_TOLERANCE = 16 * 2.0**-24
+
+
+def scale_relative(a, b):
+    """max |a - b| over the tree, relative to the largest entry of ``b`` (upcast)."""
+    a, b = (jax.tree.leaves(jax.tree.map(lambda v: v.astype(jnp.float32), t)) for t in (a, b))
+    scale = max(float(jnp.max(jnp.abs(v))) for v in b)
+    return max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(a, b, strict=True)) / scale
+
+
+def near_minimum_loss(n, seed):
+    """theta -> 1/2 theta'A theta + 1/4 sum theta^4 in float32 (A = I + a symmetric part, its
+    eigenvalues within [0.7, 1.3]), and a theta near its minimum 0 (entries ~0.01): its
+    gradient A theta is small next to rho' |H|, so the finite differences stay well
+    conditioned in bfloat16."""
+    rng = np.random.default_rng(seed)
+    s = rng.normal(size=(n, n))
+    a = jnp.asarray(np.eye(n) + 0.1 * (s + s.T) / np.sqrt(n), jnp.float32)
+    loss = lambda t: 0.5 * t @ a @ t + 0.25 * jnp.sum(t**4)
+    return loss, 0.01 * rng.normal(size=n)
+
+
+def bfloat16_problem(dtypes):
+    """Params {"b": (3,), "w": (4, 3)} in ``dtypes``, and a loss computed in float32 from
+    them (the model's arithmetic is not under test: its gradient is rounded once, to the
+    leaf's dtype, by jax.grad)."""
+    loss, theta = near_minimum_loss(15, seed=11)
+    params = {"b": theta[:3], "w": theta[3:].reshape(4, 3)}
+    params = {k: jnp.asarray(v, dtypes[k]) for k, v in params.items()}
+    flat = lambda p: jnp.concatenate(
+        [p["b"].astype(jnp.float32), p["w"].astype(jnp.float32).ravel()]
+    )
+    return params, lambda p: loss(flat(p))
+
+
+def upcast_tree(params):
+    return jax.tree.map(lambda v: v.astype(jnp.float32), params)
+
+
+@pytest.mark.parametrize(
+    "dtypes",
+    [{"b": jnp.bfloat16, "w": jnp.bfloat16}, {"b": jnp.bfloat16, "w": jnp.float32}],
+    ids=["bfloat16", "mixed"],
+)
+@pytest.mark.parametrize("case", list(BFLOAT16_CASES))
+def test_bfloat16_direction_is_the_float32_one_within_bfloat16_rounding(case, dtypes):
+    """All-bfloat16 params, and a mixed tree (a bfloat16 leaf and a float32 one, coupled by
+    the loss): each step's direction equals the float32 run's from the same values upcast,
+    to bfloat16 rounding (the flat vector, the sums and every norm in float32)."""
+    name, options = BFLOAT16_CASES[case]
+    params, loss = bfloat16_problem(dtypes)
+    got = directions(TRANSFORMATIONS[name](**options), params, loss, loss_fn=loss)[0]
+    want = directions(TRANSFORMATIONS[name](**options), upcast_tree(params), loss, loss_fn=loss)[0]
+    for t, (d, reference) in enumerate(zip(got, want, strict=True)):
+        assert {k: v.dtype for k, v in d.items()} == {k: jnp.dtype(v) for k, v in dtypes.items()}
+        assert scale_relative(d, reference) < BFLOAT16_TOLERANCE, t
+    # The problem is not trivial: the direction is not the incoming gradient.
+    g0 = jax.grad(loss)(upcast_tree(params))
+    assert scale_relative(want[0], g0) > 0.05
+
+
+@pytest.mark.parametrize("case", list(BFLOAT16_CASES))
+def test_a_float32_leaf_beside_a_bfloat16_one_keeps_float32_precision(case):
+    """A mixed tree whose bfloat16 leaf has a zero gradient (the loss does not use it): no
+    bfloat16 rounding reaches the float32 leaf, whose direction must then be the float32
+    run's to float32 rounding. A flat vector or a norm held in bfloat16 would round it."""
+    name, options = BFLOAT16_CASES[case]
+    loss_of, theta = near_minimum_loss(12, seed=12)
+    params = {
+        "a": jnp.full(3, 0.5, jnp.bfloat16),
+        "w": jnp.asarray(theta.reshape(4, 3), jnp.float32),
+    }
+    loss = lambda p: loss_of(p["w"].ravel())
+    got = directions(TRANSFORMATIONS[name](**options), params, loss, loss_fn=loss)[0]
+    want = directions(TRANSFORMATIONS[name](**options), upcast_tree(params), loss, loss_fn=loss)[0]
+    for t, (d, reference) in enumerate(zip(got, want, strict=True)):
+        assert d["a"].dtype == jnp.bfloat16 and not bool(jnp.any(d["a"]))
+        assert scale_relative(d["w"], reference["w"]) < FLOAT32_TOLERANCE, t
+
+
+# ---------------------------------------------------------------------------
+# every_gradient: grad_fn= hands the transform each point, as loss_fn= does.
+# ---------------------------------------------------------------------------
+
+
+@every_transformation
+def test_every_gradient_grad_fn_path_hands_the_transform_each_point(name, x64):
+    """add_decayed_weights(w) at every point is the member on L + w/2 |theta|^2 (its
+    gradient g + w theta): the loss_fn= and grad_fn= paths must both be it, to 1e-12. A
+    grad_fn depending on i, (1 + i / 10) g: every_gradient must pass i on."""
+    x, y, params = make_problem()
+    loss = lambda p: softmax_loss(p, x, y)
+    w = 0.3
+    decay = lambda p: w * 0.5 * sum(jnp.sum(v**2) for v in jax.tree.leaves(p))
+    decayed = lambda p: loss(p) + decay(p)
+    tx = lambda: gam_optax.every_gradient(optax.add_decayed_weights(w), TRANSFORMATIONS[name]())
+    want = directions(TRANSFORMATIONS[name](), params, decayed, loss_fn=decayed)[0]
+    by_loss = directions(tx(), params, loss, loss_fn=loss)[0]
+    by_grad = directions(tx(), params, loss, grad_fn=lambda p, i: jax.grad(loss)(p))[0]
+    for d, e, reference in zip(by_loss, by_grad, want, strict=True):
+        assert_close(d, reference)
+        assert_close(e, reference)
+    # Decay at theta only (the transform given the params, not the point) is another step.
+    at_theta = lambda p, i: jax.tree.map(lambda g, v: g + w * v, jax.grad(loss)(p), params)
+    other = directions(TRANSFORMATIONS[name](), params, decayed, grad_fn=at_theta)[0]
+    assert max(scale_relative(a, b) for a, b in zip(other, want, strict=True)) > 1e-4
+    # i is passed on: (1 + i / 10) g + w p by hand, and through every_gradient.
+    scaled = lambda p, i: jax.tree.map(lambda g: g * (1 + 0.1 * i), jax.grad(loss)(p))
+    by_hand = lambda p, i: jax.tree.map(lambda g, v: g + w * v, scaled(p, i), p)
+    want = directions(TRANSFORMATIONS[name](), params, decayed, grad_fn=by_hand)[0]
+    got = directions(tx(), params, loss, grad_fn=scaled)[0]
+    for d, reference in zip(got, want, strict=True):
+        assert_close(d, reference)

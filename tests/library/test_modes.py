@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from perturbations import FAMILY
 from test_family import make_problem, softmax_loss
 
@@ -171,3 +173,108 @@ def test_calls_per_step_is_one_plus_the_traced_gradients(name):
     tx.update(jax.tree.map(jnp.sin, params), tx.init(params), params, grad_fn=grad_fn)
     assert seen == list(range(1, len(seen) + 1))
     assert gam_optax._transparent.calls_per_step(tx) == 1 + len(seen) == CALLS[name]
+
+
+# ---------------------------------------------------------------------------
+# grad_fn's index i in the modes that take grad_fn (all but the transparent one).
+# ---------------------------------------------------------------------------
+
+GRAD_FN_MODES = {
+    "unroll=False": lambda case: dict(unroll=False),
+    "other-arithmetic": lambda case: dict(flat=not member(case).options.flat),
+    "unroll=False-other-arithmetic": lambda case: dict(
+        unroll=False, flat=not member(case).options.flat
+    ),
+}
+
+
+def indexed_grad_fn(loss, seen):
+    """A grad_fn whose gradient depends on i, (1 + i / 10) g(p), that records each (i, p)
+    it is evaluated at (under unroll=False i is a traced int32: the callback sees its
+    value; in the exact mode p is the primal point of jax.jvp)."""
+
+    def record(i, p):
+        seen.append((int(i), jax.tree.map(jnp.asarray, p)))
+
+    def grad_fn(p, i):
+        jax.debug.callback(record, i, p)
+        return jax.tree.map(lambda g: g * (1 + 0.1 * i), jax.grad(loss)(p))
+
+    return grad_fn
+
+
+def grad_fn_direction(tx, grad_fn_of):
+    """The direction of one jitted update with an indexed grad_fn, and the (i, point)
+    pairs it was evaluated at, ordered by i (unordered callbacks may run in any order)."""
+    params, ((x, y), *_) = batches()
+    loss = lambda p: softmax_loss(p, x, y)
+    seen = []
+    grad_fn = grad_fn_of(loss, seen)
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=grad_fn)[0])
+    d = step(jax.grad(loss)(params), tx.init(params), params)
+    jax.effects_barrier()
+    return d, sorted(seen, key=lambda pair: pair[0])
+
+
+@pytest.mark.parametrize("mode", list(GRAD_FN_MODES))
+@pytest.mark.parametrize("case", list(CASES))
+def test_grad_fn_gets_the_inline_index_and_point_in_every_mode(case, mode, x64):
+    """unroll=False evaluates grad_fn in a jax.lax.scan, i a traced int32: it must get the
+    values 1, 2, 3... of the inline mode at the same points, and a grad_fn whose result
+    depends on i must give the inline direction (float64)."""
+    want, want_seen = grad_fn_direction(member(case), indexed_grad_fn)
+    got, got_seen = grad_fn_direction(member(case, **GRAD_FN_MODES[mode](case)), indexed_grad_fn)
+    indices = [i for i, _ in want_seen]
+    assert indices == list(range(1, len(indices) + 1)) and len(indices) >= 1
+    assert [i for i, _ in got_seen] == indices
+    for (i, point), (_, want_point) in zip(got_seen, want_seen, strict=True):
+        assert relative(point, want_point) < 1e-12, i
+    assert relative(got, want) < 1e-12
+    # i does matter here: the same grad_fn without the factor gives another direction (by
+    # 10-50%; 0.5% for gam_penalty_exact, where only h_norm keeps the factor, 1.3: the
+    # other two evaluations are normalised away, and their i are checked above).
+    plain, _ = grad_fn_direction(member(case), lambda loss, seen: lambda p, i: jax.grad(loss)(p))
+    assert relative(want, plain) > 1e-3
+
+
+# ---------------------------------------------------------------------------
+# average='direction' inside jax.shard_map: every member, inline and scanned.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("unroll", [True, False], ids=["inline", "unroll=False"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_shard_map_direction_mode_is_the_mean_of_each_devices_own_direction(case, unroll, x64):
+    """axis_name='data', average='direction' (the default) on 4 devices, each with a quarter
+    of the batch: the direction is the mean of the one-device directions of the quarters
+    (float64: the same arithmetic per device, then a mean). The scan's carry must be typed
+    per device from its start (GradientOracle.per_device), in every member and mode: the
+    exact modes' first probe is (theta, step), theta replicated, where the finite
+    differences' is theta + e, already per device."""
+    assert jax.device_count() == 4, "the root conftest.py sets 4 fake CPU devices"
+    x, y, params = make_problem(n=16)
+    quarters = [(x[s : s + 4], y[s : s + 4]) for s in range(0, 16, 4)]
+    single = member(case, unroll=unroll)
+    own = []
+    for bx, by in quarters:
+        loss = lambda p, bx=bx, by=by: softmax_loss(p, bx, by)
+        g0 = jax.grad(loss)(params)
+        own.append(single.update(g0, single.init(params), params, loss_fn=loss)[0])
+    want = jax.tree.map(lambda *ds: sum(ds) / 4, *own)
+
+    tx = member(case, unroll=unroll, axis_name="data")
+
+    def body(p, bx, by):
+        loss = lambda q: softmax_loss(q, bx, by)
+        g0 = jax.grad(loss)(jax.lax.pcast(p, "data", to="varying"))
+        return tx.update(g0, tx.init(p), p, loss_fn=loss)[0]
+
+    mesh = jax.make_mesh((4,), ("data",))
+    sharded = jax.shard_map(body, mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=P())
+    put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+    got = jax.jit(sharded)(put(params, P()), put(x, P("data")), put(y, P("data")))
+    assert relative(got, want) < 1e-12
+    # The direction mode differs from the one-device direction on the whole batch.
+    loss = lambda p: softmax_loss(p, x, y)
+    full = single.update(jax.grad(loss)(params), single.init(params), params, loss_fn=loss)[0]
+    assert relative(want, full) > 1e-3
