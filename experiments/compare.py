@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from experiments import ConfigError, configs, plot, run_flatness, tables, train
+from experiments import ConfigError, cli, configs, plot, run_flatness, tables, train
 from experiments.configs import mnist1d
 
 # Each optimizer's config overrides: GAM at the radius chosen on MNIST-1D's validation split
@@ -94,11 +94,36 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return f"{tables.table(tuple(COLUMNS), cells)}\n\n{TIMES}"
 
 
+def reading(rows: Sequence[dict[str, Any]], label_noise: float, seed: int) -> str:
+    """What the table says: the columns that need a word, and this run's contrast."""
+    lines = [
+        "top Hessian eig: the largest curvature of the training loss at the final "
+        "parameters; lower is flatter, the minimum GAM seeks."
+    ]
+    if label_noise > 0:
+        lines.append(
+            "final train loss: on the noisy training labels. A higher one is expected of a "
+            "flatter minimum there: it fits fewer of the wrong labels."
+        )
+    by_name = {r["optimizer"]: r for r in rows}
+    if {"sgd", "gam"} <= set(by_name):
+        sgd, gam = by_name["sgd"], by_name["gam"]
+        points = 100 * (gam["final_test_accuracy"] - sgd["final_test_accuracy"])
+        lines.append(
+            f"This run (one seed, {seed}): GAM ends {points:+.1f} points against SGD, at "
+            f"{gam['hessian'] / sgd['hessian']:.2f} x its top eigenvalue. Over 10 paired seeds "
+            "at 40% noise GAM ends 7.8 points above SGD (95% CI [+6.8, +8.8]); on clean "
+            "labels the two are within 0.5 points (experiments/RESULTS.md)."
+        )
+    return "\n".join(lines)
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The main job's options; ``--config.FIELD=VALUE`` flags pass through to the config."""
     parser = argparse.ArgumentParser(
         prog="python -m experiments",
         description=__doc__.split("\n")[0],
+        formatter_class=cli.HelpFormatter,
         epilog="--config.FIELD=VALUE changes a field of configs/mnist1d.py for both runs "
         "(e.g. --config.learning_rate=0.05).",
     )
@@ -155,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"seed {config.seed}, {args.label_noise:.0%} label noise:\n"
     )
     print(format_table(rows))
+    print(f"\n{reading(rows, args.label_noise, config.seed)}")
     fig = plot.plot_runs([workdir / r["optimizer"] for r in rows])
     fig.savefig(workdir / "curves.png", dpi=120)
     print(f"\nruns and curves in {workdir}; total {time.perf_counter() - start:.0f} s")

@@ -47,7 +47,8 @@ def plot_runs(run_dirs: Sequence[str | pathlib.Path]) -> matplotlib.figure.Figur
             )
     loss_ax.set(xlabel="epoch", ylabel="loss (train: label-smoothed)", yscale="log")
     acc_ax.set(xlabel="epoch", ylabel="accuracy")
-    acc_ax.legend(fontsize="small")
+    for ax in (loss_ax, acc_ax):
+        ax.legend(fontsize="small")
     return fig
 
 

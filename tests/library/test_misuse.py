@@ -261,9 +261,9 @@ def test_a_transparent_after_a_clip_or_beside_another_is_not_taken_for_two_in_a_
     moved, _ = clipped.update(G0, clipped.init(PARAMS), PARAMS)
     first, _ = TRANSPARENT_SAM.update(G0, TRANSPARENT_SAM.init(PARAMS), PARAMS)
     second, _ = TRANSPARENT_GAM.update(G0, TRANSPARENT_GAM.init(PARAMS), PARAMS)
-    step = optax.global_norm(moved)
-    assert 0 < float(step) and float(optax.global_norm(first)) > 0
-    assert float(optax.global_norm(second)) > 0
+    step = optax.tree.norm(moved)
+    assert 0 < float(step) and float(optax.tree.norm(first)) > 0
+    assert float(optax.tree.norm(second)) > 0
 
 
 def test_a_radius_of_100_is_accepted_and_a_longer_one_refused():
