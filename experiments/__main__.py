@@ -1,4 +1,4 @@
-"""``python -m experiments``: the main job, SGD against GAM on MNIST-1D with noisy labels (``experiments.compare``)."""
+"""``python -m experiments``: the main job, SGD against GAM (``experiments.compare``)."""
 
 from experiments.compare import main
 
