@@ -9,7 +9,11 @@ quick-start notebook is rendered without being executed (the test suite executes
 
 The build needs no network: the links to the jax, optax and flax documentation
 (intersphinx) come from the small inventories in ``docs/inventories/``, one line per name
-this documentation refers to, compiled here into the ``objects.inv`` format.
+this documentation refers to, compiled here into the ``objects.inv`` format. Nor does the
+site: no page loads a script, a stylesheet or an image from elsewhere. The maths is typeset
+by the MathJax 3 that ``sphinx-mathjax-offline`` (the ``docs`` extra) copies into
+``_static/mathjax``; Sphinx's default loads MathJax from a CDN, and offline the maths then
+shows as raw LaTeX. ``tests/test_docs.py`` checks the built site.
 """
 
 import inspect
@@ -38,6 +42,7 @@ extensions = [
     "sphinx.ext.intersphinx",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # sets mathjax_path to its own copy of MathJax: the site's
     "sphinx.ext.viewcode",
     "myst_nb",
 ]
@@ -128,13 +133,32 @@ README_LINKS = {
 }
 
 
+# Where the README's pointer to a guide leads inside that guide, which includes the pointer
+# itself: the target (a MyST ``(label)=`` in the guide) of the section the pointer means.
+GUIDE_CONTINUATIONS = {
+    "install": "install-why",
+    "family": "family-in-detail",
+    "flax": "flax-transparent",
+    "data_parallel": "data-parallel-program",
+    "performance": "performance-costs",
+    "experiments": "experiments-in-detail",
+}
+
+
 def _readme_as_guide(app, relative_path, parent_docname, content):
     """The README (or CONTRIBUTING.md) included in a page: its links to repository files that
     are pages here lead to those pages, and in a guide the README's ``###`` subsections
-    become ``##`` (the page title is the README's ``##``)."""
+    become ``##`` (the page title is the README's ``##``). A guide links to itself nowhere:
+    the README's pointer to the guide that includes it becomes "below", to the section meant."""
     if pathlib.Path(relative_path).name not in ("README.md", "CONTRIBUTING.md"):
         return
     text = content[0]
+    # MyST names the including page by its file's stem ("flax"), Sphinx by its docname.
+    guide = pathlib.Path(parent_docname).name
+    own = f"docs/guides/{guide}.md"
+    if own in README_LINKS:
+        label = GUIDE_CONTINUATIONS[guide]  # a new guide that includes the README: add it
+        text = re.sub(rf"\[[^\]]*\]\({re.escape(own)}\)", f"[below](#{label})", text)
     for file, page in README_LINKS.items():
         text = text.replace(f"]({file})", f"]({page})")
     if pathlib.Path(relative_path).name == "README.md" and parent_docname != "index":

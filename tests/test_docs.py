@@ -4,15 +4,21 @@ Every ```python block of the guides in ``docs/`` runs and does what its text say
 ``tests/test_readme.py`` checks the README's); each guide includes README sections that
 exist; CI builds the site with the README's command in an environment holding only the
 ``docs`` extra; every public name is in the API reference; no warning of the documentation
-build is silenced; user-facing text cites no issue numbers (readers cannot see the tracker);
+build is silenced; the built site reads offline (no page loads a script, a stylesheet or an
+image from the network: MathJax is the local copy under ``_static``) and no guide links to
+itself; user-facing text cites no issue numbers (readers cannot see the tracker);
 the changelog follows Keep a Changelog and has a section for the version; the version is
 written once; the README's table of supported versions is the pyproject's bounds.
 """
 
+import html.parser
 import importlib.metadata
 import pathlib
 import re
+import subprocess
+import sys
 import tomllib
+import urllib.parse
 
 import flax.linen as nn
 import jax
@@ -230,6 +236,110 @@ def test_no_documentation_warning_is_silenced():
     conf = (ROOT / "docs" / "conf.py").read_text(encoding="utf-8")
     assert re.search(r"^suppress_warnings\b", conf, re.M) is None
     assert "nitpick_ignore" not in conf
+
+
+@pytest.fixture(scope="session")
+def site(tmp_path_factory):
+    """The HTML site, built once for the tests that read it, as the README's command builds
+    it (warnings are errors)."""
+    out = tmp_path_factory.mktemp("site")
+    command = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html"]
+    command += ["-d", str(out / "doctrees"), str(ROOT / "docs"), str(out / "html")]
+    build = subprocess.run(command, capture_output=True, text=True)
+    assert build.returncode == 0, build.stdout + build.stderr
+    return out / "html"
+
+
+class _Page(html.parser.HTMLParser):
+    """A built page's resources (what the browser fetches: scripts, stylesheets, images,
+    frames) and the links of its article (the page's text, not the theme's navigation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.resources, self.links, self.sections, self._article = [], [], [], 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "article":
+            self._article += 1
+        for name in ("src", "data", "poster"):
+            if attrs.get(name):
+                self.resources.append((tag, attrs[name]))
+        if attrs.get("srcset"):
+            self.resources += [(tag, c.split()[0]) for c in attrs["srcset"].split(",") if c]
+        if tag == "link" and attrs.get("href"):
+            self.resources.append((tag, attrs["href"]))
+        for url in re.findall(r"url\(\s*['\"]?([^'\")\s]+)", attrs.get("style") or ""):
+            self.resources.append((tag, url))
+        if self._article and tag == "section" and attrs.get("id"):
+            self.sections.append(attrs["id"])
+        if self._article and tag == "a" and "href" in attrs:
+            if "headerlink" not in (attrs.get("class") or ""):  # a heading's own anchor
+                self.links.append(attrs["href"] or "")
+
+    def handle_endtag(self, tag):
+        if tag == "article":
+            self._article -= 1
+
+
+def _parse(path: pathlib.Path) -> _Page:
+    page = _Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    return page
+
+
+def _remote(url: str) -> bool:
+    """An absolute or protocol-relative address; ``data:`` and relative paths are local."""
+    return bool(re.match(r"\s*([a-z][a-z0-9+.-]*:)?//", url, re.I))
+
+
+def test_the_site_loads_nothing_from_the_network_and_mathjax_is_local(site):
+    pages = sorted(site.rglob("*.html"))
+    assert len(pages) > 10, pages
+    remote = [
+        f"{page.relative_to(site)}: <{tag}> {url}"
+        for page in pages
+        for tag, url in _parse(page).resources
+        if _remote(url)
+    ]
+    assert not remote, "pages load from the network:\n" + "\n".join(remote)
+    imports = [
+        f"{css.relative_to(site)}: {found}"
+        for css in sorted((site / "_static").rglob("*.css"))
+        for found in re.findall(
+            r"(?:url\(|@import)\s*['\"]?(?:https?:)?//[^'\")\s]*", css.read_text("utf-8")
+        )
+    ]
+    assert not imports, "stylesheets load from the network:\n" + "\n".join(imports)
+    # The maths: the API reference's is typeset by the MathJax copied into the site.
+    api = site / "api.html"
+    assert r"\(g_0 = \nabla L(\theta)\)" in api.read_text(encoding="utf-8")
+    scripts = [url for tag, url in _parse(api).resources if tag == "script"]
+    (mathjax,) = [url for url in scripts if "mathjax" in url.lower()]
+    assert mathjax.startswith("_static/mathjax/"), mathjax
+    assert (site / mathjax.split("?")[0]).is_file(), mathjax
+    assert list((site / "_static" / "mathjax" / "output" / "chtml" / "fonts").rglob("*.woff"))
+    docs_extra = PYPROJECT["project"]["optional-dependencies"]["docs"]
+    assert any(r.startswith("sphinx-mathjax-offline>=") for r in docs_extra)
+
+
+def test_no_guide_links_to_itself(site):
+    """A guide's link to its own page (or to its top) leads nowhere: the README's pointer to
+    a guide, included in that guide, leads to the section it means (docs/conf.py)."""
+    guides = sorted((site / "guides").glob("*.html"))
+    assert {g.stem for g in guides} == {g.stem for g in (ROOT / "docs" / "guides").glob("*.md")}
+    found = []
+    for guide in guides:
+        page = _parse(guide)
+        assert page.links and page.sections, guide.name
+        own = f"guides/{guide.name}"
+        for href in page.links:
+            url = urllib.parse.urlsplit(urllib.parse.urljoin(own, href))
+            if url.scheme or url.netloc or url.path not in ("", own):
+                continue
+            if url.fragment in ("", page.sections[0]):
+                found.append(f"{guide.name}: {href!r}")
+    assert not found, "guides link to themselves:\n" + "\n".join(found)
 
 
 def test_the_offline_inventories_are_well_formed():

@@ -1,9 +1,10 @@
-"""The Colab/TPU quick-start notebook: it runs as opened, and its stored outputs are current.
+"""The quick-start notebook: it runs as opened, and its stored outputs are current.
 
 * The install cell runs unedited where gam-optax is importable (it installs nothing), in a
-  checkout (it installs the checkout), and elsewhere (a wheel beside the notebook, or the
-  released package by name), and every pip call it makes keeps the installed jax, jaxlib
-  and their plugins at their versions. pip is mocked: nothing is installed.
+  checkout (it installs the checkout), and elsewhere (a wheel beside the notebook; without
+  one it stops and says to install from a checkout: no package index serves gam-optax), and
+  every pip call it makes keeps the installed jax, jaxlib and their plugins at their
+  versions. pip is mocked: nothing is installed.
 * The stored outputs, which the documentation shows, came from the code cells as they are
   (``experiments/notebooks/refresh.py`` records their digest).
 * The whole notebook executes top to bottom (quick setting, 2 CPU devices).
@@ -151,9 +152,9 @@ def test_install_cell_installs_the_checkout_it_runs_in(tmp_path):
     assert result["path0"] == str(ROOT.resolve())  # importable at once, without a restart
 
 
-def test_install_cell_elsewhere_installs_the_release_and_keeps_the_accelerator_jax(
-    tmp_path, outside
-):
+def test_install_cell_elsewhere_installs_the_wheel_and_keeps_the_accelerator_jax(tmp_path, outside):
+    wheel = outside / "gam_optax-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"")
     accelerator = [
         ("jax-cuda12-plugin", "0.10.2"),
         ("libtpu", "0.0.21"),
@@ -165,7 +166,7 @@ def test_install_cell_elsewhere_installs_the_release_and_keeps_the_accelerator_j
         tmp_path, outside, hide=["gam_optax", "flax"], extra_dists=accelerator
     )
     (call,) = result["calls"]
-    assert call["args"][5:] == ["flax", "gam-optax", "-c", call["args"][-1]]
+    assert call["args"][5:] == ["flax", str(wheel.resolve()), "-c", call["args"][-1]]
     pins = set(call["constraints"])
     assert {*INSTALLED_JAX, "jax-cuda12-plugin==0.10.2", "libtpu==0.0.21"} <= pins
     assert not [pin for pin in pins if pin.startswith("jaxtyping")]  # not a jax build
@@ -180,11 +181,18 @@ def test_install_cell_installs_a_wheel_beside_the_notebook(tmp_path, outside):
     assert call["args"][5] == str(wheel.resolve())
 
 
-def test_install_cell_failures_say_what_to_do(tmp_path, outside):
-    unpublished = "ERROR: No matching distribution found for gam-optax"
-    result = run_install_cell(tmp_path, outside, hide=["gam_optax"], rc=1, stderr=unpublished)
-    assert result["status"].startswith("exit: gam-optax is not on PyPI yet")
+def test_install_cell_elsewhere_without_a_wheel_says_to_install_from_a_checkout(tmp_path, outside):
+    """No package index serves gam-optax: the cell asks no index for it (a name taken there
+    by someone else would be installed), and says where it comes from."""
+    result = run_install_cell(tmp_path, outside, hide=["gam_optax"])
+    assert result["calls"] == []
+    assert result["status"].startswith("exit: gam-optax installs from a checkout")
+    assert 'pip install -e ".[experiments]"' in result["status"]
     assert "python -m build --wheel" in result["status"]
+
+
+def test_install_cell_failures_say_what_to_do(tmp_path, outside):
+    (outside / "gam_optax-0.1.0-py3-none-any.whl").write_bytes(b"")
     conflict = "ERROR: Cannot install gam-optax because these package versions have conflicts"
     result = run_install_cell(tmp_path, outside, hide=["gam_optax"], rc=1, stderr=conflict)
     assert "It may not change jax/jaxlib" in result["status"]
@@ -192,6 +200,7 @@ def test_install_cell_failures_say_what_to_do(tmp_path, outside):
 
 
 def test_install_cell_without_jax_lets_pip_install_it(tmp_path, outside):
+    (outside / "gam_optax-0.1.0-py3-none-any.whl").write_bytes(b"")
     result = run_install_cell(tmp_path, outside, hide=["gam_optax"], hide_dists=["jax", "jaxlib"])
     (call,) = result["calls"]
     assert call["constraints"] == [] and "no jax yet" in result["stdout"]
@@ -202,7 +211,7 @@ def test_install_cell_without_jax_lets_pip_install_it(tmp_path, outside):
 # ---------------------------------------------------------------------------
 
 
-def test_notebook_teaches_linen_with_the_train_state_and_nnx_and_opens_in_colab():
+def test_notebook_teaches_linen_with_the_train_state_and_nnx_and_installs_from_a_checkout():
     notebook = _read()
     code = _code(notebook)
     imports = [
@@ -217,12 +226,12 @@ def test_notebook_teaches_linen_with_the_train_state_and_nnx_and_opens_in_colab(
     assert "state.apply_gradients(grads=g0, loss_fn=loss_fn, batch_stats=batch_stats)" in joined
     assert "nnx.Optimizer(" in joined and "gam_optax.flax.nnx_loss_fn(model, loss)" in joined
     assert "optimizer.update(model, g0, loss_fn=loss_fn)" in joined
-    badge = re.search(
-        r"\]\((https://colab\.research\.google\.com/github/[^)]+)\)", notebook.cells[0].source
-    )
-    assert badge and badge.group(1).endswith(
-        "/gam-optax/blob/main/experiments/notebooks/gam_quickstart.ipynb"
-    )
+    # It has no home outside a checkout: no badge or link to a hosted copy, and no package
+    # index to install from.
+    markdown = "\n".join(c.source for c in notebook.cells if c.cell_type == "markdown")
+    assert "colab.research.google.com" not in markdown and "REPLACE-WITH" not in markdown
+    assert 'pip install -e ".[experiments]"' in markdown
+    assert not re.search(r"pip install (-U )?[\"']?gam-optax\b", markdown + joined)
 
 
 def _check_outputs(notebook, epochs):
