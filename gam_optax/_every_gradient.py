@@ -9,7 +9,7 @@ import jax
 import optax
 
 from gam_optax import _validation
-from gam_optax._oracle import scalar_loss_of
+from gam_optax._oracle import call_loss, scalar_loss_of
 
 
 def every_gradient(
@@ -110,4 +110,5 @@ def every_gradient(
 
 def _loss_only(loss_fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """``params -> loss`` for a ``loss_fn`` that returns the loss or a tuple ``(loss, aux)``."""
-    return lambda params: scalar_loss_of(loss_fn(params), None, "every_gradient")
+    name = "every_gradient"
+    return lambda params: scalar_loss_of(call_loss(loss_fn, params, name), None, name)

@@ -177,9 +177,29 @@ def scalar_loss_of(out: Any, has_aux: bool | None, name: str) -> Any:
     return out
 
 
+def call_loss(loss_fn: Callable, params: Any, name: str) -> Any:
+    """``loss_fn(params)``. A TypeError on params that hold None, where a filter such as
+    Equinox's ``eqx.filter(model, eqx.is_array)`` left out the model's non-array parts, says
+    that ``loss_fn`` receives those params and how to keep the model whole."""
+    try:
+        return loss_fn(params)
+    except TypeError as error:
+        holes = jax.tree.leaves(params, is_leaf=lambda x: x is None)
+        if not any(x is None for x in holes):
+            raise
+        raise TypeError(
+            f"{name}: loss_fn failed on the params ({type(error).__name__}: {error}). They "
+            "hold None where a filter (e.g. eqx.filter(model, eqx.is_array)) left out the "
+            "model's other parts, such as its activation functions, and loss_fn receives "
+            "these params. Keep the model whole: params, static = eqx.partition(model, "
+            "eqx.is_array), pass params, and loss_fn=lambda p: loss(eqx.combine(p, static), "
+            "batch)."
+        ) from error
+
+
 def _checked_scalar_loss(loss_fn: Callable, has_aux: bool, name: str) -> Callable:
     """``params -> scalar loss``, with a clear error for a wrong return value."""
-    return lambda params: scalar_loss_of(loss_fn(params), has_aux, name)
+    return lambda params: scalar_loss_of(call_loss(loss_fn, params, name), has_aux, name)
 
 
 _TRACED_INDEX_ERRORS = (

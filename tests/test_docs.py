@@ -152,7 +152,25 @@ def explicit_fsdp():
     assert losses[-1] < 0.5 * losses[0]
 
 
+def equinox_recipe():
+    """As pasted: an Equinox MLP split by eqx.partition trains with GAM; the filter style
+    instead fails with the error that names partition and combine."""
+    eqx = pytest.importorskip("equinox")
+    namespace = {}
+    exec(block("eqx.partition(model, eqx.is_array)  #"), namespace)
+    losses, model = namespace["losses"], namespace["model"]
+    assert losses[-1] < 0.2 * losses[0]
+    assert isinstance(model, eqx.nn.MLP)
+    x, y, tx = namespace["x"], namespace["y"], namespace["tx"]
+    filtered = eqx.filter(model, eqx.is_array)
+    grads = eqx.filter_grad(lambda m: namespace["loss"](m, x, y))(filtered)
+    with pytest.raises(TypeError, match=r"eqx.partition\(model, eqx.is_array\)"):
+        loss_fn = lambda m: jnp.mean((jax.vmap(m)(x) - y) ** 2)
+        tx.update(grads, tx.init(filtered), filtered, loss_fn=loss_fn)
+
+
 SCAFFOLDS = {
+    "eqx.partition(model, eqx.is_array)  #": equinox_recipe,
     "nnx.with_partitioning(": nnx_sharded,
     "nn.get_sharding(": linen_sharded,
     "AxisType.Explicit": explicit_fsdp,
