@@ -167,6 +167,17 @@ MISUSE = {
         "gam: has_aux=True, so loss_fn must return a tuple (loss, aux); it returned one array",
         "(float32[])",
     ),
+    "loss_fn-failing-on-a-filtered-tree": (  # eqx.filter's style: the activation is None
+        lambda: gam_optax.gam().update(
+            {**G0, "activation": None},
+            gam_optax.gam().init(PARAMS),
+            {**PARAMS, "activation": None},
+            loss_fn=lambda p: jnp.sum(p["activation"](p["w"])),
+        ),
+        TypeError,
+        "gam: loss_fn failed on the params (TypeError: 'NoneType' object is not callable)",
+        "params, static = eqx.partition(model, eqx.is_array)",
+    ),
     "dataset_loss-of-a-one-argument-loss": (
         lambda: gam_optax.flatness.dataset_loss(LOSS, jnp.ones((3, 4))),
         TypeError,
