@@ -75,6 +75,8 @@ def vma_checked(axis_name: str) -> bool:
         probe = to_varying(jnp.zeros(()), axis_name)
     except AssertionError:  # jax 0.9's pcast under jax.pmap, which has no such types
         return False
+    except ValueError:  # "pvary should be called under jax.shard_map": eager jax.vmap
+        return False
     return axis_name in varying_axes(probe)
 
 

@@ -169,7 +169,30 @@ def equinox_recipe():
         tx.update(grads, tx.init(filtered), filtered, loss_fn=loss_fn)
 
 
+def m_sharpness():
+    """As pasted: the vmap step trains, and its direction is the micro-batches' mean."""
+    namespace = {}
+    exec(block('axis_name="micro")  #'), namespace)
+    params, loss, x, y = (namespace[k] for k in ("params", "loss", "x", "y"))
+    assert float(loss(params, x, y)) < 0.2 * float(loss({"w": jnp.zeros(5)}, x, y))
+    plain = gam_optax.gam()
+    own = []
+    for s in range(0, 128, 16):
+        loss_fn = lambda p, s=s: loss(p, x[s : s + 16], y[s : s + 16])
+        own.append(
+            plain.update(jax.grad(loss_fn)(params), plain.init(params), params, loss_fn=loss_fn)[0][
+                "w"
+            ]
+        )
+    d = jax.vmap(namespace["direction"], in_axes=(None, 0, 0), axis_name="micro")(
+        params, x.reshape(8, 16, 5), y.reshape(8, 16)
+    )
+    # float32, the same formula batched or not: the sums' orders differ, tens of roundings
+    np.testing.assert_allclose(d["w"][3], sum(own) / 8, rtol=1e-5, atol=1e-6)
+
+
 SCAFFOLDS = {
+    'axis_name="micro")  #': m_sharpness,
     "eqx.partition(model, eqx.is_array)  #": equinox_recipe,
     "nnx.with_partitioning(": nnx_sharded,
     "nn.get_sharding(": linen_sharded,

@@ -20,6 +20,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from jax.sharding import NamedSharding
@@ -278,3 +279,36 @@ def test_shard_map_direction_mode_is_the_mean_of_each_devices_own_direction(case
     loss = lambda p: softmax_loss(p, x, y)
     full = single.update(jax.grad(loss)(params), single.init(params), params, loss_fn=loss)[0]
     assert relative(want, full) > 1e-3
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+@pytest.mark.parametrize("unroll", [True, False], ids=["inline", "unroll=False"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_m_sharpness_on_one_device_is_jax_vmap_over_micro_batches(case, unroll, jit, x64):
+    """SAM's m-sharpness on one device: ``jax.vmap(step, axis_name='m')`` over k micro-batches,
+    the member built with ``axis_name='m'``, jitted or not, gives the mean of each
+    micro-batch's own direction: what 'direction' mode gives on k devices (the test above).
+    With one micro-batch it is the plain step."""
+    x, y, params = make_problem(n=16)
+    single = member(case, unroll=unroll)
+
+    def own_direction(bx, by):
+        loss = lambda p: softmax_loss(p, bx, by)
+        return single.update(jax.grad(loss)(params), single.init(params), params, loss_fn=loss)[0]
+
+    tx = member(case, unroll=unroll, axis_name="m")
+
+    def step(p, bx, by):  # the user's step, unchanged: one micro-batch
+        loss = lambda q: softmax_loss(q, bx, by)
+        return tx.update(jax.grad(loss)(p), tx.init(p), p, loss_fn=loss)[0]
+
+    run = jax.vmap(step, in_axes=(None, 0, 0), axis_name="m")
+    run = jax.jit(run) if jit else run
+    for k in (4, 1):
+        micro = [(x[s : s + 16 // k], y[s : s + 16 // k]) for s in range(0, 16, 16 // k)]
+        want = jax.tree.map(lambda *ds, k=k: sum(ds) / k, *[own_direction(*b) for b in micro])
+        split = lambda a, k=k: a.reshape(k, 16 // k, *a.shape[1:])
+        got = run(params, split(x), split(y))
+        for leaf, expected in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert leaf.shape == (k, *expected.shape)  # vmap returns one (equal) copy each
+            np.testing.assert_allclose(leaf, np.broadcast_to(expected, leaf.shape), atol=1e-13)
