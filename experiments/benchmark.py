@@ -1,4 +1,4 @@
-"""What one training step costs: sgd, sam, gsam, gam and exact-Hessian gam in ONE process.
+"""What one training step costs, each optimizer's against sgd's, measured in ONE process.
 
 Every optimizer runs the training program's own step (``experiments.step.train_step``:
 on-device augmentation, g0 with BatchNorm, ``tx.update(..., loss_fn=...)``, apply) on the
@@ -68,7 +68,9 @@ import json
 import os
 import statistics
 import sys
+import textwrap
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,6 +81,7 @@ import optax
 
 import gam_optax
 from experiments import (
+    cli,
     input_pipeline,
     models,
     optimizers,
@@ -89,6 +92,7 @@ from experiments import (
 )
 from experiments.configs import default
 from experiments.hlo import program_counts
+from gam_optax._reuse import CPU_CONDITIONAL_WARNING
 
 SETTINGS = {
     # name: (model, model_kwargs, batch size, image shape, classes)
@@ -104,6 +108,14 @@ OPTIMIZERS = {
     "gam_exact_hvp": ("gam", {"hessian": True}),  # Algorithm 2, exact H v
     **{f"reuse_gam_{k}": ("reuse", {"inner": "gam", "every": k}) for k in (2, 5, 10)},
 }
+
+
+_STARTED = [time.perf_counter()]  # main() restarts the clock of the progress lines
+
+
+def progress(text: str) -> None:
+    """A progress line on stderr: the seconds since the command started, and ``text``."""
+    print(f"  {time.perf_counter() - _STARTED[0]:6.0f} s  {text}", file=sys.stderr, flush=True)
 
 
 def make_config(
@@ -254,11 +266,8 @@ def run(
                 result = measure(jitted, args, options, warmup, repeats, period(optimizer))
                 row = {"optimizer": optimizer, "parallel": name, "variant": variant, **result}
                 rows.append(row)
-                print(
-                    f"  measured {optimizer:12s} {name:20s} {variant:17s} "
-                    f"{result['step_ms']:9.1f} ms",
-                    file=sys.stderr,
-                    flush=True,
+                progress(
+                    f"measured {optimizer:12s} {name:20s} {variant:17s} {result['step_ms']:9.1f} ms"
                 )
     sgd = {(r["parallel"], r["variant"]): r["step_ms"] for r in rows if r["optimizer"] == "sgd"}
     one = {(r["optimizer"], r["variant"]): r["step_ms"] for r in rows if r["parallel"] == "none"}
@@ -395,11 +404,12 @@ def measure_arithmetic(params: Any, rows: Sequence[str], rounds: int) -> list[di
     rows = ["sgd", *[r for r in rows if r != "sgd"]]
     leaves = len(jax.tree.leaves(params))
     counts, times = {}, {row: [] for row in rows}
-    for _ in range(rounds):
+    for round_ in range(1, rounds + 1):
         for row in rows:
             compiled, seconds = compile_arithmetic(row, params)
             times[row].append(seconds)
             counts.setdefault(row, compiled_counts(compiled))
+            progress(f"arithmetic {row} ({leaves} leaves): compile {round_} of {rounds}")
     sgd = counts["sgd"]
     compile_sgd = statistics.median(times["sgd"])
     ratio = lambda value, base: (value or np.nan) / (base or np.nan)
@@ -584,17 +594,52 @@ def measure_costs(
             print(f"  (time budget spent: {row} left out)", file=sys.stderr, flush=True)
             continue
         programs[row] = _compile_row(row, setting, setting_values, dtype, compiler_options)
-    for _ in range(rounds + 1 if rounds else 0):  # round 0: the warm-up
+    for round_ in range(rounds + 1 if rounds else 0):  # round 0: the warm-up
         for row, p in programs.items():
-            cycle = cost_cycle(row)
-            state, batch, rng = p["args"]
-            start = time.perf_counter()
-            for _ in range(cycle):
-                state, metrics = p["compiled"](state, batch, rng)
-            jax.block_until_ready((state, metrics))
-            p["times"].append((time.perf_counter() - start) / cycle)
-            p["args"][0] = state
+            seconds = _time_row(row, p)
+            done = f"round {round_} of {rounds}" if round_ else "warm-up"
+            progress(f"timed {row} ({done}): {1e3 * seconds:.1f} ms")
     return [_costs(row, p, programs["sgd"], dtype) for row, p in programs.items()]
+
+
+def _time_row(row: str, p: dict[str, Any]) -> float:
+    """Seconds per step of one round of ``row``'s program (a whole cycle of its steps),
+    appended to ``p["times"]``; the state carries on to the next round."""
+    cycle = cost_cycle(row)
+    state, batch, rng = p["args"]
+    start = time.perf_counter()
+    for _ in range(cycle):
+        state, metrics = p["compiled"](state, batch, rng)
+    jax.block_until_ready((state, metrics))
+    p["times"].append((time.perf_counter() - start) / cycle)
+    p["args"][0] = state
+    return p["times"][-1]
+
+
+# gam_optax warns when reuse picks its refresh steps with lax.cond on a CPU; the row
+# "reuse(gam) in-step cond" measures that program on purpose: said once, in words.
+REUSE_NOTE = (
+    "note: the row reuse(gam) in-step cond has reuse pick its refresh steps with "
+    "jax.lax.cond, on purpose: XLA:CPU runs the convolutions inside it as plain loops, "
+    "several times slower than GAM's own step (gam_optax warns of it). The training program "
+    "picks them on the host: the rows reuse(gam) refresh and skip."
+)
+_SAID: set[str] = set()  # the notes said so far
+
+
+def noted(compile_fn: Any) -> Any:
+    """``compile_fn()``, gam_optax's warning about reuse's conditional said once as
+    :data:`REUSE_NOTE`; any other warning passes on."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = compile_fn()
+    for w in caught:
+        if str(w.message) != CPU_CONDITIONAL_WARNING:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        elif REUSE_NOTE not in _SAID:
+            _SAID.add(REUSE_NOTE)
+            print(REUSE_NOTE, flush=True)
+    return result
 
 
 def _compile_row(row, setting, setting_values, dtype, compiler_options) -> dict[str, Any]:
@@ -606,9 +651,10 @@ def _compile_row(row, setting, setting_values, dtype, compiler_options) -> dict[
         optimizer, setting, True, None, sections, setting_values, dtype, refresh
     )
     built = time.perf_counter()
-    compiled = jitted.lower(*args).compile(compiler_options=compiler_options or {})
+    lowered = noted(lambda: jitted.lower(*args))  # traced here: reuse's warning, if any
+    compiled = lowered.compile(compiler_options=compiler_options or {})
     state = jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, args[0])
-    print(f"  compiled {row:32s} {time.perf_counter() - start:7.1f} s", file=sys.stderr)
+    progress(f"compiled {row:32s} {time.perf_counter() - start:7.1f} s")
     return dict(
         compiled=compiled,
         args=[state, *args[1:]],
@@ -714,14 +760,50 @@ def run_costs(args: argparse.Namespace) -> list[dict[str, Any]]:
     return everything
 
 
+DESCRIPTION = textwrap.fill(
+    f"{__doc__.splitlines()[0]} The step-time table's optimizers (--optimizers): "
+    f"{', '.join(OPTIMIZERS)}.",
+    88,
+    break_on_hyphens=False,
+)
+# How long each mode takes on the 2-core CPU: measured where it says so (the load average
+# beside it: other jobs shared the cores), else the figure recorded in the place named.
+HOW_LONG = """\
+How long, on a 2-core x86-64 CPU (each row prints a progress line with the seconds
+elapsed, on stderr; "load" is the load average while measured):
+  --setting tiny                        about 50 s (measured, load 1-2.5)
+  --setting cpu                         about 90 s (measured, load 2-3)
+  --setting resnet18 (the default)      about 45 min, an estimate from its steps measured
+                                        here (sgd 3.9 s, gam 18.8 s, load 1-2.6): use a GPU
+  --costs --setting tiny                about 6 min (measured, load 3-6), mostly part 1's
+                                        sweep over leaves, which --leaves alone leaves out:
+  --costs --setting tiny --leaves       about 70 s (measured, load 4)
+  --costs --setting cpu                 about 400 s on quiet cores (measured: 397 s), of
+                                        which part 1 took 188 s alone (load 2.4-3.8)
+  --costs --arithmetic-only             about 4.5 min, on ResNet-18 (measured, load 2-6)
+  --costs --setting resnet18 --rounds 0 --rows sgd gam 'gam(unroll=False)'
+                                        part 1 of these 3 rows, then 21 s of compiles on
+                                        quiet cores, 4 min at load 20 (experiments/RESULTS.md,
+                                        "Compile once")
+  --accelerator                         on a GPU, within 5 min: what is not compiled after
+                                        240 s is left out (--budget-s; RESULTS.md)
+  --sharded                             about 15 min (compile only)
+"""
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The command line's flags: the step-time table (default) and ``--costs``."""
     parser = argparse.ArgumentParser(
         prog="python -m experiments.benchmark",
-        description=__doc__.split("\n\n")[0].replace("``", ""),
+        description=DESCRIPTION,
+        epilog=HOW_LONG,
+        formatter_class=cli.RawHelpFormatter,
     )
     parser.add_argument(
-        "--setting", choices=sorted(SETTINGS), default="resnet18", help="the model and shapes"
+        "--setting",
+        choices=sorted(SETTINGS),
+        default="resnet18",
+        help="the model and shapes (resnet18 is slow on a CPU: see below)",
     )
     parser.add_argument(
         "--optimizers",
@@ -789,7 +871,7 @@ def _add_sharded_flags(group: argparse._ArgumentGroup) -> None:
         nargs="+",
         type=int,
         default=list(sharded.SIZES),
-        help="the MLP's widths (default: the 48 MiB model)",
+        help=f"the MLP's widths (default: {' '.join(map(str, sharded.SIZES))}, the 48 MiB model)",
     )
     group.add_argument("--float64", action="store_true", help="also the float64 error")
 
@@ -862,6 +944,7 @@ def _run_sharded(parser: argparse.ArgumentParser, args: argparse.Namespace) -> l
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = make_parser()
     args = parser.parse_args(argv)
+    _STARTED[0] = time.perf_counter()
     if args.warmup < 0 or args.repeats < 1:
         parser.error("--warmup must be >= 0 and --repeats >= 1")
     if args.sharded:

@@ -4,14 +4,18 @@
 module does not import ``experiments.train`` (which imports it: no import cycle). Bad input
 (a config value, a workdir, a damaged checkpoint, a diverged run) and file-system problems
 end the command with one ``error: ...`` line and exit status 1; ``--help`` prints
-:data:`USAGE` and the flags, and exits 0.
+:data:`USAGE` and the flags, and exits 0. :class:`HelpFormatter` is the ``--help`` layout of
+the argparse programs (each option's default shown).
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import functools
 import logging as std_logging
 import pathlib
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,7 +23,7 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import ConfigError, parallel
+from experiments import ConfigError, configs, parallel
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).parent / "configs" / "default.py"
 FLAGS = flags.FLAGS
@@ -84,7 +88,91 @@ def define_flags() -> None:
     except (AttributeError, KeyError) as e:
         while isinstance(e, BaseException) and e.args:  # ml_collections nests its KeyError
             e = e.args[0]
-        sys.exit(f"error: the config has no field {' '.join(str(e).split())}")
+        reason = " ".join(str(e).split())
+        sys.exit(unknown_field(sys.argv) or f"error: the config has no field {reason}")
+
+
+def unknown_field(argv: Sequence[str]) -> str | None:
+    """The error line of the first ``--config.FIELD=VALUE`` of ``argv`` whose FIELD the
+    config lacks, with the closest field names; None when it has every one (or its file does
+    not load, which is an error of its own)."""
+    try:
+        fields = field_names(configs.from_flags(config_argument(argv)))
+    except ConfigError:
+        return None
+    for name in override_names(argv):
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=3)
+            closest = (
+                f"closest: {', '.join(map(repr, close))}" if close else "no field has a close name"
+            )
+            return (
+                f"error: the config has no field {name!r} ({closest}); the fields are "
+                f"documented in experiments/configs/default.py."
+            )
+    return None
+
+
+def config_error(path: str, flags: Sequence[str], error: Exception) -> str:
+    """What a driver says when ``--config=path`` and its ``--config.FIELD=VALUE`` ``flags``
+    fail: a field the config lacks as :func:`unknown_field` names it, else ``error``."""
+    line = unknown_field([f"--config={path}", *flags])
+    return f"--config={path} {' '.join(flags)}: {line[len('error: ') :]}" if line else str(error)
+
+
+def config_argument(argv: Sequence[str]) -> str:
+    """The ``--config=FILE[:ARG]`` of ``argv`` (``--config FILE`` too; default: default.py)."""
+    for i, arg in enumerate(argv):
+        if re.fullmatch(r"--?config", arg) and i + 1 < len(argv):
+            return argv[i + 1]
+        if re.match(r"--?config=", arg):
+            return arg.split("=", 1)[1]
+    return str(_DEFAULT_CONFIG)
+
+
+def override_names(argv: Sequence[str]) -> list[str]:
+    """The FIELD of each ``--config.FIELD=VALUE`` (``--noconfig.FIELD``) of ``argv``."""
+    return [m[1] for a in argv if (m := re.match(r"--?(?:no)?config\.([^=]+)", a))]
+
+
+def field_names(config: Any, prefix: str = "") -> list[str]:
+    """Every field of ``config``, dotted (``gam``, ``gam.rho``, ...)."""
+    names = []
+    for key, value in config.items():
+        names.append(f"{prefix}{key}")
+        if hasattr(value, "items"):  # a section
+            names += field_names(value, f"{prefix}{key}.")
+    return names
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` of the argparse programs: each option's default after its help, unless
+    the help says it already (no default, None or False: nothing; every choice: "all")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = default_text(action)
+        if shown is None or "default" in text:
+            return text
+        return f"{text} (default: {shown})"
+
+
+class RawHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """:class:`HelpFormatter`, the description and the epilog printed as written."""
+
+
+def default_text(action: argparse.Action) -> str | None:
+    """An option's default as ``--help`` shows it (None: it shows none)."""
+    default = action.default
+    if not action.option_strings or action.help == argparse.SUPPRESS:
+        return None
+    if default is None or default is False or default is argparse.SUPPRESS:
+        return None
+    if isinstance(default, list | tuple):
+        if action.choices is not None and list(default) == list(action.choices):
+            return "all"
+        return " ".join(map(str, default)) or "none"
+    return str(default).replace("%", "%%")  # help strings are %-formatted
 
 
 def help_text(full: bool = False) -> str:
@@ -160,9 +248,13 @@ def run(train_and_evaluate: Callable[..., dict[str, Any]]) -> None:
     except Exception as e:
         if FLAGS.is_parsed():
             raise  # a bug in the program: keep its traceback
-        # Raised while the flags were parsed: the --config file itself failed to run.
+        # Raised while the flags were parsed: a --config.FIELD the config lacks, or the
+        # --config file itself failed to run.
         reason = " ".join(str(e).split("Traceback")[0].split())
-        sys.exit(f"error: the --config file failed to load ({type(e).__name__}: {reason}).")
+        sys.exit(
+            unknown_field(sys.argv)
+            or f"error: the --config file failed to load ({type(e).__name__}: {reason})."
+        )
 
 
 if __name__ == "__main__":

@@ -157,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:  # --config.FIELD=VALUE: a field of configs/mnist1d.py changed for both runs
         base = configs.from_flags(mnist1d.__file__, config_flags)
     except ConfigError as e:
-        parser.error(str(e))
+        parser.error(cli.config_error(mnist1d.__file__, config_flags, e))
     workdir = args.workdir or pathlib.Path("runs", time.strftime("compare-%Y%m%d-%H%M%S"))
     start = time.perf_counter()
     try:

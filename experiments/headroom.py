@@ -57,6 +57,7 @@ import json
 import multiprocessing
 import pathlib
 import sys
+import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from concurrent.futures.process import BrokenProcessPool
@@ -67,7 +68,7 @@ import numpy as np
 import scipy.stats
 from matplotlib.figure import Figure
 
-from experiments import ConfigError, configs, reproduce, tables, xla_options
+from experiments import ConfigError, cli, configs, reproduce, tables, xla_options
 
 DEFAULT_OPTIMIZERS = ("sgd", "sam", "gam", "sam_gam", "reuse", "gam_penalty", "adamw", "gam_adamw")
 # GAM-Hessian's exact Hessian-vector products cost 2x GAM's run on digits' 2-D CNN (205 s
@@ -83,9 +84,14 @@ class Setting:
     label: str  # for tables and plots
     optimizers: tuple[str, ...] = DEFAULT_OPTIMIZERS  # run unless --optimizers says otherwise
 
+    @property
+    def path(self) -> str:
+        """The setting's ``--config=PATH[:ARG]``."""
+        return str(pathlib.Path(configs.__file__).parent / self.config)
+
     def base(self, flags: Sequence[str] = ()) -> ml_collections.ConfigDict:
         """The setting's config, ``--config.FIELD=VALUE`` ``flags`` applied."""
-        return configs.from_flags(str(pathlib.Path(configs.__file__).parent / self.config), flags)
+        return configs.from_flags(self.path, flags)
 
 
 # Adding a setting is one line here (and a config file, if none of them has it yet).
@@ -268,6 +274,7 @@ def run_method(
     """One run of ``method`` at its axis value in setting ``name``: the setting's config with
     the method's :data:`BASES` and :func:`overrides` (``reproduce.run_one`` reuses a finished
     run of the same config). ``validation``: examples held out to choose the value."""
+    start = time.perf_counter()
     base = SETTINGS[name].base(args.config_flags)
     method_overrides = overrides(method, value)
     described = reproduce.describe(method_overrides)
@@ -285,7 +292,8 @@ def run_method(
         base=configs.override(base, BASES.get(method, {})),
         measure=validation is None,  # choosing a radius needs the accuracy alone
     )
-    print(f"done {name}/{folder}/{label}-seed{seed}", file=sys.stderr, flush=True)
+    seconds = time.perf_counter() - start  # ~0: a finished run, reused
+    print(f"done {name}/{folder}/{label}-seed{seed} ({seconds:.0f} s)", file=sys.stderr, flush=True)
     # The method's name in the tables (gam_adamw's overrides name gam).
     shown = method + described[len(method_overrides["optimizer"]) :]
     return {**result, "optimizer": shown, "name": method}
@@ -575,13 +583,25 @@ def plot(workdir: pathlib.Path) -> pathlib.Path:
     return path
 
 
+HOW_LONG = (
+    'How long, on 2 CPU cores with --jobs 2 --seeds 10 (experiments/RESULTS.md, "The whole '
+    'benchmark, timed"): mnist1d_noise40 20.5 min (136 runs), mnist1d 19 min, noise40 57 '
+    "min (digits' flatness measures are slow), the three 1 h 37 min. --seeds 5, the "
+    "default, runs about 70% as many; --jobs 1, the default, may take up to twice as long "
+    "(an estimate: that run kept both cores 95% busy). Each finished run prints a line with "
+    "its seconds; finished runs in --workdir are reused, so a killed command continues."
+)
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The benchmark's options; ``--config.FIELD=VALUE`` flags pass through to the configs."""
     parser = argparse.ArgumentParser(
         prog="python -m experiments.headroom",
         description=__doc__.split("\n\n")[0],
         epilog="--config.FIELD=VALUE changes a field of every setting's config (e.g. "
-        "--config.num_epochs=10). The settings and the protocol: experiments/headroom.py.",
+        "--config.num_epochs=10). The settings and the protocol: experiments/headroom.py. "
+        f"{HOW_LONG}",
+        formatter_class=cli.HelpFormatter,
     )
     parser.add_argument(
         "--workdir",
@@ -650,7 +670,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         try:
             SETTINGS[name].base(config_flags)
         except ConfigError as e:
-            parser.error(f"setting {name}: {e}")
+            parser.error(
+                f"setting {name}: {cli.config_error(SETTINGS[name].path, config_flags, e)}"
+            )
     for follower, (inner, _) in FOLLOWERS.items():
         if follower in (args.optimizers or ()) and inner not in args.optimizers:
             parser.error(f"{follower} takes {inner}'s radius: add {inner} to --optimizers")

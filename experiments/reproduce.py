@@ -42,7 +42,16 @@ import numpy as np
 import scipy.stats
 from matplotlib.figure import Figure
 
-from experiments import ConfigError, checkpoints, configs, optimizers, tables, train, xla_options
+from experiments import (
+    ConfigError,
+    checkpoints,
+    cli,
+    configs,
+    optimizers,
+    tables,
+    train,
+    xla_options,
+)
 from experiments.configs import default
 from experiments.run_flatness import measure as measure_flatness  # a finished run's flatness
 
@@ -280,10 +289,21 @@ def plot(results: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+HOW_LONG = (
+    "How long: the defaults (4 optimizers x 5 seeds, 8 epochs on digits) take about 5 min "
+    "on 2 CPU cores (measured: one seed of the 4, training and flatness, 52 s at load "
+    "average 2-3). Each finished run prints a line with the seconds so far; finished runs "
+    "in --workdir are reused, so a killed command continues."
+)
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The driver's options; ``--config.FIELD=VALUE`` flags pass through to the config."""
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.reproduce", description=__doc__.split("\n\n")[0]
+        prog="python -m experiments.reproduce",
+        description=__doc__.split("\n\n")[0],
+        epilog=HOW_LONG,
+        formatter_class=cli.HelpFormatter,
     )
     parser.add_argument(
         "--workdir",
@@ -344,9 +364,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, tuple[float, 
         base = configs.from_flags(path, config_flags) if args.config or config_flags else None
         methods = {text: parse_method(text, base) for text in args.optimizers}
     except ConfigError as e:
-        parser.error(str(e))
+        parser.error(cli.config_error(path, config_flags, e))
     xla_options.cache_compilations(args.workdir / "compilation_cache")
-    results = []
+    results, start = [], time.perf_counter()
     try:
         for seed in range(args.seeds):
             for text, method in methods.items():
@@ -366,7 +386,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, tuple[float, 
                         base,
                     )
                 )
-                print(f"done {run_dir}", file=sys.stderr, flush=True)
+                print(
+                    f"done {run_dir} (run {len(results)} of {args.seeds * len(methods)}, "
+                    f"{time.perf_counter() - start:.0f} s so far)",
+                    file=sys.stderr,
+                    flush=True,
+                )
     except ConfigError as e:
         sys.exit(f"error: {e}")
     table = summarise(results)

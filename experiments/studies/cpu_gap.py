@@ -36,7 +36,7 @@ import numpy as np
 import optax
 
 import gam_optax
-from experiments import tables, xla_options
+from experiments import cli, tables, xla_options
 
 WIDTHS = (32, 32, 64, 64, 128, 128)
 BATCH, CLASSES, EPS, MOMENTUM = 64, 10, 1e-5, 0.9
@@ -271,7 +271,9 @@ def run(names, rounds: int, grad_calls: int, step_calls: int) -> list[dict[str, 
 def make_parser() -> argparse.ArgumentParser:
     """The study's options."""
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.studies.cpu_gap", description=__doc__.split("\n\n")[0]
+        prog="python -m experiments.studies.cpu_gap",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=cli.HelpFormatter,
     )
     parser.add_argument(
         "--rounds", type=int, default=5, help="interleaved rounds over the variants (medians)"

@@ -1,12 +1,15 @@
 """The step benchmark measures the training program's real step for every optimizer."""
 
+import re
 import types
+import warnings
 
 import jax
 import numpy as np
 import pytest
 
 from experiments import benchmark, xla_options
+from gam_optax._reuse import CPU_CONDITIONAL_WARNING
 
 
 def test_benchmark_times_every_optimizer_on_the_same_step(capsys):
@@ -24,7 +27,12 @@ def test_benchmark_times_every_optimizer_on_the_same_step(capsys):
         assert r["loss"] == pytest.approx(rows[0]["loss"], rel=1e-5)
     peak = {r["optimizer"]: r["peak_mb"] for r in rows}
     assert peak["gam"] >= peak["sgd"] > 0  # GAM holds more gradients than SGD
-    assert "x sgd" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "x sgd" in out
+    # A line per row as it is measured, with the seconds since the command started.
+    measured = re.findall(r"^ +(\d+) s  measured (\w+) ", err, re.M)
+    assert [name for _, name in measured] == ["sgd", "gam"]
+    assert int(measured[0][0]) <= int(measured[1][0])
 
 
 def test_cpu_options_are_used_only_where_they_compile():
@@ -223,3 +231,43 @@ def test_costs_measures_the_optimizers_arithmetic_alone_on_a_tiny_tree(capsys):
     for row in benchmark.ARITHMETIC:  # a line of the table per transformation
         assert sum(line.startswith(f"{row} ") for line in lines) == 1
     assert "compile s (load-dependent)" in out and "fusions per leaf" in out
+
+
+REUSE_ROW = "reuse(gam) in-step cond"
+
+
+def test_the_costs_say_the_expected_reuse_warning_once_in_words(monkeypatch, capsys):
+    """The row reuse(gam) in-step cond measures reuse's lax.cond on purpose: gam_optax's
+    UserWarning about it (on a CPU) is one line of words, said once per process, and every
+    row prints progress lines with the seconds elapsed as it is compiled and timed."""
+    monkeypatch.setattr(benchmark, "_SAID", set())
+    argv = ["--costs", "--setting", "tiny", "--rows", "sgd", REUSE_ROW, "--rounds", "1"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = benchmark.main([*argv, "--leaves", "--compile-rounds", "1"])
+        benchmark._compile_row(REUSE_ROW, "tiny", None, "float32", None)  # once more
+    assert [r["row"] for r in results if r["table"] == "step"] == ["sgd", REUSE_ROW]
+    assert not [w for w in caught if str(w.message) == CPU_CONDITIONAL_WARNING]
+    out, err = capsys.readouterr()
+    assert out.count(benchmark.REUSE_NOTE) == (jax.default_backend() == "cpu")
+    assert "UserWarning" not in out + err
+    lines = re.findall(r"^ +\d+ s  (.*)$", err, re.M)
+    assert lines[0] == "arithmetic sgd (8 leaves): compile 1 of 1"
+    for row in ("sgd", REUSE_ROW):
+        assert sum(line.startswith(f"compiled {row} ") for line in lines) == (row == REUSE_ROW) + 1
+        for done in ("warm-up", "round 1 of 1"):
+            assert sum(line.startswith(f"timed {row} ({done}): ") for line in lines) == 1
+
+
+def test_the_warning_filter_lets_every_other_warning_through(monkeypatch, capsys):
+    monkeypatch.setattr(benchmark, "_SAID", set())
+
+    def compile_fn():
+        for message in (CPU_CONDITIONAL_WARNING, "another", CPU_CONDITIONAL_WARNING):
+            warnings.warn(message, stacklevel=1)
+        return 3
+
+    with pytest.warns(UserWarning) as record:
+        assert benchmark.noted(compile_fn) == 3
+    assert [str(w.message) for w in record] == ["another"]
+    assert capsys.readouterr().out == benchmark.REUSE_NOTE + "\n"
