@@ -312,3 +312,25 @@ def test_m_sharpness_on_one_device_is_jax_vmap_over_micro_batches(case, unroll, 
         for leaf, expected in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             assert leaf.shape == (k, *expected.shape)  # vmap returns one (equal) copy each
             np.testing.assert_allclose(leaf, np.broadcast_to(expected, leaf.shape), atol=1e-13)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_m_sharpness_sequential_over_micro_batches_equals_the_vmap(case, x64):
+    """The sequential strategy, ``jax.lax.map`` of the plain member over the micro-batches
+    and a mean (one micro-batch's memory at a time), equals the parallel one, ``jax.vmap``
+    with ``axis_name`` (float64)."""
+    x, y, params = make_problem(n=16)
+    split = lambda a: a.reshape(4, 4, *a.shape[1:])
+    plain, averaging = member(case), member(case, axis_name="m")
+
+    def direction(tx, p, bx, by):
+        loss = lambda q: softmax_loss(q, bx, by)
+        return tx.update(jax.grad(loss)(p), tx.init(p), p, loss_fn=loss)[0]
+
+    each = jax.lax.map(lambda b: direction(plain, params, *b), (split(x), split(y)))
+    sequential = jax.tree.map(lambda v: v.mean(0), each)
+    parallel = jax.vmap(
+        functools.partial(direction, averaging), in_axes=(None, 0, 0), axis_name="m"
+    )(params, split(x), split(y))
+    for s, p in zip(jax.tree.leaves(sequential), jax.tree.leaves(parallel), strict=True):
+        np.testing.assert_allclose(p, np.broadcast_to(s, p.shape), rtol=0, atol=1e-13)
