@@ -138,7 +138,7 @@ README_LINKS = {
 GUIDE_CONTINUATIONS = {
     "install": "install-why",
     "family": "family-in-detail",
-    "flax": "flax-transparent",
+    "flax": "flax-in-detail",
     "data_parallel": "data-parallel-program",
     "performance": "performance-costs",
     "experiments": "experiments-in-detail",

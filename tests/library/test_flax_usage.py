@@ -1,4 +1,4 @@
-"""The README's Flax recipes work: Linen with BatchNorm, and NNX's nnx.Optimizer; and
+"""The Flax guide's recipes work: Linen with BatchNorm, and NNX's nnx.Optimizer; and
 gam_optax.flax's misuse (wrong model, loss, wrt, loss_fn/grad_fn) gets a one-line error that
 names the argument and the fix, at nnx_loss_fn's call or loss_fn's first trace."""
 
