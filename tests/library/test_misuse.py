@@ -152,6 +152,43 @@ MISUSE = {
         "reuse.update: state.v['b'] holds an array of shape (3,) where",
         SAME_INIT,
     ),
+    "reuse-given-a-state-with-an-extra-leaf": (
+        lambda: REUSE.update(
+            G0,
+            REUSE.init({**PARAMS, "extra": jnp.zeros(2)}),
+            PARAMS,
+            loss_fn=LOSS,
+            refresh=True,
+        ),
+        TypeError,
+        "reuse.update: state.v['extra'] holds an array of shape (2,) where reuse(...)"
+        ".init(params) puts nothing",
+        SAME_INIT,
+    ),
+    "reuse-given-the-same-leaves-in-other-containers": (  # a list for a tuple: same paths
+        lambda: REUSE.update(
+            (G0["w"], G0["b"]),
+            REUSE.init((PARAMS["w"], PARAMS["b"]))._replace(v=[PARAMS["w"], PARAMS["b"]]),
+            (PARAMS["w"], PARAMS["b"]),
+            loss_fn=lambda p: LOSS({"w": p[0], "b": p[1]}),
+            refresh=True,
+        ),
+        TypeError,
+        "reuse.update: state's containers differ from reuse(...).init(params) puts them",
+        SAME_INIT,
+    ),
+    "has_aux-loss_fn-returning-an-integer-vector": (
+        update(gam_optax.gam(has_aux=True), loss_fn=lambda p: jnp.arange(3)),
+        TypeError,
+        "it returned one array (int32[3])",
+        "must return a tuple (loss, aux)",
+    ),
+    "has_aux-loss_fn-returning-a-string": (
+        update(gam_optax.gam(has_aux=True), loss_fn=lambda p: "0.5"),
+        TypeError,
+        "gam: has_aux=True, so loss_fn must return a tuple (loss, aux); it returned str.",
+        "must return a tuple",
+    ),
     "every_gradient-loss_fn-returning-a-list": (
         update(
             gam_optax.every_gradient(optax.clip_by_global_norm(1.0), gam_optax.gam(has_aux=True)),
