@@ -281,8 +281,9 @@ def test_shard_map_direction_mode_is_the_mean_of_each_devices_own_direction(case
     assert relative(want, full) > 1e-3
 
 
-@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
-@pytest.mark.parametrize("unroll", [True, False], ids=["inline", "unroll=False"])
+@pytest.mark.parametrize(
+    ("unroll", "jit"), [(True, True), (True, False), (False, True)], ids=["jit", "eager", "scan"]
+)
 @pytest.mark.parametrize("case", list(CASES))
 def test_m_sharpness_on_one_device_is_jax_vmap_over_micro_batches(case, unroll, jit, x64):
     """SAM's m-sharpness on one device: ``jax.vmap(step, axis_name='m')`` over k micro-batches,
