@@ -413,7 +413,7 @@ def check_arity(
     try:
         signature.bind(*[None] * len(arguments))
     except TypeError:
-        fewer = _accepts(signature, len(arguments) - 1)  # too many arguments given
+        fewer = _accepts(signature, len(arguments) - 1)  # fn takes fewer than it is given
         remedy = (
             f"e.g. {what}={example}" if fewer else f"close over the rest, e.g. {what}={example}"
         )
