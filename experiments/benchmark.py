@@ -33,6 +33,13 @@ the load average before and after (a warning above 1.5: its times are not to be 
    kernels per step, temporary memory (and the extra in parameter copies) and step time.
    ``--arithmetic-only`` leaves this part out.
 
+``--m-sharpness`` prints part 2 alone for sgd, sam and gam, and sam and gam with
+micro-batches of m = 32 and 8 examples (``config.micro_batch``: each micro-batch perturbed on
+its own), run side by side (``parallel``: ``jax.vmap``) or one after another
+(``sequential``: ``jax.lax.map``)::
+
+    python -m experiments.benchmark --m-sharpness --setting cpu --rounds 10
+
 ``--accelerator`` is its GPU setting (part 1 on ResNet-18's parameters; part 2 on ResNet-18
 and WRN-28-10 at CIFAR shapes, float32 and bfloat16, by default within a 240 s compile
 budget): on a GPU, "kernels/step" is the number of kernel launches of one step. ``--smoke``
@@ -140,7 +147,9 @@ def make_config(
     if overrides:
         config[name].update(overrides)
     for section, values in (sections or {}).items():
-        if values.pop("replace", False):  # a new section: the fields given, no defaults
+        if section == "config":  # top-level fields (config.micro_batch...)
+            config.update(values)
+        elif values.pop("replace", False):  # a new section: the fields given, no defaults
             config[section] = values
         else:
             config[section].update(values)
@@ -534,6 +543,20 @@ COSTS: dict[str, tuple[str, dict[str, dict[str, Any]], Any]] = {
     "reuse(gam) skip": ("reuse", REUSE_GAM, False),
     "reuse(gam) in-step cond": ("reuse", REUSE_GAM, None),
 }
+# m-sharpness (config.micro_batch): micro-batches of m examples, each perturbed on its own,
+# run side by side (jax.vmap) or one after another (jax.lax.map); --m-sharpness picks them.
+MICRO_BATCHES = (32, 8)
+MICRO_ROWS = {
+    f"{member} m={m} {strategy}": (
+        member,
+        {"config": {"micro_batch": m, "micro_strategy": strategy}},
+        None,
+    )
+    for member in ("sam", "gam")
+    for m in MICRO_BATCHES
+    for strategy in ("parallel", "sequential")
+}
+COSTS.update(MICRO_ROWS)
 ACCELERATOR_ROWS = (
     "sgd",
     "sam",
@@ -544,6 +567,8 @@ ACCELERATOR_ROWS = (
     "reuse(gam) refresh",
     "reuse(gam) skip",
     "reuse(gam) in-step cond",
+    "gam m=32 parallel",
+    "gam m=32 sequential",
 )
 # The accelerator setting: CIFAR shapes, batch 128, float32 and bfloat16 (smoke: tiny shapes,
 # the same code paths, for a test on CPU).
@@ -588,10 +613,15 @@ def measure_costs(
     in ``rounds`` interleaved rounds (every program once per round); the median is reported.
     Rows not compiled by ``deadline`` (a ``time.perf_counter()`` value) are left out."""
     rows = ["sgd", *[r for r in rows if r != "sgd"]]
+    batch_size = (setting_values or SETTINGS[setting])[2]
     programs = {}
     for row in rows:
         if deadline is not None and time.perf_counter() > deadline:
             print(f"  (time budget spent: {row} left out)", file=sys.stderr, flush=True)
+            continue
+        micro = COSTS[row][1].get("config", {}).get("micro_batch", 0)
+        if micro and batch_size % micro:
+            print(f"  ({row} left out: m={micro} does not divide the batch of {batch_size})")
             continue
         programs[row] = _compile_row(row, setting, setting_values, dtype, compiler_options)
     for round_ in range(rounds + 1 if rounds else 0):  # round 0: the warm-up
@@ -737,12 +767,13 @@ def run_costs(args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.batch_size:
             values = (*values[:2], args.batch_size, *values[3:])
         cases = [(args.setting, args.dtype, values)]
-        rows = args.rows or list(COSTS)
+        default = ["sgd", "sam", "gam", *MICRO_ROWS] if args.m_sharpness else list(COSTS)
+        rows = args.rows or [r for r in default if args.m_sharpness or r not in MICRO_ROWS]
         arithmetic_setting = args.setting
     budget = args.budget_s or (240.0 if args.accelerator and not args.smoke else None)
     deadline = time.perf_counter() + budget if budget else None
     values = (SMOKE if args.accelerator and args.smoke else SETTINGS)[arithmetic_setting]
-    arithmetic = run_arithmetic(args, values)
+    arithmetic = [] if args.m_sharpness else run_arithmetic(args, values)  # part 1
     everything = [{"setting": arithmetic_setting, "dtype": args.dtype, **r} for r in arithmetic]
     rows = [r for r in rows if r in COSTS]
     for setting, dtype, values in cases if rows and not args.arithmetic_only else ():
@@ -913,6 +944,13 @@ def _add_costs_flags(costs: argparse._ArgumentGroup) -> None:
         action="store_true",
         help="ResNet-18 and WRN-28-10 at CIFAR shapes, batch 128, float32 and bfloat16",
     )
+    costs.add_argument(
+        "--m-sharpness",
+        action="store_true",
+        help=f"part 2's rows: sgd, sam and gam, then sam and gam with micro-batches of m = "
+        f"{' and '.join(map(str, MICRO_BATCHES))} examples (config.micro_batch), parallel "
+        f"and sequential",
+    )
     costs.add_argument("--smoke", action="store_true", help="--accelerator with tiny shapes")
     costs.add_argument("--budget-s", type=float, help="leave out what is not compiled by then")
 
@@ -952,7 +990,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     _check_rows(parser, args.rows)
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    if args.costs or args.accelerator:
+    if args.costs or args.accelerator or args.m_sharpness:
         if args.rounds < 0:
             parser.error("--rounds must be >= 0")
         if args.compile_rounds < 1:

@@ -84,7 +84,19 @@ def add_sections(config: ml_collections.ConfigDict) -> None:
 def create(
     config: ml_collections.ConfigDict, schedule: optax.Schedule, axis_name: str | None = None
 ) -> optax.GradientTransformationExtraArgs:
-    """The optax chain of ``config.optimizer`` (see the module doc).
+    """The optax chain of ``config.optimizer`` (see the module doc): ``optax.chain(
+    perturbation, base)``, or the base optimizer alone (:func:`create_parts`)."""
+    perturbation, base = create_parts(config, schedule, axis_name)
+    if perturbation is None:
+        return optax.with_extra_args_support(base)
+    return optax.chain(perturbation, base)
+
+
+def create_parts(
+    config: ml_collections.ConfigDict, schedule: optax.Schedule, axis_name: str | None = None
+) -> tuple[Any, optax.GradientTransformation]:
+    """The two parts of :func:`create`'s chain: the perturbation (None for a base optimizer)
+    and the base optimizer; the chain's state is the pair of their states.
 
     With ``axis_name`` (a step run per device) the perturbation gets ``axis_name`` and
     ``average=config.average`` and averages over that axis itself (``train_step`` averages
@@ -98,7 +110,7 @@ def create(
     if config.skip_nonfinite_steps:
         base = optax.apply_if_finite(base, config.skip_nonfinite_steps)
     if config.optimizer in BASE:
-        return optax.with_extra_args_support(base)
+        return None, base
     parallel = {} if axis_name is None else dict(axis_name=axis_name, average=config.average)
 
     def build(name: str, has_aux: bool):
@@ -117,7 +129,7 @@ def create(
         except (TypeError, ValueError) as e:  # the library's message, naming the argument
             raise ConfigError(f"config.{name}: {e}") from None
 
-    return optax.chain(build(config.optimizer, has_aux=True), base)
+    return build(config.optimizer, has_aux=True), base
 
 
 if __name__ == "__main__":

@@ -115,8 +115,40 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> Non
     check_batch_split(config, num_devices)
 
 
+def check_micro_batches(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raises ``ConfigError`` unless ``config.micro_batch`` (m-sharpness) can split the batch."""
+    _check_number(config, "micro_batch", 0, integer=True)
+    if config.micro_strategy not in MICRO_STRATEGIES:
+        valid = ", ".join(MICRO_STRATEGIES)
+        raise ConfigError(f"unknown micro strategy {config.micro_strategy!r}; valid: {valid}.")
+    m = config.micro_batch
+    if not m:
+        return
+    if refresh_period(config):
+        raise ConfigError(
+            f"config.micro_batch={m}: {config.optimizer} keeps a direction from one step to "
+            f"the next, which each micro-batch would change on its own; use micro_batch with "
+            f"gam, sam, gsam, sam_gam, gam_penalty, sgd or adamw, or set micro_batch=0."
+        )
+    per_device = config.batch_size // num_devices
+    if per_device % m:
+        divisors = [d for d in range(1, per_device + 1) if per_device % d == 0]
+        raise ConfigError(
+            f"config.micro_batch={m} does not divide the batch of {per_device} examples per "
+            f"device; pick one of {divisors}."
+        )
+    if num_devices > 1 and config.parallel == "pmap" and config.average == "gradients":
+        raise ConfigError(
+            f"config.micro_batch={m} with parallel='pmap' and average='gradients' would "
+            f"perturb each micro-batch with the gradients of that micro-batch on every device "
+            f"({m} x {num_devices} examples); set --config.average=direction (each device's "
+            f"micro-batches perturbed on their own) or --config.parallel=jit."
+        )
+
+
 def check_batch_split(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Raises ``ConfigError`` unless a batch splits evenly over devices and processes."""
+    """Raises ``ConfigError`` unless a batch splits evenly over devices and processes (and
+    each device's batch into micro-batches, :func:`check_micro_batches`)."""
     if config.batch_size % num_devices:
         raise ConfigError(
             f"batch size {config.batch_size} is not divisible by the {num_devices} devices in "
@@ -127,6 +159,7 @@ def check_batch_split(config: ml_collections.ConfigDict, num_devices: int) -> No
             f"batch size {config.batch_size} is not divisible by the {jax.process_count()} "
             f"processes of this job, which read equal shares of each batch."
         )
+    check_micro_batches(config, num_devices)
 
 
 def create_train_state(
@@ -174,6 +207,7 @@ def train_step(
     average_g0: bool = False,
     axis_name: str | None = None,
     refresh: bool | None = None,
+    micro: MicroBatches | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a batch of uint8 images: augment, g0, ``tx.update``, apply.
 
@@ -183,31 +217,104 @@ def train_step(
     device's gradient, averaged over devices here if ``average_g0`` (sgd, adamw), else by
     ``tx`` (a gam_optax transformation made with ``axis_name``). ``refresh`` (a Python
     bool) tells an amortised optimizer (``gam_optax.reuse``, ``looksam``) whether this step
-    refreshes, instead of its on-device conditional (see :func:`refresh_period`).
+    refreshes, instead of its on-device conditional (see :func:`refresh_period`). ``micro``
+    (m-sharpness): each micro-batch of the batch takes its own step's direction, and the
+    directions are averaged (:func:`micro_batched_direction`).
     """
     images = input_pipeline.augment(rng, batch["image"], mean, std, **augment, dtype=dtype)
     labels = batch["label"]
 
-    def loss_fn(params):
-        variables = {"params": params, "batch_stats": state.batch_stats}
-        logits, new_vars = model.apply(variables, images, train=True, mutable=["batch_stats"])
-        loss = smoothed_cross_entropy(logits, labels, label_smoothing).mean()
-        return loss, (new_vars["batch_stats"], logits)
+    def loss_of(images, labels):
+        def loss_fn(params):
+            variables = {"params": params, "batch_stats": state.batch_stats}
+            logits, new_vars = model.apply(variables, images, train=True, mutable=["batch_stats"])
+            loss = smoothed_cross_entropy(logits, labels, label_smoothing).mean()
+            return loss, (new_vars["batch_stats"], logits)
+
+        return loss_fn
 
     # Under shard_map, the gradient with respect to replicated parameters would already be
     # summed over devices; marked per-device, it is this device's own.
     params = (
         state.params if axis_name is None else jax.lax.pcast(state.params, axis_name, to="varying")
     )
-    (loss, (batch_stats, logits)), g0 = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    if axis_name is not None and average_g0:
-        g0 = jax.lax.pmean(g0, axis_name)  # the gam_optax transformations average it themselves
-    # gam/sam/gsam evaluate their extra gradients with loss_fn; sgd/adamw ignore it. Only the
-    # g0 pass updates the BatchNorm statistics.
-    chosen = {} if refresh is None else {"refresh": refresh}
-    updates, opt_state = tx.update(g0, state.opt_state, state.params, loss_fn=loss_fn, **chosen)
+
+    def gradient(loss_fn):
+        (loss, (batch_stats, logits)), g0 = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        if axis_name is not None and average_g0:
+            g0 = jax.lax.pmean(g0, axis_name)  # the gam_optax transformations average it
+        return loss, batch_stats, logits, g0
+
+    if micro is not None:
+        updates, opt_state, loss, batch_stats, logits = micro_batched_direction(
+            micro, state, images, labels, loss_of, gradient
+        )
+    else:
+        loss_fn = loss_of(images, labels)
+        loss, batch_stats, logits, g0 = gradient(loss_fn)
+        # gam/sam/gsam evaluate their extra gradients with loss_fn; sgd/adamw ignore it. Only
+        # the g0 pass updates the BatchNorm statistics.
+        chosen = {} if refresh is None else {"refresh": refresh}
+        updates, opt_state = tx.update(g0, state.opt_state, state.params, loss_fn=loss_fn, **chosen)
     params = optax.apply_updates(state.params, updates)
     return _applied(state, params, batch_stats, opt_state, loss, logits, labels)
+
+
+MICRO_STRATEGIES = ("parallel", "sequential")
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroBatches:
+    """m-sharpness: micro-batches of ``size`` examples, each perturbed on its own.
+
+    ``perturbation`` and ``base`` are the two parts of the step's chain
+    (``optimizers.create_parts``; ``perturbation`` None for sgd/adamw); ``strategy`` is
+    ``'parallel'`` (``jax.vmap``) or ``'sequential'`` (``jax.lax.map``).
+    """
+
+    size: int
+    strategy: str
+    perturbation: Any
+    base: optax.GradientTransformation
+
+
+def micro_batched_direction(micro: MicroBatches, state, images, labels, loss_of, gradient):
+    """The step's update from k = n / m micro-batches of m examples (SAM's m-sharpness):
+
+        d = (1/k) sum_i d_i,   d_i = the perturbation's direction from micro-batch i's own
+                                     g0_i and loss (its ascent from its own gradients)
+
+    then the base optimizer's update of ``d`` (sgd/adamw: d_i = g0_i, so d is the batch's
+    gradient with BatchNorm over micro-batches). Every pass of micro-batch i normalises over
+    its m examples, as each device's batch does in a data-parallel run without synchronised
+    statistics; the new BatchNorm statistics are the mean of the micro-batches' clean-pass
+    ones. Returns (updates, opt_state, loss, batch_stats, logits) for the whole batch.
+    """
+    k = images.shape[0] // micro.size
+    split = lambda a: a.reshape(k, micro.size, *a.shape[1:])
+    p_state, b_state = (None, state.opt_state) if micro.perturbation is None else state.opt_state
+
+    def one(images, labels):
+        loss_fn = loss_of(images, labels)
+        loss, batch_stats, logits, g0 = gradient(loss_fn)
+        if micro.perturbation is None:
+            return g0, p_state, loss, batch_stats, logits
+        d, new_p_state = micro.perturbation.update(g0, p_state, state.params, loss_fn=loss_fn)
+        return d, new_p_state, loss, batch_stats, logits
+
+    if micro.strategy == "parallel":
+        outputs = jax.vmap(one)(split(images), split(labels))
+    else:
+        outputs = jax.lax.map(lambda batch: one(*batch), (split(images), split(labels)))
+    d, p_states, losses, batch_stats, logits = outputs
+    average = lambda tree: jax.tree.map(lambda x: jnp.mean(x, axis=0).astype(x.dtype), tree)
+    # Each micro-batch's perturbation state is the same function of the step's (its step
+    # count, say): the first one's stands for all.
+    p_state = jax.tree.map(lambda x: x[0], p_states)
+    updates, b_state = micro.base.update(average(d), b_state, state.params)
+    opt_state = b_state if micro.perturbation is None else (p_state, b_state)
+    logits = logits.reshape(-1, *logits.shape[2:])
+    return updates, opt_state, jnp.mean(losses), average(batch_stats), logits
 
 
 def _applied(state, params, batch_stats, opt_state, loss, logits, labels):
@@ -288,6 +395,10 @@ def build(
     )
     schedule = epoch_cosine_schedule(config.learning_rate, config.num_epochs, steps_per_epoch)
     tx = optimizers.create(config, schedule, axis_name=dp.axis_name)
+    micro = None
+    if config.micro_batch:  # the same chain's two parts, for the micro-batched step
+        perturbation, base = optimizers.create_parts(config, schedule, axis_name=dp.axis_name)
+        micro = MicroBatches(config.micro_batch, config.micro_strategy, perturbation, base)
     init_rng = jax.random.split(jax.random.key(config.seed), 3)[0]
     param_dtype = jnp.promote_types(dtype, jnp.float32)  # bfloat16 compute, float32 params
     shape = data.train_images.shape[1:]
@@ -303,6 +414,7 @@ def build(
         dtype=dtype,
         average_g0=config.optimizer in optimizers.BASE,
         axis_name=dp.axis_name,
+        micro=micro,
     )
     return Program(model, tx, schedule, state, step)
 

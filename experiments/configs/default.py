@@ -77,6 +77,14 @@ def get_config() -> ml_collections.ConfigDict:
     # split over the devices along its largest axis they divide; XLA gathers the parameters
     # where the step needs them). Checkpoints hold the whole state: resume under either.
     config.param_sharding = "replicated"
+    # m-sharpness on any number of devices: micro_batch = m > 0 splits each device's batch
+    # into micro-batches of m examples; each takes its own g0 (BatchNorm over its m examples)
+    # and its own perturbation, and the step averages their directions (sgd/adamw: their
+    # gradients). 0: the whole batch. micro_strategy: 'parallel' (jax.vmap, one program,
+    # k copies of the perturbation's arithmetic) or 'sequential' (jax.lax.map, one
+    # micro-batch's memory, slower).
+    config.micro_batch = 0
+    config.micro_strategy = "parallel"
 
     # Bookkeeping.
     config.log_every_steps = 10  # progress-bar refresh

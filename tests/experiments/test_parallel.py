@@ -48,9 +48,13 @@ def tiny_config(**overrides):
 
 
 @functools.cache
-def final_state(tmp_root, parallel_mode, optimizer, average="gradients", crop=0, steps=3):
+def final_state(
+    tmp_root, parallel_mode, optimizer, average="gradients", crop=0, steps=3, micro=0,
+    strategy="parallel", unroll=True,
+):  # fmt: skip
     """The checkpointed state after a tiny run (cached: several tests share runs).
-    ``parallel_mode`` 'fsdp' is 'jit' with the state split (``param_sharding='fsdp'``)."""
+    ``parallel_mode`` 'fsdp' is 'jit' with the state split (``param_sharding='fsdp'``);
+    ``micro``: ``config.micro_batch`` (m-sharpness), with ``strategy``."""
     sharding = "fsdp" if parallel_mode == "fsdp" else "replicated"
     config = tiny_config(
         parallel="jit" if sharding == "fsdp" else parallel_mode,
@@ -58,9 +62,14 @@ def final_state(tmp_root, parallel_mode, optimizer, average="gradients", crop=0,
         optimizer=optimizer,
         average=average,
         steps_per_epoch=steps,
+        micro_batch=micro,
+        micro_strategy=strategy,
     )
     config.augment.crop_padding = crop
-    workdir = pathlib.Path(tmp_root) / f"{parallel_mode}-{optimizer}-{average}-{crop}-{steps}"
+    if not unroll:
+        config[optimizer].unroll = False
+    name = f"{parallel_mode}-{optimizer}-{average}-{crop}-{steps}-{micro}-{strategy}-{unroll}"
+    workdir = pathlib.Path(tmp_root) / name
     train.train_and_evaluate(config, workdir)
     return train.restore_checkpoint(workdir)
 
@@ -192,6 +201,87 @@ def test_per_device_mode_averages_the_per_shard_steps(tmp_root, mode):
     assert_trees_close(four["batch_stats"], mean.batch_stats)
     # ... which is not the global-batch step.
     assert_trees_differ(four["params"], final_state(tmp_root, "none", "gam", steps=1)["params"])
+
+
+# m-sharpness (config.micro_batch): each micro-batch of m examples takes its own direction.
+
+
+@pytest.mark.parametrize("optimizer", ["gam", "sam", "sgd"])
+def test_micro_batches_on_one_device_equal_direction_mode_over_four_devices(tmp_root, optimizer):
+    """4 micro-batches of 8 on one device are the 4 devices of 'direction' mode, each holding
+    one: the same directions (own g0, own perturbation, BatchNorm over its 8 examples), the
+    same mean; sgd: the mean of the 4 shards' gradients, each with BatchNorm over 8."""
+    four = final_state(tmp_root, "pmap", optimizer, average="direction")
+    one = final_state(tmp_root, "none", optimizer, micro=8)
+    for part in ("params", "batch_stats", "opt_state"):
+        assert_trees_close(one[part], four[part])
+    assert_trees_differ(one["params"], final_state(tmp_root, "none", optimizer)["params"])
+
+
+def test_micro_batches_take_the_mean_of_each_micro_batchs_own_step(tmp_root):
+    """The first step with micro-batches of 8 is the mean of the one-device steps on each
+    micro-batch alone (SGD's first step is linear in the direction): an independent
+    reference, the plain step of the program run 4 times."""
+    config = tiny_config(optimizer="gam", steps_per_epoch=1)
+    state, batch, step = _one_step_reference(config)
+    parts = [jax.tree.map(lambda x, k=k: x[8 * k : 8 * (k + 1)], batch) for k in range(4)]
+    mean = jax.tree.map(lambda *x: np.mean(x, axis=0), *[step(state, p)[0] for p in parts])
+    micro = final_state(tmp_root, "none", "gam", steps=1, micro=8)
+    assert_trees_close(micro["params"], mean.params)
+    assert_trees_close(micro["batch_stats"], mean.batch_stats)
+
+
+@pytest.mark.parametrize("optimizer", ["gam", "sgd"])
+def test_one_micro_batch_of_the_whole_batch_is_the_plain_step(tmp_root, optimizer):
+    whole = final_state(tmp_root, "none", optimizer, micro=32)
+    plain = final_state(tmp_root, "none", optimizer)
+    for part in ("params", "batch_stats", "opt_state"):
+        assert_trees_close(whole[part], plain[part])
+
+
+@pytest.mark.parametrize("optimizer", ["gam", "sam"])
+def test_sequential_micro_batches_equal_parallel_ones(tmp_root, optimizer):
+    sequential = final_state(tmp_root, "none", optimizer, micro=8, strategy="sequential")
+    parallel_ = final_state(tmp_root, "none", optimizer, micro=8)
+    for part in ("params", "batch_stats", "opt_state"):
+        assert_trees_close(sequential[part], parallel_[part])
+
+
+def test_micro_batches_compose_with_the_scan_of_unroll_false(tmp_root):
+    scanned = final_state(tmp_root, "none", "gam", micro=8, unroll=False)
+    for part in ("params", "batch_stats"):
+        assert_trees_close(scanned[part], final_state(tmp_root, "none", "gam", micro=8)[part])
+
+
+@pytest.mark.parametrize("mode", ["jit", "pmap"])
+def test_micro_batches_within_each_devices_shard_equal_one_device(tmp_root, mode):
+    """4 devices in 'direction' mode (jit: shard_map), each splitting its 8 examples into 2
+    micro-batches of 4, are one device's 8 micro-batches of 4; and jit's global batch
+    (average='gradients') cut into micro-batches is the one-device step too."""
+    one = final_state(tmp_root, "none", "gam", micro=4)
+    four = final_state(tmp_root, mode, "gam", average="direction", micro=4)
+    for part in ("params", "batch_stats", "opt_state"):
+        assert_trees_close(four[part], one[part])
+    if mode == "jit":
+        assert_trees_close(final_state(tmp_root, "jit", "gam", micro=4)["params"], one["params"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(micro_batch=5), r"micro_batch=5 does not divide the batch of 32 examples per "),
+        (dict(parallel="jit", micro_batch=16), r"batch of 8 examples per device; pick one of"),
+        (dict(micro_batch=-1), "micro_batch must be"),
+        (dict(micro_batch=8, micro_strategy="serial"), "unknown micro strategy 'serial'"),
+        (dict(micro_batch=8, optimizer="looksam"), "looksam keeps a direction from one step"),
+        (dict(micro_batch=8, optimizer="reuse"), "reuse keeps a direction"),
+        (dict(parallel="pmap", micro_batch=4), "set --config.average=direction"),
+    ],
+)
+def test_bad_micro_batches_fail_before_anything_is_written(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        train.train_and_evaluate(tiny_config(**overrides), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(

@@ -139,6 +139,65 @@ def test_nnx_optimizer_forwards_loss_fn():
 # ----------------------------------------------------------------------------- gam_optax.flax
 
 
+@pytest.mark.parametrize("unroll", [True, False])
+def test_linen_train_state_takes_m_sharpness_steps_under_jax_vmap(unroll, x64):
+    """m-sharpness with the Linen helper: the user's train_step, unchanged, under
+    ``jax.vmap(..., axis_name='micro')`` over 4 micro-batches of 4, with
+    ``gam(axis_name='micro')``: every micro-batch gets the same parameters (the mean of the
+    micro-batches' own GAM directions, each with BatchNorm over its 4 examples), and its own
+    BatchNorm statistics, which the caller averages. Checked against the plain member run
+    by hand on each micro-batch."""
+    x, y = _data()
+    x = x.astype(jnp.float64)
+    model = LinenNet64()
+    variables = model.init(jax.random.key(1), x, train=False)
+    member = lambda **kw: gam_optax.gam(**HYPER, has_aux=True, unroll=unroll, **kw)
+    tx = optax.chain(member(axis_name="micro"), optax.sgd(0.1))
+    state = gam_optax.flax.TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=tx,
+        batch_stats=variables["batch_stats"],
+    )
+
+    def make_loss_fn(stats, x, y):
+        def loss_fn(params):
+            variables = {"params": params, "batch_stats": stats}
+            logits, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, updated["batch_stats"]
+
+        return loss_fn
+
+    def train_step(state, x, y):  # one micro-batch: the user's step as the guide writes it
+        loss_fn = make_loss_fn(state.batch_stats, x, y)
+        (_, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return state.apply_gradients(grads=grads, loss_fn=loss_fn, batch_stats=batch_stats)
+
+    @jax.jit
+    def m_sharpness_step(state, x, y):
+        split = lambda a: a.reshape(4, 4, *a.shape[1:])
+        states = jax.vmap(train_step, (None, 0, 0), axis_name="micro")(state, split(x), split(y))
+        first = jax.tree.map(lambda v: v[0], states)
+        return first.replace(batch_stats=jax.tree.map(lambda v: v.mean(0), states.batch_stats))
+
+    params, stats, plain = variables["params"], variables["batch_stats"], member()
+    for _ in range(3):
+        directions, new_stats = [], []
+        for k in range(4):
+            loss_fn = make_loss_fn(stats, x[4 * k : 4 * k + 4], y[4 * k : 4 * k + 4])
+            (_, s), g0 = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            directions.append(plain.update(g0, plain.init(params), params, loss_fn=loss_fn)[0])
+            new_stats.append(s)
+        d = jax.tree.map(lambda *v: sum(v) / 4, *directions)
+        params = jax.tree.map(lambda p, d: p - 0.1 * d, params, d)
+        stats = jax.tree.map(lambda *v: sum(v) / 4, *new_stats)
+        state = m_sharpness_step(state, x, y)
+    assert int(state.step) == 3
+    for got, want in ((state.params, params), (state.batch_stats, stats)):
+        jax.tree.map(assert_close, got, want)
+
+
 def test_import_gam_optax_does_not_import_flax():
     code = "import sys, gam_optax; assert 'flax' not in sys.modules, 'flax was imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
