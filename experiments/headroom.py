@@ -68,13 +68,16 @@ import numpy as np
 import scipy.stats
 from matplotlib.figure import Figure
 
-from experiments import ConfigError, cli, configs, reproduce, tables, xla_options
+from experiments import ConfigError, cli, configs, reproduce, step, tables, xla_options
 
 DEFAULT_OPTIMIZERS = ("sgd", "sam", "gam", "sam_gam", "reuse", "gam_penalty", "adamw", "gam_adamw")
 # GAM-Hessian's exact Hessian-vector products cost 2x GAM's run on digits' 2-D CNN (205 s
 # against 103 s, RESULTS.md): the digits settings leave it out by default, and the
 # Algorithm 1 vs 2 claim is answered on MNIST-1D.
 DIGITS = tuple(m for m in DEFAULT_OPTIMIZERS if m != "gam_penalty")
+# --micro-batches (m-sharpness): SAM and GAM against SGD; sgd's micro-batches change only
+# its BatchNorm (statistics over m examples), the control for the others' change.
+M_SHARPNESS_OPTIMIZERS = ("sgd", "sam", "gam")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -549,6 +552,78 @@ def difference_table(results: Sequence[dict[str, Any]]) -> str:
     )
 
 
+def check_micro_batch(config: ml_collections.ConfigDict, m: int, optimizers: Sequence[str]):
+    """Raises ``ConfigError`` unless every optimizer of ``optimizers`` can take micro-batches
+    of ``m`` examples in ``config``'s setting."""
+    for method in optimizers:
+        run_config = configs.override(config, {**BASES.get(method, {}), **overrides(method)})
+        run_config.micro_batch = m
+        step.check_micro_batches(run_config, 1)
+
+
+def run_micro_batches(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``--micro-batches``: the whole protocol (tuning included) once per m, each in
+    ``WORKDIR/m<M>`` with ``config.micro_batch = m``; then :func:`micro_batch_table`."""
+    summaries: dict[int, list[dict[str, Any]]] = {}
+    for m in args.micro_batches:
+        at_m = copy.copy(args)
+        at_m.workdir = args.workdir / f"m{m}"
+        at_m.config_flags = [*args.config_flags, f"--config.micro_batch={m}"]
+        print(f"\n# micro-batches: {f'{m} examples' if m else 'the whole batch'}")
+        summaries[m] = [run_setting(at_m, name) for name in args.setting]
+    for i, name in enumerate(args.setting):
+        print(f"\n## {name}: m-sharpness\n")
+        print(micro_batch_table({m: s[i]["results"] for m, s in summaries.items()}))
+    return [s for at_m in summaries.values() for s in at_m]
+
+
+def micro_batch_table(results_by_m: dict[int, Sequence[dict[str, Any]]]) -> str:
+    """Per optimizer and m: test accuracy and top eigenvalue (mean +- std), and paired
+    differences in test accuracy (points) with 95% intervals: against the same optimizer at
+    the first m given, and against sgd at the same m."""
+    first, *_ = results_by_m
+    rows = []
+    methods = dict.fromkeys(r["name"] for r in results_by_m[first])
+    for method in methods:
+        for m, results in results_by_m.items():
+            own = [r for r in results if r["name"] == method]
+            cells = [method, str(m) if m else "whole batch", str(len(own))]
+            for key in ("final_test_accuracy", "top_eigenvalue"):
+                values = np.array([r[key] for r in own])
+                cells.append(f"{values.mean():.4f} ± {values.std(ddof=1):.4f}")
+            for baseline, wanted in (
+                ((results_by_m[first], method), m != first),
+                ((results, "sgd"), method != "sgd"),
+            ):
+                if not wanted:
+                    cells.append("")
+                    continue
+                diffs = 100 * np.array(_paired(own, *baseline, "final_test_accuracy"))
+                low, high = reproduce.interval(diffs)
+                cells.append(f"{diffs.mean():+.2f} [{low:+.2f}, {high:+.2f}]")
+            rows.append(cells)
+    header = [
+        "optimizer",
+        "m",
+        "seeds",
+        "test acc",
+        "top eig",
+        f"acc - same optimizer at m={first or 'whole'}, points",
+        "acc - sgd at this m, points",
+    ]
+    return (
+        tables.table(header, rows, markdown=True)
+        + "\n\npaired by seed (same initialisation, data order and label noise at every m); "
+        "95% Student-t intervals; each m's radii chosen on validation at that m"
+    )
+
+
+def _paired(runs, baseline_results, baseline: str, key: str) -> list[float]:
+    """Per seed, ``key`` of each run minus ``baseline``'s run of the same seed."""
+    base = {r["seed"]: r[key] for r in baseline_results if r["name"] == baseline}
+    return [r[key] - base[r["seed"]] for r in runs if r["seed"] in base]
+
+
 def plot(workdir: pathlib.Path) -> pathlib.Path:
     """Final test accuracy (mean +- std over seeds) per optimizer, one group per setting."""
     summaries = [
@@ -646,6 +721,15 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--jobs", type=int, default=1, help="runs at a time, each in its own process"
     )
+    parser.add_argument(
+        "--micro-batches",
+        nargs="+",
+        type=int,
+        metavar="M",
+        help="m-sharpness: the whole protocol once per M (config.micro_batch; 0: the whole "
+        "batch), each in WORKDIR/mM, then each optimizer against itself at the first M and "
+        f"against sgd at the same M; default optimizers {' '.join(M_SHARPNESS_OPTIMIZERS)}",
+    )
     parser.add_argument("--plot", action="store_true", help="plot every finished setting")
     return parser
 
@@ -676,8 +760,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     for follower, (inner, _) in FOLLOWERS.items():
         if follower in (args.optimizers or ()) and inner not in args.optimizers:
             parser.error(f"{follower} takes {inner}'s radius: add {inner} to --optimizers")
+    if args.micro_batches is not None:
+        args.optimizers = args.optimizers or list(M_SHARPNESS_OPTIMIZERS)
+        for m in args.micro_batches:
+            for name in args.setting:
+                try:
+                    check_micro_batch(SETTINGS[name].base(config_flags), m, args.optimizers)
+                except ConfigError as e:
+                    parser.error(f"--micro-batches {m}, setting {name}: {e}")
     xla_options.cache_compilations(args.workdir / CACHE)
     try:
+        if args.micro_batches is not None:
+            return run_micro_batches(args)
         summaries = [run_setting(args, name) for name in args.setting]
         if args.plot:
             print(f"\nplot: {plot(args.workdir)}")

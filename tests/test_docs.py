@@ -250,7 +250,8 @@ def equinox_recipe():
 
 
 def m_sharpness():
-    """As pasted: the vmap step trains, and its direction is the micro-batches' mean."""
+    """As pasted: the vmap step trains; its direction, and the sequential way's, is the mean
+    of the micro-batches' own directions."""
     namespace = run('axis_name="micro")  #')
     params, loss, x, y = (namespace[k] for k in ("params", "loss", "x", "y"))
     assert float(loss(params, x, y)) < 0.2 * float(loss({"w": jnp.zeros(5)}, x, y))
@@ -268,6 +269,8 @@ def m_sharpness():
     )
     # float32, the same formula batched or not: the sums' orders differ, tens of roundings
     np.testing.assert_allclose(d["w"][3], sum(own) / 8, rtol=1e-5, atol=1e-6)
+    sequential = namespace["mean_direction"](params, x, y, sequential=True)
+    np.testing.assert_allclose(sequential["w"], sum(own) / 8, rtol=1e-5, atol=1e-6)
 
 
 RUNS = {

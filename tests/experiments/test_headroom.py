@@ -226,3 +226,53 @@ def test_jobs_train_in_spawned_processes_as_one_process_does(tmp_path, capfd):
     assert mine["final_test_accuracy"] == theirs["final_test_accuracy"]
     np.testing.assert_allclose(mine["top_eigenvalue"], theirs["top_eigenvalue"], rtol=1e-5)
     assert mine["wall_time"] != theirs["wall_time"]  # trained twice, not read back
+
+
+def test_micro_batches_run_the_protocol_once_per_m_in_its_own_workdir(tmp_path, capsys):
+    """--micro-batches 0 8: each m's runs in WORKDIR/m<M> with config.micro_batch = m (sgd at
+    m = 8: BatchNorm over 8 examples, another result), then the m-sharpness table."""
+    argv = ["--setting", "mnist1d", "--optimizers", "sgd", "--seeds", "2", "--epochs", "1"]
+    argv += ["--flatness-examples", "32", "--config.steps_per_epoch=2", "--config.batch_size=32"]
+    argv += ["--config.num_test_examples=64", "--config.eval_batch_size=64"]
+    whole, micro = headroom.main([*argv, "--workdir", str(tmp_path), "--micro-batches", "0", "8"])
+    assert [r["config"]["micro_batch"] for r in whole["results"]] == [0, 0]
+    assert [r["config"]["micro_batch"] for r in micro["results"]] == [8, 8]
+    assert (tmp_path / "m0" / "mnist1d" / "summary.json").exists()
+    assert (tmp_path / "m8" / "mnist1d" / "summary.json").exists()
+    accuracy = lambda s: [r["final_test_accuracy"] for r in s["results"]]
+    assert accuracy(whole) != accuracy(micro)
+    out = capsys.readouterr().out
+    assert "## mnist1d: m-sharpness" in out and "| sgd | 8 | 2 |" in out
+
+
+def test_micro_batch_table_pairs_each_m_with_the_first_and_with_sgd():
+    run = lambda name, seed, acc, eig=1.0: dict(
+        name=name, seed=seed, final_test_accuracy=acc, top_eigenvalue=eig
+    )
+    whole = [run("sgd", 0, 0.50), run("sgd", 1, 0.60), run("sam", 0, 0.52), run("sam", 1, 0.64)]
+    at_8 = [run("sgd", 0, 0.51), run("sgd", 1, 0.59), run("sam", 0, 0.55), run("sam", 1, 0.69)]
+    table = headroom.micro_batch_table({0: whole, 8: at_8})
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in table.splitlines()}
+    # sam at 8 against sam at the whole batch: +3 and +5 points, mean +4.00; against sgd at 8:
+    # +4 and +10, mean +7.00; the t interval (n = 2, t = 12.706) of +-1 point: +-12.71.
+    assert "+4.00 [-8.71, +16.71]" in rows[("sam", "8")]
+    assert "+7.00 [-31.12, +45.12]" in rows[("sam", "8")]
+    assert rows[("sgd", "whole batch")].rstrip().endswith("|  |  |")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--micro-batches", "7"], "--micro-batches 7, setting mnist1d: config.micro_batch=7 "),
+        (
+            ["--micro-batches", "0", "10", "--optimizers", "sgd", "gam", "reuse"],
+            "--micro-batches 10, setting mnist1d: config.micro_batch=10: reuse keeps",
+        ),
+        (["--micro-batches", "-2"], "micro_batch must be an integer >= 0"),
+    ],
+)
+def test_micro_batches_that_cannot_run_fail_before_any_run(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        headroom.main(["--setting", "mnist1d", "--workdir", str(tmp_path), *flags])
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
