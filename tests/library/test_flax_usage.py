@@ -139,8 +139,7 @@ def test_nnx_optimizer_forwards_loss_fn():
 # ----------------------------------------------------------------------------- gam_optax.flax
 
 
-@pytest.mark.parametrize("unroll", [True, False])
-def test_linen_train_state_takes_m_sharpness_steps_under_jax_vmap(unroll, x64):
+def test_linen_train_state_takes_m_sharpness_steps_under_jax_vmap(x64):
     """m-sharpness with the Linen helper: the user's train_step, unchanged, under
     ``jax.vmap(..., axis_name='micro')`` over 4 micro-batches of 4, with
     ``gam(axis_name='micro')``: every micro-batch gets the same parameters (the mean of the
@@ -151,7 +150,7 @@ def test_linen_train_state_takes_m_sharpness_steps_under_jax_vmap(unroll, x64):
     x = x.astype(jnp.float64)
     model = LinenNet64()
     variables = model.init(jax.random.key(1), x, train=False)
-    member = lambda **kw: gam_optax.gam(**HYPER, has_aux=True, unroll=unroll, **kw)
+    member = lambda **kw: gam_optax.gam(**HYPER, has_aux=True, **kw)
     tx = optax.chain(member(axis_name="micro"), optax.sgd(0.1))
     state = gam_optax.flax.TrainState.create(
         apply_fn=model.apply,
