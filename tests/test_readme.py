@@ -11,6 +11,7 @@ guides' blocks in ``docs/`` are run by ``tests/test_docs.py``.
 """
 
 import contextlib
+import functools
 import io
 import pathlib
 import re
@@ -171,16 +172,40 @@ def _modes_rows():
     chain = TEXT.split("## Use in a chain", 1)[1].split("\n## ", 1)[0]
     table = chain.split("### The family and its modes\n\n", 1)[1].split("\n\n", 1)[0]
     for line in table.splitlines()[2:]:
-        member, gradients, inline, scanned, transparent = line.strip("|").split(" | ")
-        assert (inline.strip(), scanned.strip()) == ("yes", "yes"), line
+        member, gradients, inline, scanned, transparent, micro = line.strip("|").split(" | ")
+        assert (inline.strip(), scanned.strip(), micro.strip()) == ("yes",) * 3, line
         yield re.search(r"`([^`]+)`", member).group(1), gradients.strip(), transparent.strip()
 
 
-def _build(expression):
-    """The member a row names, with example values for its hyperparameters."""
+def _build(expression, axis_name=None):
+    """The member a row names, with example values for its hyperparameters (and
+    ``axis_name=`` if given)."""
     code = expression.replace("..., ", "").replace("(...)", "()")
+    if axis_name is not None:
+        code = code[:-1] + ("" if code.endswith("()") else ", ") + f"axis_name={axis_name!r})"
     values = dict(rho=0.1, alpha=0.2, penalty=0.5, sam_rho=0.05, r=0.02)
     return eval(f"gam_optax.{code}", {"gam_optax": gam_optax, **values})
+
+
+def test_every_row_of_the_modes_table_takes_m_sharpness_steps_under_vmap(x64):
+    """The table's m-sharpness column: each member, built with ``axis_name``, under
+    ``jax.vmap`` over 3 micro-batches, gives the mean of the micro-batches' own directions."""
+    x = jax.random.normal(jax.random.key(0), (12, 3))
+    y = jnp.sin(x @ jnp.array([1.0, -2.0, 0.5]))
+    params = {"w": jnp.array([0.3, -0.2, 0.1])}
+    loss = lambda p, x, y: jnp.mean((jnp.tanh(x @ p["w"]) - y) ** 2)
+
+    def direction(member, x, y):
+        loss_fn = lambda p: loss(p, x, y)
+        g0 = jax.grad(loss_fn)(params)
+        return member.update(g0, member.init(params), params, loss_fn=loss_fn)[0]["w"]
+
+    for expression, _, _ in _modes_rows():
+        member, averaged = _build(expression), _build(expression, "micro")
+        xs, ys = x.reshape(3, 4, 3), y.reshape(3, 4)
+        got = jax.vmap(functools.partial(direction, averaged), axis_name="micro")(xs, ys)
+        want = sum(direction(member, xs[i], ys[i]) for i in range(3)) / 3
+        np.testing.assert_allclose(got, jnp.broadcast_to(want, got.shape), rtol=1e-12)
 
 
 def test_the_family_and_its_modes_table_is_what_the_library_does():
