@@ -812,6 +812,8 @@ elapsed, on stderr; "load" is the load average while measured):
   --costs --setting cpu                 about 400 s on quiet cores (measured: 397 s), of
                                         which part 1 took 188 s alone (load 2.4-3.8)
   --costs --arithmetic-only             about 4.5 min, on ResNet-18 (measured, load 2-6)
+  --m-sharpness --setting cpu --rounds 10
+                                        about 160 s (measured, load 0.8-1.4)
   --costs --setting resnet18 --rounds 0 --rows sgd gam 'gam(unroll=False)'
                                         part 1 of these 3 rows, then 21 s of compiles on
                                         quiet cores, 4 min at load 20 (experiments/RESULTS.md,
