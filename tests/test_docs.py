@@ -345,6 +345,12 @@ def test_each_guide_includes_readme_sections_that_exist_in_order():
     assert included == {"# gam-optax", *(f"## {s}" for s in [*sections, "The experiments"])}
 
 
+def test_ci_runs_the_readme_test_command():
+    (command,) = re.findall(r'^pip install -e "\.\[test\]" && (python -m pytest.*)$', README, re.M)
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert command in [line.strip() for line in ci.splitlines()], command
+
+
 def test_ci_builds_the_docs_with_the_readme_command_in_a_docs_only_environment():
     (command,) = re.findall(r"^pip install -e \"\.\[docs\]\" && sphinx-build .*$", README, re.M)
     assert "-W" in command.split()  # warnings are errors
