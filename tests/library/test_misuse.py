@@ -5,6 +5,8 @@ The flax module's misuse table is in ``test_flax_usage.py``; bad hyperparameters
 gradients in ``test_validation.py``; the transparent mode's refusals in ``test_modes.py``.
 """
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -215,6 +217,23 @@ MISUSE = {
         "gam: loss_fn failed on the params (TypeError: 'NoneType' object is not callable)",
         "params, static = eqx.partition(model, eqx.is_array)",
     ),
+    "every_gradient-loss_fn-failing-on-a-filtered-tree": (
+        lambda: gam_optax.every_gradient(optax.clip_by_global_norm(1.0), gam_optax.gam()).update(
+            {**G0, "activation": None},
+            gam_optax.every_gradient(optax.clip_by_global_norm(1.0), gam_optax.gam()).init(PARAMS),
+            {**PARAMS, "activation": None},
+            loss_fn=lambda p: jnp.sum(p["activation"](p["w"])),
+        ),
+        TypeError,
+        "every_gradient: loss_fn failed on the params (TypeError",
+        "eqx.combine(p, static)",
+    ),
+    "has_aux-loss_fn-returning-a-dtype-only": (  # a dtype but no shape: not an array
+        update(gam_optax.gam(has_aux=True), loss_fn=lambda p: types.SimpleNamespace(dtype="f")),
+        TypeError,
+        "it returned SimpleNamespace.",
+        "must return a tuple (loss, aux)",
+    ),
     "dataset_loss-of-a-one-argument-loss": (
         lambda: gam_optax.flatness.dataset_loss(LOSS, jnp.ones((3, 4))),
         TypeError,
@@ -292,6 +311,18 @@ def assert_names_the_argument_and_the_fix(misuse, error, argument, fix):
 @pytest.mark.parametrize(("misuse", "error", "argument", "fix"), MISUSE.values(), ids=MISUSE)
 def test_misuse_names_the_argument_and_the_fix(misuse, error, argument, fix):
     assert_names_the_argument_and_the_fix(misuse, error, argument, fix)
+
+
+def test_a_loss_fn_that_fails_on_ordinary_params_raises_its_own_error():
+    """The filtered-tree message is for params holding None: a loss_fn's own TypeError on
+    ordinary params passes through as it was raised."""
+
+    def buggy(p):
+        raise TypeError("my bug")
+
+    with pytest.raises(TypeError) as caught:
+        update(gam_optax.gam(), loss_fn=buggy)()
+    assert str(caught.value) == "my bug"
 
 
 @pytest.mark.parametrize("name", list(FAMILY))
