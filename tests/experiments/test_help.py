@@ -28,6 +28,7 @@ ARGPARSE_PROGRAMS = {
     "experiments.benchmark": "experiments.benchmark",
     "experiments.studies.dense_memory": "experiments.studies.dense_memory",
     "experiments.studies.arithmetic_floor": "experiments.studies.arithmetic_floor",
+    "experiments.studies.compile_time": "experiments.studies.compile_time",
     "experiments.notebooks.refresh": "experiments.notebooks.refresh",
 }
 ABSL_PROGRAMS = ("experiments.train",)  # absl flags: run in a process of its own
