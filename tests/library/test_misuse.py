@@ -151,7 +151,8 @@ MISUSE = {
             refresh=True,
         ),
         TypeError,
-        "reuse.update: state.v['b'] holds an array of shape (3,) where",
+        "reuse.update: state.v['b'] holds an array of shape (3,) where reuse(...).init(params) "
+        "puts one of shape (2,)",
         SAME_INIT,
     ),
     "reuse-given-a-state-with-an-extra-leaf": (
@@ -311,6 +312,16 @@ def assert_names_the_argument_and_the_fix(misuse, error, argument, fix):
 @pytest.mark.parametrize(("misuse", "error", "argument", "fix"), MISUSE.values(), ids=MISUSE)
 def test_misuse_names_the_argument_and_the_fix(misuse, error, argument, fix):
     assert_names_the_argument_and_the_fix(misuse, error, argument, fix)
+
+
+def test_the_arity_remedy_says_close_over_the_rest_only_when_the_function_takes_more():
+    """Too few parameters: the example is the fix; too many: close over the rest."""
+    with pytest.raises(TypeError) as few:
+        update(gam_optax.gam(), grad_fn=lambda p: G0)()
+    assert "e.g. grad_fn=" in str(few.value) and "close over the rest" not in str(few.value)
+    with pytest.raises(TypeError) as many:
+        update(gam_optax.gam(), loss_fn=lambda p, x, y: LOSS(p))()
+    assert "close over the rest, e.g. loss_fn=" in str(many.value)
 
 
 def test_a_loss_fn_that_fails_on_ordinary_params_raises_its_own_error():
