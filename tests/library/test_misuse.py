@@ -229,6 +229,12 @@ MISUSE = {
         "every_gradient: loss_fn failed on the params (TypeError",
         "eqx.combine(p, static)",
     ),
+    "loss_fn-returning-a-pair-without-has_aux": (
+        update(gam_optax.gam(), loss_fn=lambda p: (LOSS(p), {"aux": 1.0})),
+        TypeError,
+        "gam: loss_fn returned a tuple of length 2.",
+        "construct the transformation with has_aux=True",
+    ),
     "has_aux-loss_fn-returning-a-dtype-only": (  # a dtype but no shape: not an array
         update(gam_optax.gam(has_aux=True), loss_fn=lambda p: types.SimpleNamespace(dtype="f")),
         TypeError,
