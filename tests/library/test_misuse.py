@@ -229,6 +229,12 @@ MISUSE = {
         "every_gradient: loss_fn failed on the params (TypeError",
         "eqx.combine(p, static)",
     ),
+    "loss_fn-returning-a-vector": (
+        update(gam_optax.gam(), loss_fn=lambda p: LOSS(p) * jnp.ones(3)),
+        ValueError,
+        "gam: loss_fn must return a scalar loss, got shape (3,).",
+        "Reduce it, e.g. with .mean() over the batch",
+    ),
     "loss_fn-returning-a-pair-without-has_aux": (
         update(gam_optax.gam(), loss_fn=lambda p: (LOSS(p), {"aux": 1.0})),
         TypeError,
