@@ -671,6 +671,13 @@ HOW_LONG = (
 )
 
 
+MICRO_HELP = (
+    "m-sharpness: the whole protocol once per M (config.micro_batch; 0: the whole batch), "
+    "each in WORKDIR/mM, then each optimizer against itself at the first M and against sgd "
+    f"at the same M; default optimizers {' '.join(M_SHARPNESS_OPTIMIZERS)}"
+)
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The benchmark's options; ``--config.FIELD=VALUE`` flags pass through to the configs."""
     parser = argparse.ArgumentParser(
@@ -724,15 +731,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--jobs", type=int, default=1, help="runs at a time, each in its own process"
     )
-    parser.add_argument(
-        "--micro-batches",
-        nargs="+",
-        type=int,
-        metavar="M",
-        help="m-sharpness: the whole protocol once per M (config.micro_batch; 0: the whole "
-        "batch), each in WORKDIR/mM, then each optimizer against itself at the first M and "
-        f"against sgd at the same M; default optimizers {' '.join(M_SHARPNESS_OPTIMIZERS)}",
-    )
+    parser.add_argument("--micro-batches", nargs="+", type=int, metavar="M", help=MICRO_HELP)
     parser.add_argument("--plot", action="store_true", help="plot every finished setting")
     return parser
 

@@ -211,15 +211,12 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a batch of uint8 images: augment, g0, ``tx.update``, apply.
 
-    ``augment`` holds the keyword arguments of ``input_pipeline.augment``; :func:`build`
-    binds everything after ``rng`` from a config. With ``axis_name`` it is one device's part
-    of a data-parallel step (inside ``jax.pmap`` or ``jax.shard_map``): ``g0`` is this
-    device's gradient, averaged over devices here if ``average_g0`` (sgd, adamw), else by
-    ``tx`` (a gam_optax transformation made with ``axis_name``). ``refresh`` (a Python
-    bool) tells an amortised optimizer (``gam_optax.reuse``, ``looksam``) whether this step
-    refreshes, instead of its on-device conditional (see :func:`refresh_period`). ``micro``
-    (m-sharpness): each micro-batch of the batch takes its own step's direction, and the
-    directions are averaged (:func:`micro_batched_direction`).
+    :func:`build` binds everything after ``rng`` from a config (``augment``: the keyword
+    arguments of ``input_pipeline.augment``). With ``axis_name``, one device's part of a
+    data-parallel step (in ``jax.pmap`` or ``jax.shard_map``): ``g0`` is this device's,
+    averaged here if ``average_g0`` (sgd, adamw), else by ``tx``. ``refresh`` tells an
+    amortised optimizer whether this step refreshes (:func:`refresh_period`); ``micro``:
+    m-sharpness (:func:`micro_batched_direction`).
     """
     images = input_pipeline.augment(rng, batch["image"], mean, std, **augment, dtype=dtype)
     labels = batch["label"]
@@ -233,11 +230,9 @@ def train_step(
 
         return loss_fn
 
-    # Under shard_map, the gradient with respect to replicated parameters would already be
-    # summed over devices; marked per-device, it is this device's own.
-    params = (
-        state.params if axis_name is None else jax.lax.pcast(state.params, axis_name, to="varying")
-    )
+    params = state.params  # under shard_map, marked per-device: the gradient is its own
+    if axis_name is not None:
+        params = jax.lax.pcast(params, axis_name, to="varying")
 
     def gradient(loss_fn):
         (loss, (batch_stats, logits)), g0 = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -252,8 +247,7 @@ def train_step(
     else:
         loss_fn = loss_of(images, labels)
         loss, batch_stats, logits, g0 = gradient(loss_fn)
-        # gam/sam/gsam evaluate their extra gradients with loss_fn; sgd/adamw ignore it. Only
-        # the g0 pass updates the BatchNorm statistics.
+        # The perturbations' extra gradients use loss_fn; only g0 updates BatchNorm's stats.
         chosen = {} if refresh is None else {"refresh": refresh}
         updates, opt_state = tx.update(g0, state.opt_state, state.params, loss_fn=loss_fn, **chosen)
     params = optax.apply_updates(state.params, updates)

@@ -146,7 +146,7 @@ SECTIONS = [  # a reader's order: try it, install it, use it, scale it, the expe
 ]
 FIRST_SCREEN = [
     'pip install -e ".[experiments]" && python -m experiments',
-    'pip install -e ".[test]" && python -m pytest -n 2',
+    'pip install -e ".[test]" && python -m pytest',
 ]
 
 

@@ -28,6 +28,29 @@ def add_data(config: ml_collections.ConfigDict) -> None:
     config.augment = ml_collections.ConfigDict(dict(crop_padding=1, flip=False, cutout_size=0))
 
 
+def add_parallel(config: ml_collections.ConfigDict) -> None:
+    """Data parallelism, the training state's layout, and m-sharpness's micro-batches."""
+    # Data parallelism (experiments/parallel.py): 'none' (one device), 'jit' (jax.jit over a
+    # mesh of every device of every process, the batch sharded) or 'pmap'. With several
+    # devices, average='gradients' averages every gradient and BatchNorm statistic (the
+    # one-device step on the global batch); 'direction' perturbs each device with its own
+    # shard and averages only the final direction (per-device "m-sharpness").
+    config.parallel = "none"
+    # 'gradients', unlike gam_optax's default 'direction' (the released code): a run takes
+    # the same steps (up to rounding) on any number of devices, and resumes on any of them.
+    config.average = "gradients"
+    # Where the training state lives under parallel='jit' with average='gradients':
+    # 'replicated' (a copy on each device) or 'fsdp' (each leaf of at least 1024 elements
+    # split over the devices along its largest axis they divide; XLA gathers the parameters
+    # where the step needs them). Checkpoints hold the whole state: resume under either.
+    config.param_sharding = "replicated"
+    # m-sharpness (step.micro_batched_direction): micro-batches of m = micro_batch examples
+    # per device, each perturbed on its own (0: the whole batch); 'parallel' (jax.vmap) or
+    # 'sequential' (jax.lax.map: one micro-batch's memory, slower).
+    config.micro_batch = 0
+    config.micro_strategy = "parallel"
+
+
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
@@ -63,28 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.base_optimizer = "sgd"
     optimizers.add_sections(config)  # config.gam: the released CIFAR-100 ResNet setting
 
-    # Data parallelism (experiments/parallel.py): 'none' (one device), 'jit' (jax.jit over a
-    # mesh of every device of every process, the batch sharded) or 'pmap'. With several
-    # devices, average='gradients' averages every gradient and BatchNorm statistic (the
-    # one-device step on the global batch); 'direction' perturbs each device with its own
-    # shard and averages only the final direction (per-device "m-sharpness").
-    config.parallel = "none"
-    # 'gradients', unlike gam_optax's default 'direction' (the released code): a run takes
-    # the same steps (up to rounding) on any number of devices, and resumes on any of them.
-    config.average = "gradients"
-    # Where the training state lives under parallel='jit' with average='gradients':
-    # 'replicated' (a copy on each device) or 'fsdp' (each leaf of at least 1024 elements
-    # split over the devices along its largest axis they divide; XLA gathers the parameters
-    # where the step needs them). Checkpoints hold the whole state: resume under either.
-    config.param_sharding = "replicated"
-    # m-sharpness on any number of devices: micro_batch = m > 0 splits each device's batch
-    # into micro-batches of m examples; each takes its own g0 (BatchNorm over its m examples)
-    # and its own perturbation, and the step averages their directions (sgd/adamw: their
-    # gradients). 0: the whole batch. micro_strategy: 'parallel' (jax.vmap, one program,
-    # k copies of the perturbation's arithmetic) or 'sequential' (jax.lax.map, one
-    # micro-batch's memory, slower).
-    config.micro_batch = 0
-    config.micro_strategy = "parallel"
+    add_parallel(config)
 
     # Bookkeeping.
     config.log_every_steps = 10  # progress-bar refresh

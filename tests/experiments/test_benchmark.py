@@ -276,14 +276,14 @@ def test_the_warning_filter_lets_every_other_warning_through(monkeypatch, capsys
 def test_m_sharpness_rows_cost_both_strategies_and_leave_out_an_m_that_does_not_divide(capsys):
     """--m-sharpness: part 2 alone (no arithmetic table); the tiny setting's batch of 16
     takes m = 8 in both strategies, and m = 32 is left out with the reason."""
-    rows = ["sgd", "gam m=8 parallel", "gam m=8 sequential", "gam m=32 parallel"]
+    rows = ["sgd", "sam m=8 parallel", "sam m=8 sequential", "sam m=32 parallel"]
     results = benchmark.main(
         ["--m-sharpness", "--setting", "tiny", "--rounds", "1", "--rows", *rows]
     )
     assert [r["row"] for r in results] == rows[:3]
     assert all(r["table"] == "step" for r in results)
     assert (
-        "gam m=32 parallel left out: m=32 does not divide the batch of 16"
+        "sam m=32 parallel left out: m=32 does not divide the batch of 16"
         in capsys.readouterr().out
     )
     for r in results:

@@ -293,6 +293,7 @@ def test_m_sharpness_on_one_device_is_jax_vmap_over_micro_batches(case, unroll, 
     x, y, params = make_problem(n=16)
     single = member(case, unroll=unroll)
 
+    @jax.jit  # the reference, compiled: op by op it would take most of the test's time
     def own_direction(bx, by):
         loss = lambda p: softmax_loss(p, bx, by)
         return single.update(jax.grad(loss)(params), single.init(params), params, loss_fn=loss)[0]
