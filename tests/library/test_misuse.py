@@ -25,6 +25,13 @@ def update(tx, **extra):
     return lambda: tx.update(G0, tx.init(PARAMS), PARAMS, **extra)
 
 
+def on_a_filtered_tree(tx):
+    """``tx``'s update on params holding None where a filter left out the activation."""
+    params, grads = {**PARAMS, "activation": None}, {**G0, "activation": None}
+    loss_fn = lambda p: jnp.sum(p["activation"](p["w"]))
+    return lambda: tx.update(grads, tx.init(params), params, loss_fn=loss_fn)
+
+
 def branches_on_i(p, i):
     """A grad_fn that chooses in Python by i: fine inline, not with a traced i."""
     return jax.grad(LOSS)(p) if i == 1 else jax.tree.map(jnp.zeros_like, p)
@@ -208,22 +215,14 @@ MISUSE = {
         "(float32[])",
     ),
     "loss_fn-failing-on-a-filtered-tree": (  # eqx.filter's style: the activation is None
-        lambda: gam_optax.gam().update(
-            {**G0, "activation": None},
-            gam_optax.gam().init(PARAMS),
-            {**PARAMS, "activation": None},
-            loss_fn=lambda p: jnp.sum(p["activation"](p["w"])),
-        ),
+        on_a_filtered_tree(gam_optax.gam()),
         TypeError,
         "gam: loss_fn failed on the params (TypeError: 'NoneType' object is not callable)",
         "params, static = eqx.partition(model, eqx.is_array)",
     ),
     "every_gradient-loss_fn-failing-on-a-filtered-tree": (
-        lambda: gam_optax.every_gradient(optax.clip_by_global_norm(1.0), gam_optax.gam()).update(
-            {**G0, "activation": None},
-            gam_optax.every_gradient(optax.clip_by_global_norm(1.0), gam_optax.gam()).init(PARAMS),
-            {**PARAMS, "activation": None},
-            loss_fn=lambda p: jnp.sum(p["activation"](p["w"])),
+        on_a_filtered_tree(
+            gam_optax.every_gradient(optax.clip_by_global_norm(1.0), gam_optax.gam())
         ),
         TypeError,
         "every_gradient: loss_fn failed on the params (TypeError",
