@@ -198,7 +198,12 @@ def placed(row, layout, kind):
 
 @functools.cache
 def compiled(row, layout, kind, pinned):
-    """The row's step compiled with the inputs' shardings in, and out when ``pinned``."""
+    """The row's step compiled with the inputs' shardings in, and out when ``pinned``. On an
+    Explicit mesh the types carry the shardings and the test asserts that the unpinned
+    program returns them unchanged, so that program serves as the pinned one: one compile
+    instead of two."""
+    if pinned and kind == "explicit":
+        return compiled(row, layout, kind, False)
     mesh, tx, params, state, batches = placed(row, layout, kind)
     shardings = jax.tree.map(lambda x: x.sharding, (params, state, batches[0]))
     out = {"out_shardings": shardings[:2]} if pinned else {}
@@ -294,7 +299,8 @@ def test_a_member_on_sharded_params(row, layout, kind):
     for name in PARAMS:
         for leaf in PARAMS[name]:
             got = params[name][leaf]
-            assert got.sharding.spec == placed(row, layout, kind)[2][name][leaf].sharding.spec
+            placed_as = placed(row, layout, kind)[2][name][leaf].sharding
+            assert got.sharding.is_equivalent_to(placed_as, got.ndim), (got.sharding, placed_as)
             np.testing.assert_allclose(
                 np.asarray(got),
                 np.asarray(expected[name][leaf]),
